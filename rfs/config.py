@@ -1,0 +1,288 @@
+"""Typed, frozen configuration, loaded once from TOML.
+
+The dataclass defaults are DESIGN.md's locked defaults (the cluster shape). A preset overrides a
+few of them, and an experiment file overrides the preset. Any key that is not a field is an error
+that names the file, the key and what was expected: a typo must never silently run the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rfs import ROOT
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExperimentCfg:
+    name: str = "embedded"
+    preset: str = "embedded"
+    seed: int = 0
+    arcs: tuple[str, ...] = ("A",)
+    arms: tuple[str, ...] = ("S",)
+    baselines: tuple[str, ...] = ("CTRL", "FLOOR")
+    max_rounds: int = 3  # per arm; 0 means no cap (stop on budget, plateau or the collapse guard)
+    budget_hours: float = 0.0  # 0: no wall-clock budget
+    plateau_rounds: int = 0  # stop an arm after this many rounds without a new best; 0: never
+    runs_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class EnvCfg:
+    name: str = "autoresearch"  # builtin | autoresearch
+    budget_s: float = 300.0  # the training budget, the harness's own wall clock
+    timeout_s: float = 360.0  # agent hard timeout per training run
+    device: str = "cuda"  # cpu | cuda
+    depth: int = 8
+    calibration_k: int = 5
+
+
+@dataclass(frozen=True)
+class VllmCfg:
+    tensor_parallel: int = 1
+    max_model_len: int = 32768
+    gpu_memory_utilization: float = 0.85
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResearcherCfg:
+    model: str = "Qwen2.5-Coder-7B-Instruct"  # "smollm2" (the embedded PyPI model) or a local dir
+    backend: str = "vllm"  # llamacpp | vllm | external
+    base_url: str = ""  # external backend only
+    api_key_env: str = "OPENAI_API_KEY"  # external backend only: the variable holding the key
+    action_space: str = "code"  # code | hparams
+    max_turns: int = 12
+    max_tokens: int = 2048  # per reply
+    temperature: float = 0.8
+    syntax_retries: int = 2
+    turn_timeout_s: float = 300.0  # one researcher reply
+    threads: int = 0  # server CPU threads; 0: the backend's default
+    vllm: VllmCfg = field(default_factory=VllmCfg)
+
+
+@dataclass(frozen=True)
+class CollectCfg:
+    rollouts: int = 48
+    infra_retries: int = 2  # an infra_error is retried on another slot this many times
+    quarantine_after: int = 3  # consecutive slot failures before a slot is taken out
+
+
+@dataclass(frozen=True)
+class ConsolidateCfg:
+    lora_r: int = 64
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    epochs: float = 2.0
+    lr: float = 2e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_seq_len: int = 4096
+    batch_tokens: int = 16384  # packed tokens per optimizer step
+    replay_fraction: float = 0.2
+    replay_rounds: int = 5
+    kl_lambda: float = 0.05
+    kl_prompts: int = 50
+    gradient_checkpointing: bool = False
+    reason: str = ""  # the written reason for any departure from the locked defaults
+
+
+@dataclass(frozen=True)
+class LoopCfg:
+    checkpoint_every: int = 2
+    eval_every: int = 2
+    stamp_margin: float = 0.01  # arm S conditions on (best so far - margin)
+    ctrl_memory_chars: int = 12000  # CTRL's bounded in-context memory
+    floor_waves: int = 2
+    priority: tuple[str, ...] = ("A-S", "CTRL", "B-F", "B-S", "A-F", "FLOOR")
+
+
+@dataclass(frozen=True)
+class GuardCfg:
+    min_success_rate: float = 0.05
+    min_ast_diversity: float = 0.02
+    max_bpb_regression: float = 0.10  # mean val_bpb worse than the arm's best mean by this much
+    patience: int = 2  # rounds below threshold before the arm is paused
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    zero_shot_rollouts: int = 16
+    transfer_depth: int = 12
+    drift_window: int = 3
+
+
+@dataclass(frozen=True)
+class MirrorCfg:
+    url: str = ""  # an fsspec URL (gs://bucket/prefix); "" disables mirroring
+
+
+@dataclass(frozen=True)
+class Config:
+    experiment: ExperimentCfg = field(default_factory=ExperimentCfg)
+    env: EnvCfg = field(default_factory=EnvCfg)
+    researcher: ResearcherCfg = field(default_factory=ResearcherCfg)
+    collect: CollectCfg = field(default_factory=CollectCfg)
+    consolidate: ConsolidateCfg = field(default_factory=ConsolidateCfg)
+    loop: LoopCfg = field(default_factory=LoopCfg)
+    guard: GuardCfg = field(default_factory=GuardCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    mirror: MirrorCfg = field(default_factory=MirrorCfg)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cluster": {},
+    "embedded": {
+        "env": {"name": "builtin", "budget_s": 30.0, "timeout_s": 90.0, "device": "cpu", "depth": 2},
+        "researcher": {
+            "model": "smollm2",
+            "backend": "llamacpp",
+            "action_space": "hparams",
+            "max_turns": 6,
+            "max_tokens": 192,
+            "turn_timeout_s": 120.0,
+            "threads": 1,
+        },
+        "collect": {"rollouts": 4},
+        "consolidate": {
+            "lora_r": 16,
+            "lora_alpha": 16,
+            "epochs": 1.0,
+            "max_seq_len": 1024,
+            "batch_tokens": 2048,
+            "kl_prompts": 8,
+            "gradient_checkpointing": True,
+            "reason": "2 CPU cores: r=16, 1 epoch, 8 KL prompts keep a round's fit within minutes",
+        },
+        "loop": {"floor_waves": 1},
+        "eval": {"zero_shot_rollouts": 4, "transfer_depth": 3},
+    },
+}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a TOML value against a field type; convert lists to tuples for frozen configs."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {item.__name__}, got {value!r}")
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(names))})")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()})
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _check(cfg: Config, where: str) -> None:
+    e, r = cfg.experiment, cfg.researcher
+    rules = [
+        (set(e.arcs) <= {"A", "B"} and e.arcs, "experiment.arcs", "a non-empty subset of A, B"),
+        (set(e.arms) <= {"S", "F"} and e.arms, "experiment.arms", "a non-empty subset of S, F"),
+        (set(e.baselines) <= {"CTRL", "FLOOR"}, "experiment.baselines", "a subset of CTRL, FLOOR"),
+        (e.max_rounds >= 0, "experiment.max_rounds", "0 (no cap) or more"),
+        (cfg.env.name in ("builtin", "autoresearch"), "env.name", "builtin or autoresearch"),
+        (cfg.env.device in ("cpu", "cuda"), "env.device", "cpu or cuda"),
+        (cfg.env.budget_s > 0 and cfg.env.timeout_s > cfg.env.budget_s, "env.timeout_s", "greater than env.budget_s > 0"),
+        (r.backend in ("llamacpp", "vllm", "external"), "researcher.backend", "llamacpp, vllm or external"),
+        (r.action_space in ("code", "hparams"), "researcher.action_space", "code or hparams"),
+        (r.backend != "external" or r.base_url, "researcher.base_url", "a URL when backend = external"),
+        (cfg.collect.rollouts >= 1, "collect.rollouts", "at least 1"),
+        (0 <= cfg.consolidate.replay_fraction < 1, "consolidate.replay_fraction", "in [0, 1)"),
+        (cfg.consolidate.kl_lambda >= 0, "consolidate.kl_lambda", ">= 0"),
+    ]
+    for ok, key, expected in rules:
+        if not ok:
+            raise ConfigError(f"{where}: {key}: expected {expected}")
+
+
+def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load an experiment file (or the default embedded preset when path is None)."""
+    where = str(path) if path else "<defaults>"
+    table: dict[str, Any] = {}
+    if path is not None:
+        try:
+            table = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    table = _merge(table, overrides or {})
+    preset = table.get("experiment", {}).get("preset", "embedded")
+    if preset not in PRESETS:
+        raise ConfigError(f"{where}: experiment.preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    cfg = _build(Config, _merge(PRESETS[preset], table), where)
+    _check(cfg, where)
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise the effective config (what experiment.toml freezes at the start of a run)."""
+    lines: list[str] = []
+
+    def emit(prefix: str, obj: Any) -> None:
+        scalars = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        tables = [(k, v) for k, v in scalars if dataclasses.is_dataclass(v)]
+        lines.append(f"[{prefix}]")
+        for k, v in scalars:
+            if not dataclasses.is_dataclass(v):
+                lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+        for k, v in tables:
+            emit(f"{prefix}.{k}", v)
+
+    for f in dataclasses.fields(cfg):
+        emit(f.name, getattr(cfg, f.name))
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+
+
+def cache_dir() -> Path:
+    """Data, converted models and calibrations that outlive a run (never a hub cache)."""
+    return Path(os.environ.get("RFS_CACHE", Path.home() / ".cache" / "rfs"))
+
+
+def default_experiment() -> Path:
+    return ROOT / "experiments" / "embedded.toml"
+
+

@@ -1,0 +1,50 @@
+"""The append-only event log (`events.jsonl`) that the TUI and report read.
+
+Events are observations, not state: the controller never reads them back to decide anything
+(state.json and the trace files are the truth), so a lost last line after a crash costs nothing.
+Each event is one JSON line written with a single O_APPEND write, so concurrent writers and a
+reader tailing the file never see half a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class EventLog:
+    def __init__(self, path: Path, echo: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.echo = echo  # plain progress lines on stdout when no TUI is attached
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        record = {"t": round(time.time(), 3), "kind": kind, **fields}
+        os.write(self._fd, (json.dumps(record, default=str, allow_nan=True) + "\n").encode())
+        if self.echo:
+            detail = " ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, (dict, list)))
+            print(f"[{time.strftime('%H:%M:%S')}] {kind} {detail}", flush=True)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Events from byte `offset` on, and the offset to continue from (only whole lines count)."""
+    path = Path(path)
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return events, offset + end
+
+
+def iter_events(path: Path) -> Iterator[dict[str, Any]]:
+    yield from read_events(path)[0]

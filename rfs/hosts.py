@@ -1,0 +1,120 @@
+"""hosts.toml: the slots that run training, where the researcher is served and where LoRA trains.
+
+With no `[[slot]]` tables, slots are local: one per CPU core (or GPU) that the server does not use.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rfs import ROOT
+from rfs.config import ConfigError, _build
+
+
+@dataclass(frozen=True)
+class HostCfg:
+    address: str = "127.0.0.1"
+    port: int = 22
+    user: str = ""
+    key: str = ""  # private key file; "" uses the ssh agent / default keys
+    python: str = "python3"  # the interpreter on that host (with rfs[train] installed)
+    root: str = ""  # the rfs checkout on that host
+    known_hosts: str = ""  # "" disables host key checking (loopback and trusted clusters only)
+
+
+@dataclass(frozen=True)
+class SlurmCfg:
+    partition: str = ""
+    account: str = ""
+    time_limit: str = "04:00:00"  # the wave allocation's limit
+    extra_args: tuple[str, ...] = ()
+    python: str = sys.executable
+    root: str = str(ROOT)
+
+
+@dataclass(frozen=True)
+class SlotCfg:
+    name: str = ""
+    launcher: str = "local"  # local | ssh | slurm
+    host: str = "localhost"  # a [hosts.<name>] for ssh
+    cpus: tuple[int, ...] = ()  # cores this slot's runs are pinned to
+    gpu: int = -1  # CUDA device index; -1 for CPU
+
+
+@dataclass(frozen=True)
+class ServerCfg:
+    cpus: tuple[int, ...] = (0,)  # cores the embedded researcher server is pinned to
+    gpus: tuple[int, ...] = ()  # vLLM's devices (tensor parallel across them)
+    port: int = 0  # 0: pick a free port
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    device: str = "auto"  # cpu | cuda | auto
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostsFile:
+    server: ServerCfg = field(default_factory=ServerCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    slurm: SlurmCfg = field(default_factory=SlurmCfg)
+    hosts: dict[str, HostCfg] = field(default_factory=dict)
+    slot: tuple[SlotCfg, ...] = ()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A resolved slot: everything a launcher needs to start one training run."""
+
+    name: str
+    launcher: str
+    host: str
+    cpus: tuple[int, ...]
+    gpu: int
+    python: str
+    root: str
+
+
+def load(path: Path | None = None) -> HostsFile:
+    path = Path(path) if path else ROOT / "hosts.toml"
+    where = str(path)
+    try:
+        table: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    hosts = table.pop("hosts", {})
+    if not isinstance(hosts, dict):
+        raise ConfigError(f"{where}.hosts: expected a table of [hosts.<name>] tables")
+    cfg = _build(HostsFile, table, where)
+    built = {name: _build(HostCfg, h, f"{where}.hosts.{name}") for name, h in hosts.items()}
+    cfg = HostsFile(cfg.server, cfg.train, cfg.slurm, built, cfg.slot)
+    for i, s in enumerate(cfg.slot):
+        if s.launcher not in ("local", "ssh", "slurm"):
+            raise ConfigError(f"{where}.slot[{i}].launcher: expected local, ssh or slurm, got {s.launcher!r}")
+        if s.launcher == "ssh" and s.host not in built:
+            raise ConfigError(f"{where}.slot[{i}].host: {s.host!r} has no [hosts.{s.host}] table")
+    return cfg
+
+
+def slots(cfg: HostsFile) -> list[Slot]:
+    if not cfg.slot:
+        cores = sorted(os.sched_getaffinity(0))
+        free = [c for c in cores if c not in cfg.server.cpus] or cores
+        return [Slot(f"local-{c}", "local", "localhost", (c,), -1, sys.executable, str(ROOT)) for c in free]
+    out = []
+    for i, s in enumerate(cfg.slot):
+        name = s.name or f"{s.launcher}-{i}"
+        if s.launcher == "ssh":
+            h = cfg.hosts[s.host]
+            out.append(Slot(name, "ssh", s.host, s.cpus, s.gpu, h.python, h.root or str(ROOT)))
+        elif s.launcher == "slurm":
+            out.append(Slot(name, "slurm", s.host, s.cpus, s.gpu, cfg.slurm.python, cfg.slurm.root))
+        else:
+            out.append(Slot(name, "local", "localhost", s.cpus, s.gpu, sys.executable, str(ROOT)))
+    return out

@@ -1,0 +1,34 @@
+"""What every launcher takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from rfs.hosts import Slot
+
+WORKDIR = "{workdir}"  # placeholder in Job.argv, replaced by the launcher's fresh working directory
+
+
+@dataclass(frozen=True)
+class Job:
+    rollout_id: str
+    argv: tuple[str, ...]  # may contain WORKDIR; runs with the working directory as cwd
+    files: dict[str, bytes] = field(default_factory=dict)  # written into the working directory first
+    timeout_s: float = 360.0  # hard wall-clock limit for the whole job
+    env: dict[str, str] = field(default_factory=dict)  # extra environment variables
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    exit_code: int | None  # None when killed or never started
+    output: bytes  # stdout and stderr, merged, in order
+    timed_out: bool
+    wall_seconds: float
+    infra_error: str = ""  # non-empty: the slot failed, not the code (host down, ssh drop, preemption)
+    job_id: str = ""  # e.g. SLURM "1234.7"
+    files: dict[str, bytes] = field(default_factory=dict)  # small result files brought back
+
+
+class Launcher(Protocol):
+    async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome: ...

@@ -1,0 +1,106 @@
+"""The run directory (`runs/<experiment>/`), the only source of truth for a run.
+
+Paths are named here once so no stage spells another stage's file layout by hand.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rfs import atomic
+
+
+class RunLocked(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "experiment.toml"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    def traces(self, arm: str, round_: int) -> Path:
+        return self.root / "traces" / arm / f"round-{round_}.parquet"
+
+    def pending(self, arm: str, round_: int) -> Path:
+        """One small Parquet file per finished rollout, compacted into traces() after the wave."""
+        return self.root / "traces" / arm / f"round-{round_}.d"
+
+    def blob(self, arm: str, round_: int, rollout_id: str) -> Path:
+        return self.root / "blobs" / arm / f"round-{round_}" / f"{rollout_id}.log.zst"
+
+    def metrics(self, name: str) -> Path:
+        return self.root / "metrics" / f"{name}.parquet"
+
+    def model(self, arm: str, version: int) -> Path:
+        return self.root / "models" / arm / f"v{version}"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def read_state(self) -> dict[str, Any]:
+        return json.loads(self.state.read_text()) if self.state.exists() else {}
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomic.write_json(self.state, state)
+
+
+class Lock:
+    """One controller per run directory: an flock held for the controller's lifetime.
+
+    The kernel drops the lock when the process dies (even by kill -9), so a stale lock file never
+    blocks `rfs resume`.
+    """
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / "controller.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLocked(
+                f"{self.path.parent} is in use by another controller ({holder}); "
+                "stop it first, or watch it with `python rfs.py watch`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "Lock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,131 @@
+"""The trace row: one per rollout, the schema every later stage reads.
+
+A row is written once, atomically, and never edited. `status` tells the truth (DESIGN.md):
+`success` only when the run exited 0 and the trusted evaluator produced a finite val_bpb.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+STATUSES = (
+    "success",
+    "syntax_error",
+    "crash",
+    "timeout",
+    "no_edit",
+    "agent_error",  # the researcher never produced a usable action
+    "infra_error",  # slot, ssh or server failure: not the researcher's fault, never trained on
+    "harness_violation",
+)
+
+MESSAGE = pa.struct(
+    [
+        ("role", pa.string()),  # system | user | assistant | tool
+        ("content", pa.string()),  # for assistant turns: the action as JSON, without the thought
+        ("reasoning", pa.string()),  # the free-text thought, kept apart so consolidation can mask it
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        ("schema_version", pa.int32()),
+        # identity
+        ("experiment", pa.string()),
+        ("arm", pa.string()),  # S | F | CTRL | FLOOR | shared (round 1) | probe
+        ("arc", pa.string()),  # A | B
+        ("round", pa.int32()),
+        ("version", pa.string()),  # researcher version id, e.g. "v0"
+        ("thread", pa.int32()),
+        ("rollout_id", pa.string()),
+        ("seed", pa.int64()),
+        # placement
+        ("host", pa.string()),
+        ("slot", pa.string()),
+        ("gpu_type", pa.string()),
+        ("job_id", pa.string()),
+        # provenance
+        ("env", pa.string()),
+        ("program_md_sha256", pa.string()),
+        ("seed_train_py_sha256", pa.string()),
+        ("start_train_py_sha256", pa.string()),  # arc B starts from the best so far, not the seed
+        ("start_val_bpb", pa.float64()),  # the starting train.py's val_bpb (NaN if unknown)
+        ("researcher_model", pa.string()),
+        ("researcher_weights_sha256", pa.string()),
+        # the conversation
+        ("action_space", pa.string()),  # code | hparams
+        ("response_schema", pa.string()),  # the JSON schema requested, as JSON text
+        ("schema_enforced", pa.bool_()),  # the server enforced it by constrained decoding
+        ("conditioning_stamp", pa.string()),  # arm S pre-fill; "" when unconditioned
+        ("memory", pa.string()),  # CTRL's in-context memory; "" otherwise
+        ("messages", pa.list_(MESSAGE)),
+        # the code
+        ("final_train_py", pa.string()),
+        ("diff", pa.string()),  # unified diff vs the starting train.py
+        # the run
+        ("exit_code", pa.int32()),
+        ("status", pa.string()),
+        ("detail", pa.string()),  # one line: why this status
+        ("val_bpb", pa.float64()),
+        ("steps", pa.int64()),
+        ("tokens", pa.int64()),
+        ("peak_vram_mb", pa.float64()),
+        ("training_seconds", pa.float64()),
+        ("wall_seconds", pa.float64()),
+        ("stdout_tail", pa.string()),
+        ("blob_path", pa.string()),  # relative to the run directory
+        # accounting
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("turns", pa.int32()),
+        ("tool_calls", pa.int32()),
+        ("valid_actions", pa.int32()),
+        ("invalid_actions", pa.int32()),
+        ("edit_attempts", pa.int32()),
+        ("infra_attempts", pa.int32()),
+        ("started_at", pa.float64()),
+        ("finished_at", pa.float64()),
+        ("anomaly_flags", pa.list_(pa.string())),
+    ],
+    metadata={"rfs_schema_version": str(SCHEMA_VERSION)},
+)
+
+_NULLABLE = {"exit_code", "job_id"}
+
+
+def validate(row: dict[str, Any]) -> None:
+    """Raise ValueError naming the first problem; a row that passes converts losslessly."""
+    names = set(SCHEMA.names)
+    missing, extra = names - row.keys(), row.keys() - names
+    if missing or extra:
+        raise ValueError(f"trace row: missing {sorted(missing)}, unknown {sorted(extra)}")
+    if row["status"] not in STATUSES:
+        raise ValueError(f"trace row: status {row['status']!r} is not one of {STATUSES}")
+    finite = isinstance(row["val_bpb"], float) and math.isfinite(row["val_bpb"])
+    if (row["status"] == "success") != finite:
+        raise ValueError(f"trace row: status {row['status']} with val_bpb {row['val_bpb']!r}")
+    for name in names - _NULLABLE:
+        if row[name] is None:
+            raise ValueError(f"trace row: {name} is None")
+    pa.Table.from_pylist([row], schema=SCHEMA)  # type errors surface here
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    for row in rows:
+        validate(row)
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def outcome_stamp(status: str, val_bpb: float, steps: int) -> str:
+    """The stamp consolidation prepends to a reply and arm S pre-fills to condition on an outcome.
+
+    One function for both so training and conditioning put exactly the same text in the same place.
+    """
+    bpb = f"{val_bpb:.3f}" if status == "success" and math.isfinite(val_bpb) else "nan"
+    return f"<val_bpb={bpb} status={status} steps={int(steps)}>"

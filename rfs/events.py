@@ -21,6 +21,16 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.echo = echo  # plain progress lines on stdout when no TUI is attached
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if self._torn_tail():  # a controller killed mid-write: end that line so ours stays whole
+            os.write(self._fd, b"\n")
+
+    def _torn_tail(self) -> bool:
+        size = self.path.stat().st_size
+        if size == 0:
+            return False
+        with open(self.path, "rb") as f:
+            f.seek(size - 1)
+            return f.read(1) != b"\n"
 
     def emit(self, kind: str, **fields: Any) -> None:
         record = {"t": round(time.time(), 3), "kind": kind, **fields}
@@ -42,7 +52,12 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]
         f.seek(offset)
         data = f.read()
     end = data.rfind(b"\n") + 1
-    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    events = []
+    for line in data[:end].splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the torn tail of a killed writer: skipped, never fatal to a reader
     return events, offset + end
 
 

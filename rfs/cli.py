@@ -1,0 +1,182 @@
+"""The command line: `python rfs.py <command>` (or the `rfs` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rfs import ROOT, config, hosts
+from rfs.config import ConfigError
+from rfs.rundir import RunDir, RunLocked
+
+HELP = """\
+rfs: does a coding model become a better ML researcher when its own grounded research experience
+is consolidated into its weights, round after round, and does that beat the same frozen model that
+keeps the experience in its context?
+
+A round: COLLECT N rollouts (the researcher edits train.py, one training run each, one Parquet row
+each) -> CONSOLIDATE (stamp or filter, mask, replay, KL anchor, LoRA, merge) -> V_{n+1} -> repeat.
+Everything a run knows lives in runs/<experiment>/; `resume` continues it after any interruption.
+"""
+
+
+def _run_dir(cfg: config.Config) -> RunDir:
+    base = Path(cfg.experiment.runs_dir)
+    return RunDir((base if base.is_absolute() else ROOT / base) / cfg.experiment.name)
+
+
+def _latest_run() -> Path:
+    runs = sorted((ROOT / "runs").glob("*/state.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ConfigError("no run found under runs/; start one with `python rfs.py run`")
+    return runs[-1].parent
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides: dict = {}
+    if args.rounds is not None:
+        overrides.setdefault("experiment", {})["max_rounds"] = args.rounds
+    if args.name:
+        overrides.setdefault("experiment", {})["name"] = args.name
+    cfg = config.load(Path(args.experiment) if args.experiment else config.default_experiment(), overrides)
+    run = _run_dir(cfg)
+    frozen = config.to_toml(cfg)
+    if run.config.exists() and run.config.read_text() != frozen:
+        raise ConfigError(
+            f"{run.root} was started with a different config ({run.config}); "
+            "continue it with `python rfs.py resume`, or start a new one with --name"
+        )
+    from rfs.loop.driver import drive
+
+    return drive(cfg, run, hosts.load(Path(args.hosts) if args.hosts else None), plain=args.plain)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    run = RunDir(Path(args.run) if args.run else _latest_run())
+    if not run.config.exists():
+        raise ConfigError(f"{run.root}: not a run directory (no experiment.toml)")
+    cfg = config.load(run.config)
+    from rfs.loop.driver import drive
+
+    return drive(cfg, run, hosts.load(Path(args.hosts) if args.hosts else None), plain=args.plain)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    run = Path(args.run) if args.run else _latest_run()
+    if sys.stdout.isatty() and not args.plain:
+        from rfs.tui import watch
+
+        watch(run)
+    else:
+        from rfs.tui.plain import plain_progress
+
+        plain_progress(run, follow=True)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rfs.evals.report import report
+
+    out = report(Path(args.run) if args.run else _latest_run())
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from rfs.envs import environment
+    from rfs.setup import setup_embedded
+
+    cfg = config.load(Path(args.experiment) if args.experiment else None)
+    print("preparing the environment's data …", flush=True)
+    environment(cfg.env).prepare()
+    if cfg.researcher.model == "smollm2":
+        print(f"embedded researcher ready at {setup_embedded(force=args.force)}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from rfs.doctor import doctor
+
+    return doctor(Path(args.hosts) if args.hosts else None)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import anyio
+
+    from rfs.envs import environment, execute
+    from rfs.launch import launcher_for
+
+    cfg = config.load(Path(args.experiment) if args.experiment else None)
+    hf = hosts.load(Path(args.hosts) if args.hosts else None)
+    slots = hosts.slots(hf)
+    env = environment(cfg.env)
+    env.prepare()
+    if args.action == "seed":
+        slot = slots[0]
+        result, _ = anyio.run(execute, env, launcher_for(slot, hf), slot, env.seed_train_py(), "seed")
+        print(f"seed train.py: status={result.status} val_bpb={result.val_bpb:.4f} steps={result.steps} "
+              f"training_seconds={result.training_seconds:.1f}  ({result.detail})")
+        return 0 if result.status == "success" else 1
+    from rfs.envs.calibrate import calibrate
+
+    k = args.k or cfg.env.calibration_k
+    stats = anyio.run(calibrate, env, slots, k, launcher_for(slots[0], hf))
+    print(f"val_bpb over {stats['k']} seed runs at concurrency {stats['concurrency']}: "
+          f"{stats['mean']:.4f} ± {stats['std']:.4f}  (values {', '.join(f'{v:.4f}' for v in stats['values'])})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rfs", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("run", cmd_run, "start (or continue) an experiment; with no arguments, the embedded default")
+    sp.add_argument("experiment", nargs="?", help="experiment TOML (default: experiments/embedded.toml)")
+    sp.add_argument("--rounds", type=int, help="override experiment.max_rounds")
+    sp.add_argument("--name", help="override experiment.name (the run directory's name)")
+    sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")
+    sp.add_argument("--plain", action="store_true", help="plain progress lines instead of the TUI")
+
+    sp = add("resume", cmd_resume, "continue a run from its state file after a stop, crash or preemption")
+    sp.add_argument("run", nargs="?", help="run directory (default: the most recent under runs/)")
+    sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")
+    sp.add_argument("--plain", action="store_true", help="plain progress lines instead of the TUI")
+
+    sp = add("watch", cmd_watch, "follow a run (started here or elsewhere) in the terminal UI; q quits, the run goes on")
+    sp.add_argument("run", nargs="?", help="run directory (default: the most recent under runs/)")
+    sp.add_argument("--plain", action="store_true", help="plain progress lines instead of the TUI")
+
+    sp = add("report", cmd_report, "write report/ (hero plot, decomposition table, report.md, results.tsv)")
+    sp.add_argument("run", nargs="?", help="run directory (default: the most recent under runs/)")
+
+    sp = add("setup", cmd_setup, "prepare the environment's data and the embedded researcher model (once)")
+    sp.add_argument("experiment", nargs="?", help="experiment TOML (default: the embedded preset)")
+    sp.add_argument("--force", action="store_true", help="redo the model conversion")
+
+    sp = add("doctor", cmd_doctor, "check Python, packages, the environment manifest, hosts and disk")
+    sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")
+
+    sp = add("env", cmd_env, "the environment alone: `env seed` runs the seed train.py once; `env calibrate` measures the noise floor")
+    sp.add_argument("action", choices=["seed", "calibrate"])
+    sp.add_argument("--k", type=int, help="calibration runs (default: env.calibration_k)")
+    sp.add_argument("--experiment", help="experiment TOML (default: the embedded preset)")
+    sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, RunLocked) as exc:
+        print(f"rfs: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rfs: interrupted; `python rfs.py resume` continues where this stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,51 @@
+"""One rollout's trace row, found on disk and rendered as text for the transcript screen.
+
+During a wave a finished rollout lives in its own file under `round-<n>.d/`; after compaction it
+is a row of `round-<n>.parquet`. Either is read, never written: the watcher only observes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from rfs.rundir import RunDir
+
+_COLUMNS = ["rollout_id", "arm", "round", "version", "status", "detail", "val_bpb", "steps", "slot", "messages", "diff"]
+
+
+def load_trace(run: RunDir, arm: str, round_: int, rollout_id: str) -> dict[str, Any] | None:
+    """The rollout's trace row, or None while it is still in flight (no row written yet)."""
+    own = run.pending(arm, round_) / f"{rollout_id}.parquet"
+    if own.exists():
+        rows = pq.read_table(own, columns=_COLUMNS).to_pylist()
+        return rows[0] if rows else None
+    compacted = run.traces(arm, round_)
+    if compacted.exists():
+        table = pq.read_table(compacted, columns=_COLUMNS, filters=ds.field("rollout_id") == rollout_id)
+        rows = table.to_pylist()
+        return rows[0] if rows else None
+    return None
+
+
+def render(row: dict[str, Any]) -> str:
+    """The conversation, then the diff, as plain text (the screen adds no markup of its own)."""
+    bpb = row["val_bpb"]
+    head = (
+        f"{row['arm']} round {row['round']} {row['rollout_id']}  researcher {row['version']}  "
+        f"slot {row['slot']}\nstatus {row['status']}"
+        + (f"  val_bpb {bpb:.4f}  steps {row['steps']}" if bpb is not None and math.isfinite(bpb) else "")
+        + (f"\n{row['detail']}" if row["detail"] else "")
+    )
+    parts = [head]
+    for m in row["messages"] or []:
+        parts.append(f"── {m['role']} " + "─" * 40)
+        if m.get("reasoning"):
+            parts.append(f"(thought) {m['reasoning']}")
+        parts.append(m.get("content") or "")
+    parts.append("── diff " + "─" * 40)
+    parts.append(row["diff"] or "(no diff)")
+    return "\n".join(parts)

@@ -1,0 +1,148 @@
+"""Probes: zero-shot specs, the transfer train.py, and the code-skill probe's real sandbox."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from rfs import config
+from rfs.evals import code_probe, metrics, probes
+
+SOLUTIONS = {
+    "is_palindrome": "def is_palindrome(s):\n    t = [c.lower() for c in s if c.isalnum()]\n    return t == t[::-1]\n",
+    "run_length": (
+        "import itertools\n"
+        "def run_length(s):\n    return ''.join(f'{k}{len(list(g))}' for k, g in itertools.groupby(s))\n"
+    ),
+    "flatten": (
+        "def flatten(xs):\n    out = []\n    for x in xs:\n"
+        "        out.extend(flatten(x) if isinstance(x, list) else [x])\n    return out\n"
+    ),
+    "merge_intervals": (
+        "def merge_intervals(xs):\n    out = []\n    for a, b in sorted(xs):\n"
+        "        if out and a <= out[-1][1]:\n            out[-1][1] = max(out[-1][1], b)\n"
+        "        else:\n            out.append([a, b])\n    return out\n"
+    ),
+    "roman_to_int": (
+        "def roman_to_int(s):\n    v = dict(I=1, V=5, X=10, L=50, C=100, D=500, M=1000)\n"
+        "    return sum(-v[c] if i + 1 < len(s) and v[c] < v[s[i + 1]] else v[c] for i, c in enumerate(s))\n"
+    ),
+    "word_counts": (
+        "import re, collections\n"
+        "def word_counts(text):\n    return dict(collections.Counter(re.findall('[a-z]+', text.lower())))\n"
+    ),
+    "rotate": "def rotate(m):\n    return [list(r) for r in zip(*m[::-1])]\n",
+    "nth_prime": (
+        "def nth_prime(n):\n    ps, k = [], 2\n    while len(ps) < n:\n"
+        "        if all(k % p for p in ps):\n            ps.append(k)\n        k += 1\n    return ps[-1]\n"
+    ),
+}
+
+SEED = """import os
+# --- HYPERPARAMETERS (the researcher may change these) ---
+DEPTH = 2  # range: [1, 4]
+LR = 0.003  # range: [0.0001, 0.1]
+# --- END HYPERPARAMETERS ---
+DEPTH_NOTE = "DEPTH = 2 outside the block must stay"
+"""
+
+
+def test_every_task_has_a_reference_solution_that_passes_in_the_sandbox():
+    assert {t.name for t in code_probe.TASKS} == set(SOLUTIONS)
+    for task in code_probe.TASKS:
+        s = code_probe.score(task, SOLUTIONS[task.name])
+        assert s.ok, (task.name, s)
+
+
+def test_broken_answers_score_zero_with_a_reason():
+    task = code_probe.TASKS[0]
+    wrong = code_probe.score(task, "def is_palindrome(s):\n    return True\n")
+    assert 0 < wrong.passed < wrong.total and "is_palindrome" in wrong.detail
+    crash = code_probe.score(task, "def is_palindrome(s:\n")
+    assert crash.passed == 0 and "SyntaxError" in crash.detail
+    missing = code_probe.score(task, "x = 1\n")
+    assert missing.passed == 0 and "KeyError" in missing.detail
+
+
+def test_a_hanging_answer_is_killed_and_forged_results_are_ignored(tmp_path):
+    task = code_probe.TASKS[0]
+    hang = code_probe.score(task, "while True:\n    pass\n", timeout_s=2)
+    assert hang.passed == 0 and "timed out" in hang.detail
+    # Writing results.json itself cannot help: the expected outputs never enter the sandbox.
+    forge = (
+        "import json, atexit\n"
+        "atexit.register(lambda: json.dump([{'value': True}] * 4, open('results.json', 'w')))\n"
+        "def is_palindrome(s):\n    return True\n"
+    )
+    assert not code_probe.score(task, forge).ok
+    # The sandbox's working directory is private and gone afterwards.
+    leak = "import os\nopen(os.path.abspath('leak.txt'), 'w').write('x')\ndef is_palindrome(s):\n    return True\n"
+    code_probe.score(task, leak)
+    assert not (tmp_path / "leak.txt").exists() and not os.path.exists("leak.txt")
+
+
+def test_run_asks_once_per_task_and_scores_json_replies():
+    asked = []
+
+    def ask(prompt: str) -> str:
+        asked.append(prompt)
+        name = next(t.name for t in code_probe.TASKS if t.spec in prompt)
+        if name == "nth_prime":
+            return "here you go: def nth_prime(n): ..."  # not the JSON shape asked for
+        return json.dumps({"code": SOLUTIONS[name]})
+
+    scores = code_probe.run(ask)
+    assert len(asked) == len(code_probe.TASKS)
+    assert code_probe.values(scores) == [0.0 if t.name == "nth_prime" else 1.0 for t in code_probe.TASKS]
+    assert "not JSON" in scores[-1].detail
+
+
+def test_run_lets_an_infrastructure_failure_propagate():
+    def ask(prompt: str) -> str:
+        raise ConnectionError("server down")
+
+    with pytest.raises(ConnectionError):
+        code_probe.run(ask)
+
+
+def test_zero_shot_rollouts_are_seeded_unconditioned_and_the_same_for_every_version():
+    cfg = config.load()
+    v0, v3 = probes.zero_shot_rollouts(cfg, 0), probes.zero_shot_rollouts(cfg, 3)
+    assert len(v0) == cfg.eval.zero_shot_rollouts
+    assert [r.seed for r in v0] == [r.seed for r in v3] and len({r.seed for r in v0}) == len(v0)
+    assert all(r.conditioning_stamp == "" and r.memory == "" for r in v0)
+    other = config.load(overrides={"experiment": {"seed": 1}})
+    assert probes.zero_shot_rollouts(other, 0)[0].seed != v0[0].seed
+
+
+def test_transfer_sets_depth_inside_the_block_only():
+    out = probes.transfer_train_py(SEED, 12)
+    assert "DEPTH = 12  # range: [1, 4]" in out
+    assert 'DEPTH_NOTE = "DEPTH = 2 outside the block must stay"' in out
+    assert out.replace("DEPTH = 12", "DEPTH = 2", 1) == SEED
+    with pytest.raises(ValueError, match="HYPERPARAMETERS"):
+        probes.transfer_train_py("DEPTH = 2\n", 12)
+    with pytest.raises(ValueError, match="DEPTH 0 times"):
+        probes.transfer_train_py(SEED.replace("DEPTH = 2", "WIDTH = 2"), 12)
+
+
+def test_best_train_py_and_version_eval_rows_ignore_failures():
+    rows = [
+        {"status": "success", "val_bpb": 1.2, "final_train_py": "a"},
+        {"status": "crash", "val_bpb": math.nan, "final_train_py": "b"},
+        {"status": "success", "val_bpb": 1.1, "final_train_py": "c"},
+        {"status": "infra_error", "val_bpb": math.nan, "final_train_py": "d"},
+    ]
+    assert probes.best_train_py(rows) == "c"
+    assert probes.best_train_py(rows[1:2]) is None
+    vals = metrics.rollout_values(rows)
+    assert len(vals) == 3 and math.isnan(vals[1])  # the infra_error is not the researcher's sample
+    row = metrics.version_eval_row("e", "A", "S", 1, "zero_shot", vals)
+    assert (row["n"], row["n_ok"], row["best"]) == (3, 2, 1.1) and row["mean"] == pytest.approx(1.15)
+    code = metrics.version_eval_row("e", "A", "S", 1, "code", [1.0, 0.0, 1.0, 1.0])
+    assert code["mean"] == 0.75 and code["best"] == 1.0
+    with pytest.raises(ValueError, match="probe"):
+        metrics.version_eval_row("e", "A", "S", 1, "vibes", [])

@@ -104,6 +104,7 @@ class LoopCfg:
     stamp_margin: float = 0.01  # arm S conditions on (best so far - margin)
     ctrl_memory_chars: int = 12000  # CTRL's bounded in-context memory
     floor_waves: int = 2
+    max_concurrent: int = 2  # loops running at once (default: the headline arm beside CTRL)
     priority: tuple[str, ...] = ("A-S", "CTRL", "B-F", "B-S", "A-F", "FLOOR")
 
 

@@ -1,0 +1,1 @@
+"""The recursive loop: arms, arcs, baselines, scheduler, collapse guard, resume."""

@@ -1,0 +1,80 @@
+"""One researcher server per line of weights: V0 (shared by round 1, CTRL, FLOOR and probes) and
+one per gold loop, swapped to V_{n+1} after each merge and health-checked before a wave uses it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from rfs.config import Config
+from rfs.events import EventLog
+from rfs.hosts import HostsFile
+from rfs.rundir import RunDir
+
+V0 = "v0"
+
+
+@dataclass
+class Served:
+    model_id: str
+    weights_sha256: str
+    server: Any
+    client: Any
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 over the weight files in name order: the researcher's identity in every trace row."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class Servers:
+    def __init__(self, cfg: Config, hosts: HostsFile, run: RunDir, events: EventLog, v0: Path | None):
+        self.cfg, self.hosts, self.run, self.events, self.v0 = cfg, hosts, run, events, v0
+        self._served: dict[str, Served] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+
+    async def __aenter__(self) -> "Servers":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for s in self._served.values():
+            await s.client.aclose()
+            await s.server.stop()
+
+    def model_dir(self, key: str, version: int) -> Path | None:
+        return self.v0 if key == V0 or version == 0 else self.run.model(key, version)
+
+    async def serve(self, key: str, version: int) -> Served:
+        """The server for `key` serving `version`, (re)started and healthy."""
+        from rfs.agent.client import ResearcherClient
+        from rfs.serve import make_server
+
+        async with self._locks.setdefault(key, anyio.Lock()):
+            model_id = f"{key}/v{version}" if self.v0 is not None else self.cfg.researcher.model
+            current = self._served.get(key)
+            if current and current.model_id == model_id and await current.server.health():
+                return current
+            model_dir = self.model_dir(key, version)
+            sha = await anyio.to_thread.run_sync(weights_sha256, model_dir) if model_dir else ""
+            self.events.emit("phase", arm=key, round=version + 1, phase="swap", version=model_id)
+            if current:
+                await current.server.restart(model_dir, model_id)
+                server = current.server
+                await current.client.aclose()
+            else:
+                log = self.run.logs / f"server-{key}.log"
+                server = make_server(self.cfg.researcher, self.hosts, model_dir, model_id, log, self.events)
+                await server.start()
+            client = ResearcherClient(server.base_url, model_id, self.cfg.researcher, model_dir=model_dir,
+                                      enforced=server.enforces_schema)
+            self._served[key] = Served(model_id, sha, server, client)
+            return self._served[key]

@@ -7,7 +7,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from rfs import atomic, trace
+from rfs import trace
 from rfs.collect import aggregate, anomaly
 from rfs.rundir import RunDir
 
@@ -101,7 +101,7 @@ def test_aggregate_definitions():
         row(rollout_id="d", status="syntax_error", final_train_py="def (", valid_actions=1, invalid_actions=0),
         row(rollout_id="e", status="infra_error", final_train_py="def (", anomaly_flags=["x"]),
     ]
-    agg = aggregate.aggregate(rows)
+    agg = aggregate.aggregate("S", 1, rows)
     assert agg["n"] == 5 and agg["infra_error_rate"] == pytest.approx(0.2)
     assert agg["success_rate"] == pytest.approx(0.5)  # 2 of the 4 the researcher answers for
     assert (agg["mean_val_bpb"], agg["std_val_bpb"], agg["median_val_bpb"], agg["best_val_bpb"]) == (1.5, 0.5, 1.5, 1.0)
@@ -117,18 +117,19 @@ def test_aggregate_definitions():
 
 
 def test_aggregate_of_a_collapsed_failed_round_is_zero_not_an_error():
-    agg = aggregate.aggregate([row(rollout_id=f"r{i}", status="crash") for i in range(3)])
+    agg = aggregate.aggregate("S", 1, [row(rollout_id=f"r{i}", status="crash") for i in range(3)])
     assert agg["success_rate"] == 0.0 and agg["ast_diversity"] == 0.0 and agg["data_quality_score"] == 0.0
     assert math.isnan(agg["mean_val_bpb"]) and math.isnan(agg["best_val_bpb"])
-    with pytest.raises(ValueError, match="several"):
-        aggregate.aggregate([row(), row(round=2)])
+    with pytest.raises(ValueError, match="no rows"):
+        aggregate.aggregate("S", 1, [])
 
 
-def test_record_replaces_its_own_arm_round_only(tmp_path):
+def test_aggregate_round_replaces_its_own_arm_round_only(tmp_path):
     run = RunDir(tmp_path)
-    aggregate.record(run, [row(arm="S", round=1)])
-    aggregate.record(run, [row(arm="F", round=1)])
-    aggregate.record(run, [row(arm="S", round=1, val_bpb=1.2), row(arm="S", round=1, rollout_id="r1", val_bpb=1.4)])
+    shared = [row(arm="shared", round=1)]
+    aggregate.aggregate_round(run, "A-S", 1, shared)
+    aggregate.aggregate_round(run, "A-F", 1, shared)  # round 1 is shared: one row per loop
+    aggregate.aggregate_round(run, "A-S", 1, [row(val_bpb=1.2), row(rollout_id="r1", val_bpb=1.4)])
     got = pq.read_table(run.metrics("round_aggregates")).to_pylist()
-    assert sorted((g["arm"], g["round"], g["n"]) for g in got) == [("F", 1, 1), ("S", 1, 2)]
-    assert next(g for g in got if g["arm"] == "S")["mean_val_bpb"] == pytest.approx(1.3)
+    assert sorted((g["arm"], g["round"], g["n"]) for g in got) == [("A-F", 1, 1), ("A-S", 1, 2)]
+    assert next(g for g in got if g["arm"] == "A-S")["mean_val_bpb"] == pytest.approx(1.3)

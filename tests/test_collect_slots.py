@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from rfs.config import CollectCfg
 from rfs.collect.slots import NoSlotsLeft, SlotPool
 from rfs.events import EventLog, iter_events
 from rfs.hosts import Slot
@@ -16,7 +17,7 @@ def slots(n):
 
 def test_waiters_are_served_in_arrival_order():
     async def main():
-        pool = SlotPool(slots(1), quarantine_after=3)
+        pool = SlotPool(slots(1), CollectCfg(quarantine_after=3))
         first = await pool.acquire()
         order = []
 
@@ -38,11 +39,11 @@ def test_waiters_are_served_in_arrival_order():
 
 def test_retry_avoids_the_failed_slot_unless_it_is_the_only_one():
     async def main():
-        pool = SlotPool(slots(2), quarantine_after=3)
+        pool = SlotPool(slots(2), CollectCfg(quarantine_after=3))
         a = await pool.acquire()
         pool.release(a, failure="host down")
         assert (await pool.acquire(avoid={a.name})).name != a.name
-        solo = SlotPool(slots(1), quarantine_after=3)
+        solo = SlotPool(slots(1), CollectCfg(quarantine_after=3))
         s = await solo.acquire()
         solo.release(s, failure="flaky")
         assert (await solo.acquire(avoid={s.name})).name == s.name  # waiting forever helps no one
@@ -52,7 +53,7 @@ def test_retry_avoids_the_failed_slot_unless_it_is_the_only_one():
 
 def test_an_avoiding_waiter_does_not_block_others_behind_it():
     async def main():
-        pool = SlotPool(slots(2), quarantine_after=3)
+        pool = SlotPool(slots(2), CollectCfg(quarantine_after=3))
         s0, s1 = await pool.acquire(), await pool.acquire()
         got = {}
 
@@ -76,7 +77,7 @@ def test_an_avoiding_waiter_does_not_block_others_behind_it():
 def test_quarantine_after_consecutive_failures_emits_events(tmp_path):
     async def main():
         log = EventLog(tmp_path / "events.jsonl")
-        pool = SlotPool(slots(2), quarantine_after=2, events=log)
+        pool = SlotPool(slots(2), CollectCfg(quarantine_after=2), events=log)
         s = (await pool.acquire(avoid={"s1"}))
         pool.release(s, failure="boom")
         s = await pool.acquire(avoid={"s1"})
@@ -93,7 +94,7 @@ def test_quarantine_after_consecutive_failures_emits_events(tmp_path):
 
 def test_when_the_last_slot_goes_every_waiter_hears_it():
     async def main():
-        pool = SlotPool(slots(1), quarantine_after=1)
+        pool = SlotPool(slots(1), CollectCfg(quarantine_after=1))
         last = await pool.acquire()
         errors = []
 
@@ -116,7 +117,7 @@ def test_when_the_last_slot_goes_every_waiter_hears_it():
 
 def test_cancelled_waiter_loses_no_slot():
     async def main():
-        pool = SlotPool(slots(1), quarantine_after=3)
+        pool = SlotPool(slots(1), CollectCfg(quarantine_after=3))
         s = await pool.acquire()
         with anyio.move_on_after(0.01):
             await pool.acquire()

@@ -104,14 +104,11 @@ def _reasoning_density(rows: list[dict[str, Any]]) -> float:
     return _rate(thought, thought + sum(len(m["content"] or "") for m in turns))
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The aggregate row for one (arm, round); every row must share arm and round."""
+def aggregate(arm: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The aggregate row for one loop's round (a shared round 1 is aggregated under each loop's name)."""
     if not rows:
-        raise ValueError("aggregate: no rows")
-    keys = {(r["arm"], r["round"]) for r in rows}
-    if len(keys) != 1:
-        raise ValueError(f"aggregate: rows span several (arm, round): {sorted(keys)}")
-    (arm, round_), n = keys.pop(), len(rows)
+        raise ValueError(f"aggregate: no rows for {arm} round {round_}")
+    n = len(rows)
     scored = [r for r in rows if r["status"] != "infra_error"]
     m = len(scored)
     bpb = [r["val_bpb"] for r in scored if r["status"] == "success"]
@@ -142,9 +139,9 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def record(run: RunDir, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_round(run: RunDir, arm: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Compute the round's aggregate and put it in round_aggregates, replacing any earlier one."""
-    agg = aggregate(rows)
+    agg = aggregate(arm, round_, rows)
     path = run.metrics("round_aggregates")
     old = pq.read_table(path).to_pylist() if path.exists() else []
     kept = [r for r in old if (r["arm"], r["round"]) != (agg["arm"], agg["round"])]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from rfs.config import CollectCfg
 from rfs.events import EventLog
 from rfs.hosts import Slot
 
@@ -28,13 +29,14 @@ class _Waiter:
 
 
 class SlotPool:
-    def __init__(self, slots: list[Slot], *, quarantine_after: int, events: EventLog | None = None):
+    def __init__(self, slots: list[Slot], collect: CollectCfg, events: EventLog | None = None):
         if not slots:
             raise ValueError("SlotPool needs at least one slot")
         names = [s.name for s in slots]
         if len(set(names)) != len(names):
             raise ValueError(f"SlotPool: slot names must be distinct, got {names}")
-        self.quarantine_after = quarantine_after
+        self.slots = list(slots)  # every slot the pool started with (the wave's concurrency)
+        self.quarantine_after = collect.quarantine_after
         self.events = events
         self._live: dict[str, Slot] = {s.name: s for s in slots}
         self._free: deque[Slot] = deque(slots)

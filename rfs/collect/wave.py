@@ -1,0 +1,231 @@
+"""One wave: N rollouts as coroutines in one task group, each finished row on disk at once.
+
+Exactly once, across kill -9: a finished rollout is its own small Parquet file under
+`run.pending(arm, round)` (written atomically), so a restarted wave skips it; when all are there
+the round file `run.traces(arm, round)` is compacted from them (atomically) and is the wave's
+answer from then on. A rollout holds a slot only while its training run executes, so N rollouts
+share few slots while the researcher thinks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import anyio
+import pyarrow.parquet as pq
+import zstandard
+
+from rfs import atomic, trace
+from rfs.collect import aggregate, anomaly
+from rfs.collect.slots import SlotPool
+from rfs.config import Config
+from rfs.envs.base import Environment, RunResult
+from rfs.events import EventLog
+from rfs.hosts import HostsFile, Slot
+from rfs.launch import launcher_for
+from rfs.launch.base import JobOutcome, Launcher
+from rfs.rundir import RunDir
+
+RolloutFn = Callable[..., Awaitable[dict[str, Any]]]
+_RETRY_PAUSE_S = 0.5  # before re-running a rollout whose researcher server was down
+
+
+async def run_wave(
+    run: RunDir,
+    specs: list[Any],
+    *,
+    cfg: Config,
+    env: Environment,
+    pool: SlotPool,
+    hosts: HostsFile,
+    client: Any,
+    events: EventLog,
+    rollout_fn: RolloutFn | None = None,
+    calibration: dict[str, float] | None = None,
+) -> Path:
+    """Run every spec's rollout once (resuming a killed wave); return traces(arm, round)."""
+    arm, round_ = _one_round(specs)
+    out = run.traces(arm, round_)
+    if out.exists():  # compacted before a kill: at most the pending files are left to remove
+        shutil.rmtree(run.pending(arm, round_), ignore_errors=True)
+        return out
+    if rollout_fn is None:
+        from rfs.agent.rollout import rollout as rollout_fn
+    pending = run.pending(arm, round_)
+    pending.mkdir(parents=True, exist_ok=True)
+    done = {p.name.removesuffix(".parquet") for p in pending.glob("*.parquet")}
+    launchers: dict[str, Launcher] = {}
+
+    def launcher(slot: Slot) -> Launcher:
+        if slot.name not in launchers:
+            launchers[slot.name] = launcher_for(slot, hosts)
+        return launchers[slot.name]
+
+    async def one(spec: Any) -> None:
+        training = _Training(run, spec, cfg, env, pool, launcher, events)
+        row = await _rollout_row(spec, cfg, client, training, events, rollout_fn)
+        atomic.write_parquet(pending / f"{spec.rollout_id}.parquet", trace.to_table([row]))
+        events.emit(
+            "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
+        )
+
+    async with anyio.create_task_group() as tg:
+        for spec in specs:
+            if spec.rollout_id not in done:
+                tg.start_soon(one, spec)
+    return _compact(run, specs, cfg, events, calibration)
+
+
+def _one_round(specs: list[Any]) -> tuple[str, int]:
+    if not specs:
+        raise ValueError("run_wave: no rollouts to run")
+    rounds = {(s.arm, s.round) for s in specs}
+    if len(rounds) != 1:
+        raise ValueError(f"run_wave: one wave is one (arm, round), got {sorted(rounds)}")
+    ids = [s.rollout_id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("run_wave: rollout_ids must be distinct")
+    return rounds.pop()
+
+
+async def _rollout_row(spec: Any, cfg: Config, client: Any, training: "_Training", events: EventLog, rollout_fn: RolloutFn) -> dict[str, Any]:
+    """The rollout's row, or a truthful infra_error row: one rollout's failure never ends the wave."""
+    from rfs.agent.client import ServerDown
+
+    started = time.time()
+    for attempt in range(cfg.collect.infra_retries + 1):
+        if attempt:
+            await anyio.sleep(_RETRY_PAUSE_S * attempt)
+        events.emit("rollout_started", arm=spec.arm, round=spec.round, rollout_id=spec.rollout_id, thread=spec.thread)
+        try:
+            row = await rollout_fn(spec, cfg.researcher, client, training, events)
+        except ServerDown as exc:
+            detail = f"researcher server down after {attempt + 1} attempt(s): {exc}"
+            continue
+        except Exception as exc:  # a bug in one rollout: record it, keep the other N-1 going
+            detail = f"rollout raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            events.emit("alarm", arm=spec.arm, alarm="rollout_error", message=f"{spec.rollout_id}: {type(exc).__name__}: {exc}")
+            break
+        # An infra_error before any training run is the researcher server's: play the rollout again.
+        # One after a run already had its slot retries inside run_training.
+        if row["status"] != "infra_error" or training.runs:
+            return row
+        detail = f"{row['detail']} (after {attempt + 1} attempt(s))"
+    return infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_rel)
+
+
+def infra_row(spec: Any, cfg: Config, detail: str, *, started: float, infra_attempts: int = 0, blob_path: str = "") -> dict[str, Any]:
+    """A valid trace row for a rollout the infrastructure (or our own code) failed."""
+    now = time.time()
+    row = {
+        "schema_version": trace.SCHEMA_VERSION,
+        "experiment": spec.experiment, "arm": spec.arm, "arc": spec.arc, "round": spec.round,
+        "version": spec.version, "thread": spec.thread, "rollout_id": spec.rollout_id, "seed": spec.seed,
+        "host": "", "slot": "", "gpu_type": "", "job_id": None, "env": spec.env_name,
+        "program_md_sha256": spec.program_md_sha256, "seed_train_py_sha256": spec.seed_train_py_sha256,
+        "start_train_py_sha256": hashlib.sha256(spec.start_train_py.encode()).hexdigest(),
+        "start_val_bpb": float(spec.start_val_bpb), "researcher_model": spec.researcher_model,
+        "researcher_weights_sha256": spec.researcher_weights_sha256,
+        "action_space": cfg.researcher.action_space, "response_schema": "", "schema_enforced": False,
+        "conditioning_stamp": spec.conditioning_stamp, "memory": spec.memory, "messages": [],
+        "final_train_py": spec.start_train_py, "diff": "", "exit_code": None, "status": "infra_error",
+        "detail": detail, "val_bpb": math.nan, "steps": 0, "tokens": 0, "peak_vram_mb": 0.0,
+        "training_seconds": 0.0, "wall_seconds": now - started, "stdout_tail": "", "blob_path": blob_path,
+        "prompt_tokens": 0, "completion_tokens": 0, "reasoning_tokens": 0, "turns": 0, "tool_calls": 0,
+        "valid_actions": 0, "invalid_actions": 0, "edit_attempts": 0, "infra_attempts": infra_attempts,
+        "started_at": started, "finished_at": now, "anomaly_flags": [],
+    }
+    trace.validate(row)
+    return row
+
+
+class _Training:
+    """The rollout's RunTraining callback: slot → env.job → launcher.run → env.result, with retries.
+
+    An infra_error is retried on another slot up to cfg.collect.infra_retries times; every run's
+    full output goes to the rollout's zstd blob (all runs of the rollout, in order).
+    """
+
+    def __init__(self, run: RunDir, spec: Any, cfg: Config, env: Environment, pool: SlotPool,
+                 launcher: Callable[[Slot], Launcher], events: EventLog):
+        self.run, self.spec, self.cfg, self.env, self.pool = run, spec, cfg, env, pool
+        self.launcher, self.events = launcher, events
+        self.blob = run.blob(spec.arm, spec.round, spec.rollout_id)
+        self.blob_rel = ""
+        self.attempts = 0  # runs that ended in infra_error, across the rollout's runs
+        self.runs = 0  # training runs launched
+        self._log = bytearray()
+
+    async def __call__(self, train_py: str) -> Any:
+        from rfs.agent.rollout import Executed
+
+        failed: set[str] = set()
+        for attempt in range(self.cfg.collect.infra_retries + 1):
+            slot = await self.pool.acquire(avoid=failed)
+            failure = ""
+            try:
+                outcome = await self._run_on(slot, train_py)
+                failure = outcome.infra_error
+            finally:  # cancelled mid-run (the wave is stopping): the slot goes back, uncounted
+                self.pool.release(slot, failure=failure)
+            self._keep(slot, attempt, outcome)
+            result = self._result(outcome, attempt)
+            s = self.spec
+            self.events.emit("run_finished", arm=s.arm, round=s.round, rollout_id=s.rollout_id, slot=slot.name,
+                             status=result.status, val_bpb=result.val_bpb, steps=result.steps)
+            if not outcome.infra_error:
+                break
+            failed.add(slot.name)
+            self.attempts += 1
+        gpu_type = "cpu" if slot.gpu < 0 else "cuda"
+        return Executed(result, slot.host, slot.name, gpu_type, outcome.job_id, self.attempts, self.blob_rel)
+
+    async def _run_on(self, slot: Slot, train_py: str) -> JobOutcome:
+        s = self.spec
+        self.runs += 1
+        self.events.emit("run_started", arm=s.arm, round=s.round, rollout_id=s.rollout_id, slot=slot.name, host=slot.host)
+        try:
+            job = self.env.job(train_py, slot, s.rollout_id)
+            return await self.launcher(slot).run(slot, job)
+        except Exception as exc:  # the launcher itself broke: that is the slot's failure, not the code's
+            text = traceback.format_exc()
+            return JobOutcome(None, text.encode(), False, 0.0, infra_error=f"{type(exc).__name__}: {exc}")
+
+    def _result(self, outcome: JobOutcome, attempt: int) -> RunResult:
+        if outcome.infra_error:
+            tail = outcome.output[-2000:].decode(errors="replace")
+            detail = f"infra_error on attempt {attempt + 1}: {outcome.infra_error}"
+            return RunResult("infra_error", exit_code=outcome.exit_code, wall_seconds=outcome.wall_seconds, detail=detail, stdout_tail=tail)
+        return self.env.result(outcome)
+
+    def _keep(self, slot: Slot, attempt: int, outcome: JobOutcome) -> None:
+        """Rewrite the blob with every run so far: the blob is whole at any instant a kill lands."""
+        header = f"=== {self.spec.rollout_id} on {slot.name} ({slot.host}) attempt {attempt + 1}"
+        header += f" exit={outcome.exit_code} timed_out={outcome.timed_out} infra={outcome.infra_error!r} ===\n"
+        self._log += header.encode() + outcome.output + b"\n"
+        atomic.write_bytes(self.blob, zstandard.ZstdCompressor(level=3).compress(bytes(self._log)))
+        self.blob_rel = str(self.blob.relative_to(self.run.root))
+
+
+def _compact(run: RunDir, specs: list[Any], cfg: Config, events: EventLog, calibration: dict[str, float] | None) -> Path:
+    """All pending rows → one flagged, ordered round file; then the pending files can go."""
+    arm, round_ = specs[0].arm, specs[0].round
+    pending = run.pending(arm, round_)
+    by_id = {r["rollout_id"]: r for p in pending.glob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    missing = [s.rollout_id for s in specs if s.rollout_id not in by_id]
+    if missing:
+        raise RuntimeError(f"wave {arm} round {round_}: rollouts {missing} have no row after the wave")
+    rows = anomaly.flag_wave([by_id[s.rollout_id] for s in specs], budget_s=cfg.env.budget_s, calibration=calibration)
+    out = run.traces(arm, round_)
+    atomic.write_parquet(out, trace.to_table(rows))
+    shutil.rmtree(pending, ignore_errors=True)
+    agg = aggregate.aggregate(arm, round_, rows)
+    events.emit("wave_finished", arm=arm, round=round_, n=len(rows), success_rate=agg["success_rate"],
+                best_val_bpb=agg["best_val_bpb"], mean_val_bpb=agg["mean_val_bpb"])
+    return out

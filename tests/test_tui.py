@@ -1,0 +1,289 @@
+"""The watch TUI: the events → view reduction, trace lookup, plain progress, and the Textual app
+driven by a pilot against a real run directory (the sample event log plus real Parquet rows)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from rfs import atomic, trace
+from rfs.events import EventLog, read_events
+from rfs.rundir import RunDir
+from rfs.tui import transcript
+from rfs.tui.model import RunView
+from rfs.tui.plain import describe, plain_progress
+
+SAMPLE = Path(__file__).parent / "data" / "events_sample.jsonl"
+ROOT = Path(__file__).parent.parent
+
+
+def sample_view() -> RunView:
+    return RunView().apply_all(read_events(SAMPLE)[0])
+
+
+def trace_row(**over):
+    """A valid trace row: every field a typed empty value, then a success, then the overrides."""
+    empty = {pa.string(): "", pa.int32(): 0, pa.int64(): 0, pa.float64(): 0.0, pa.bool_(): False}
+    row = {f.name: empty.get(f.type, []) for f in trace.SCHEMA}
+    row.update(schema_version=1, status="success", val_bpb=1.362, steps=940, job_id=None, exit_code=0)
+    row.update(over)
+    return row
+
+
+def run_dir(tmp_path: Path) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    shutil.copy(SAMPLE, run.events)
+    return run
+
+
+# ── the reduction ─────────────────────────────────────────────────────────────────────────────
+
+
+def test_sample_log_reduces_to_the_live_picture():
+    v = sample_view()
+    assert v.experiment == "embedded-demo" and not v.finished
+    assert list(v.arms) == ["shared", "S", "F", "CTRL", "FLOOR"]
+    s = v.arms["S"]
+    assert (s.round, s.phase, s.version, s.server) == (3, "collect", "v2", "up")
+    states = {r.rollout_id: r.state for r in s.round_rollouts()}
+    assert states == {
+        "S-3-00": "success 1.3620",
+        "S-3-01": "success 1.3660 (reading)",
+        "S-3-02": "running on slot-3",
+        "S-3-03": "thinking",
+    }
+    assert s.round_summary() == "1/4 done, 1 success, best 1.3620"
+    assert v.slots == {"slot-0": "", "slot-1": "", "slot-2": "", "slot-3": "S/S-3-02"}
+    assert set(v.quarantined) == {"slot-2"}
+    assert v.arms["FLOOR"].paused.startswith("scheduler")
+    assert [a.kind for a in v.alarms] == ["quarantine", "paused", "drift"]
+    assert v.last_scheduler.startswith("pause FLOOR")
+
+
+def test_trajectory_is_best_per_round_starting_from_the_shared_round():
+    v = sample_view()
+    assert v.trajectory("S") == [1.398, 1.371, 1.362]  # round 3 is live: its best so far
+    assert v.trajectory("F") == [1.398, 1.390]
+    assert v.trajectory("shared") == [1.398]
+    assert v.trajectory("nobody") == [1.398]
+
+
+def test_failed_runs_show_their_status_and_never_count_as_best():
+    v = RunView().apply_all([
+        {"t": 1, "kind": "rollout_started", "arm": "S", "round": 2, "rollout_id": "a", "thread": 0},
+        {"t": 2, "kind": "turn", "arm": "S", "round": 2, "rollout_id": "a", "turn": 0, "valid": False},
+        {"t": 3, "kind": "run_started", "arm": "S", "round": 2, "rollout_id": "a", "slot": "g0"},
+        {"t": 4, "kind": "run_finished", "arm": "S", "round": 2, "rollout_id": "a", "slot": "g0",
+         "status": "crash", "val_bpb": math.nan, "steps": 0},
+    ])
+    r = v.arms["S"].round_rollouts()[0]
+    assert (r.state, r.invalid_turns, v.slots["g0"]) == ("crash (reading)", 1, "")
+    # the rollout's final status is the truth, even when it differs from the run's
+    v.apply({"t": 5, "kind": "rollout_finished", "arm": "S", "round": 2, "rollout_id": "a",
+             "status": "infra_error", "val_bpb": math.nan})
+    assert r.state == "infra_error" and v.trajectory("S") == []
+    assert v.arms["S"].round_summary() == "1/1 done, 0 success"
+
+
+def test_cancelled_rollout_frees_its_slot():
+    v = RunView().apply_all([
+        {"t": 1, "kind": "run_started", "arm": "F", "round": 1, "rollout_id": "b", "slot": "g1"},
+        {"t": 2, "kind": "rollout_finished", "arm": "F", "round": 1, "rollout_id": "b", "status": "timeout",
+         "val_bpb": None},
+    ])
+    assert v.slots == {"g1": ""} and v.arms["F"].round_rollouts()[0].state == "timeout"
+
+
+def test_odd_events_are_tolerated_and_versions_read_one_way():
+    v = RunView().apply_all([
+        {"t": 1, "kind": "from_a_newer_writer", "arm": "S", "whatever": [1, 2]},
+        {"kind": "turn", "arm": "S", "round": 4, "rollout_id": "mid-run"},  # log opened mid-wave
+        {"t": 2, "kind": "consolidated", "arm": "S", "round": 4, "version": 5},
+        {"t": 3, "kind": "server_crashed", "arm": "S", "version": 5, "base_url": "http://x"},
+        {"t": 4, "kind": "wave_finished", "arm": "S", "round": 4, "best_val_bpb": "nan"},
+        {"t": 5, "kind": "experiment_finished", "experiment": "e"},
+    ])
+    s = v.arms["S"]
+    assert (s.round, s.version, s.server) == (4, "v5", "crashed")
+    assert s.round_rollouts()[0].state == "thinking"
+    assert v.trajectory("S") == [] and v.finished and v.last_t == 5
+    assert [a.kind for a in v.alarms] == ["server"]
+
+
+def test_wave_finished_supplies_best_when_rollout_events_were_missed():
+    v = RunView().apply_all([{"t": 1, "kind": "wave_finished", "arm": "CTRL", "round": 2, "best_val_bpb": 1.4}])
+    assert v.trajectory("CTRL") == [1.4]
+
+
+# ── trace lookup ──────────────────────────────────────────────────────────────────────────────
+
+MESSAGES = [
+    {"role": "system", "content": "You edit train.py.", "reasoning": ""},
+    {"role": "assistant", "content": '{"action": "edit", "name": "lr", "value": 0.02}', "reasoning": "try a larger lr"},
+    {"role": "tool", "content": "val_bpb: 1.362", "reasoning": ""},
+]
+DIFF = "--- a/train.py\n+++ b/train.py\n-lr = 0.01\n+lr = 0.02\n"
+
+
+def test_trace_is_found_in_its_pending_file_then_in_the_compacted_round(tmp_path):
+    run = RunDir(tmp_path)
+    mine = trace_row(arm="S", round=3, rollout_id="S-3-00", messages=MESSAGES, diff=DIFF)
+    atomic.write_parquet(run.pending("S", 3) / "S-3-00.parquet", trace.to_table([mine]))
+    assert transcript.load_trace(run, "S", 3, "S-3-00")["diff"] == DIFF
+    other = trace_row(arm="F", round=2, rollout_id="F-2-01", status="crash", val_bpb=math.nan, detail="exit 1")
+    atomic.write_parquet(run.traces("F", 2), trace.to_table([trace_row(arm="F", round=2, rollout_id="F-2-00"), other]))
+    row = transcript.load_trace(run, "F", 2, "F-2-01")
+    assert (row["rollout_id"], row["status"]) == ("F-2-01", "crash")
+    assert transcript.load_trace(run, "F", 2, "F-2-09") is None
+    assert transcript.load_trace(run, "S", 3, "S-3-01") is None
+
+
+def test_render_shows_messages_thoughts_and_diff():
+    text = transcript.render(trace_row(arm="S", round=3, rollout_id="S-3-00", version="v2", slot="slot-0",
+                                       messages=MESSAGES, diff=DIFF))
+    assert "status success  val_bpb 1.3620  steps 940" in text
+    assert "(thought) try a larger lr" in text and "val_bpb: 1.362" in text
+    assert text.index("── tool") < text.index("── diff") < text.index("+lr = 0.02")
+    failed = transcript.render(trace_row(status="syntax_error", val_bpb=math.nan, detail="line 3: invalid syntax"))
+    assert "val_bpb" not in failed and "line 3: invalid syntax" in failed and "(no diff)" in failed
+
+
+# ── plain progress ────────────────────────────────────────────────────────────────────────────
+
+
+def test_plain_progress_prints_one_line_per_event_without_turns(tmp_path, capsys):
+    run = run_dir(tmp_path)
+    plain_progress(run.root, follow=False)
+    lines = capsys.readouterr().out.splitlines()
+    events = read_events(SAMPLE)[0]
+    assert len(lines) == sum(e["kind"] != "turn" for e in events)
+    assert any(" rollout_finished arm=S round=3 rollout_id=S-3-00 status=success val_bpb=1.362" in ln for ln in lines)
+    assert any(" run_finished arm=F round=2 rollout_id=F-2-01 status=timeout val_bpb=nan slot=slot-1" in ln for ln in lines)
+
+
+def test_plain_progress_on_a_fresh_or_missing_run(tmp_path, capsys):
+    plain_progress(tmp_path, follow=False)
+    assert "no events yet" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        plain_progress(tmp_path / "nope", follow=False)
+
+
+def test_describe_puts_identity_first():
+    line = describe({"t": 0, "kind": "wave_finished", "n": 4, "round": 2, "arm": "S", "best_val_bpb": 1.371})
+    assert line.split(" ", 1)[1] == "wave_finished arm=S round=2 n=4 best_val_bpb=1.371"
+
+
+def test_watch_without_a_terminal_follows_as_plain_lines_until_the_experiment_ends(tmp_path):
+    run = run_dir(tmp_path)
+    code = f"from rfs.tui import watch; watch({str(run.root)!r})"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # it is following: the log so far is being printed
+    assert "experiment_started experiment=embedded-demo" in first
+    log = EventLog(run.events)
+    log.emit("rollout_finished", arm="S", round=3, rollout_id="S-3-03", status="no_edit", val_bpb=math.nan)
+    log.emit("experiment_finished", experiment="embedded-demo")
+    log.close()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "rollout_id=S-3-03 status=no_edit" in out and out.rstrip().endswith("experiment=embedded-demo")
+
+
+# ── the app, driven by a pilot ────────────────────────────────────────────────────────────────
+
+
+def text_of(app, selector: str) -> str:
+    return str(app.screen.query_one(selector).content)
+
+
+def table_rows(app) -> dict[str, list[str]]:
+    from textual.widgets import DataTable
+
+    table = app.query_one(DataTable)
+    return {str(k.value): [str(c) for c in table.get_row(k)] for k in table.rows}
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.anyio
+async def test_app_shows_arms_rollouts_slots_and_alarms(tmp_path):
+    from rfs.tui.app import WatchApp
+
+    run = run_dir(tmp_path)
+    app = WatchApp(run.root)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await pilot.pause()
+        assert "embedded-demo" in text_of(app, "#title")
+        assert text_of(app, "#arm").startswith("arm shared  round 1  phase collect  researcher v0")
+        await pilot.press("2")
+        assert text_of(app, "#arm").startswith("arm S  round 3  phase collect  researcher v2  server up")
+        rows = table_rows(app)
+        assert rows["S-3-00"][-1] == "success 1.3620" and rows["S-3-02"][-1] == "running on slot-3"
+        assert text_of(app, "#trajectory") == "1.398 → 1.371 → 1.362"
+        assert "slot-2  QUARANTINED" in text_of(app, "#slots") and "slot-3  S/S-3-02" in text_of(app, "#slots")
+        assert "drift F val_bpb improved" in text_of(app, "#alarms")
+        await pilot.press("tab")
+        assert text_of(app, "#arm").startswith("arm F  round 2  phase consolidate  researcher v2")
+        assert table_rows(app)["F-2-01"][-1] == "timeout"
+        await pilot.press("5")
+        assert "PAUSED: scheduler" in text_of(app, "#arm")
+
+
+@pytest.mark.anyio
+async def test_app_follows_the_file_as_it_grows(tmp_path):
+    from rfs.tui.app import WatchApp
+
+    run = run_dir(tmp_path)
+    app = WatchApp(run.root, poll_s=0.05)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await pilot.press("2")
+        log = EventLog(run.events)
+        log.emit("run_finished", arm="S", round=3, rollout_id="S-3-02", slot="slot-3", status="crash",
+                 val_bpb=math.nan, steps=0)
+        log.close()
+        deadline = time.monotonic() + 30  # a hang guard, not a timing assertion
+        while table_rows(app)["S-3-02"][-1] != "crash (reading)" and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        assert table_rows(app)["S-3-02"][-1] == "crash (reading)"
+        assert "slot-3  idle" in text_of(app, "#slots")
+
+
+@pytest.mark.anyio
+async def test_enter_opens_the_transcript_and_q_quits_without_touching_the_run(tmp_path):
+    from rfs.tui.app import TranscriptScreen, WatchApp
+
+    run = run_dir(tmp_path)
+    row = trace_row(arm="S", round=3, rollout_id="S-3-00", version="v2", messages=MESSAGES, diff=DIFF)
+    atomic.write_parquet(run.pending("S", 3) / "S-3-00.parquet", trace.to_table([row]))
+    before = tree_bytes(run.root)
+    app = WatchApp(run.root)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await pilot.press("2", "enter")
+        assert isinstance(app.screen, TranscriptScreen)
+        shown = text_of(app, "#transcript")
+        assert "(thought) try a larger lr" in shown and "+lr = 0.02" in shown
+        await pilot.press("escape", "down", "down", "enter")  # S-3-02 is still running: no row yet
+        assert "S-3-02: no trace row yet (still in flight)" in text_of(app, "#transcript")
+        await pilot.press("escape", "q")
+        await pilot.pause()
+        assert not app.is_running
+    assert tree_bytes(run.root) == before
+
+
+@pytest.mark.anyio
+async def test_screenshot_of_the_sample(tmp_path):
+    from rfs.tui.screenshot import screenshot
+
+    svg = await screenshot(run_dir(tmp_path).root, tmp_path / "tui.svg", keys=("2",))
+    assert (tmp_path / "tui.svg").read_text() == svg and "S-3-00" in svg and svg.startswith("<svg")

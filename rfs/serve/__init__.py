@@ -1,0 +1,31 @@
+"""Serving the researcher over the OpenAI chat API: llama.cpp (embedded), vLLM, or external."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rfs.config import ResearcherCfg
+from rfs.events import EventLog
+from rfs.hosts import HostsFile
+from rfs.serve.base import Server, ServerError, free_port, response_format
+from rfs.serve.external import ExternalServer
+from rfs.serve.llamacpp import LlamaCppServer
+from rfs.serve.vllm import VllmServer
+
+__all__ = ["Server", "ServerError", "make_server", "response_format"]
+
+
+def make_server(cfg: ResearcherCfg, hosts: HostsFile, model_dir: Path, model_id: str, log_path: Path,
+                events: EventLog | None = None, seed: int = 0) -> Server:
+    """A server for `model_dir` named `model_id`; nothing starts until `await server.start()`."""
+    if cfg.backend == "external":
+        return ExternalServer(cfg.base_url, model_id, cfg.api_key_env, events)
+    port = hosts.server.port or free_port()
+    if cfg.backend == "llamacpp":
+        threads = cfg.threads or len(hosts.server.cpus) or 1
+        return LlamaCppServer(model_dir, model_id, port, log_path, events, cpus=hosts.server.cpus,
+                              env={"HF_HUB_OFFLINE": "1"}, threads=threads)
+    if cfg.backend == "vllm":
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, hosts.server.gpus))} if hosts.server.gpus else {}
+        return VllmServer(model_dir, model_id, port, log_path, events, env=env, vllm=cfg.vllm, seed=seed)
+    raise ServerError(f"researcher.backend {cfg.backend!r}: expected llamacpp, vllm or external")

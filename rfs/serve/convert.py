@@ -1,0 +1,134 @@
+"""Write a Llama-architecture safetensors model as GGUF for the llama.cpp server.
+
+Every researcher version is a fine-tune of one GGUF model, so its metadata (hyperparameters,
+tokenizer vocabulary and merges, special ids, chat template) is copied from that template file;
+only the weights are new. Tensors get llama.cpp's names, and q/k get the rotary permutation that
+llama.cpp's own converter applies (transformers' GGUF loader undoes it on the way in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+QTYPES = ("f16", "q8_0")
+
+_LAYER = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+class ConvertError(ValueError):
+    pass
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's name for a transformers Llama tensor."""
+    stem, _, suffix = hf_name.rpartition(".")
+    if stem in _TOP:
+        return f"{_TOP[stem]}.{suffix}"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if m and m.group(2) in _LAYER:
+        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{suffix}"
+    raise ConvertError(f"{hf_name}: not a Llama tensor this converter knows")
+
+
+def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Interleave each head's rotary halves the way llama.cpp's rope kernel expects."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _check_shape(config: dict, reader) -> None:
+    """The template's hyperparameters must describe these weights, or the file would lie."""
+    want = {
+        "llama.block_count": config["num_hidden_layers"],
+        "llama.embedding_length": config["hidden_size"],
+        "llama.feed_forward_length": config["intermediate_size"],
+        "llama.attention.head_count": config["num_attention_heads"],
+        "llama.attention.head_count_kv": config.get("num_key_value_heads", config["num_attention_heads"]),
+        "llama.vocab_size": config["vocab_size"],
+    }
+    for key, value in want.items():
+        field = reader.get_field(key)
+        have = field.contents() if field else None
+        if have != value:
+            raise ConvertError(f"template GGUF has {key}={have}, the model's config.json says {value}")
+    if config.get("model_type") != "llama":
+        raise ConvertError(f"model_type {config.get('model_type')!r}: only llama models convert")
+
+
+def _load_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        for name, t in load_file(shard).items():
+            tensors[name] = t.float().numpy()
+    if not tensors:
+        raise ConvertError(f"{model_dir}: no *.safetensors weights")
+    return tensors
+
+
+def hf_to_gguf(model_dir: Path, template: Path, out: Path, qtype: str = "q8_0") -> Path:
+    """Convert `model_dir` (config.json + safetensors) to `out`, written atomically."""
+    import gguf
+
+    if qtype not in QTYPES:
+        raise ConvertError(f"qtype {qtype!r}: expected one of {QTYPES}")
+    model_dir, out = Path(model_dir), Path(out)
+    config = json.loads((model_dir / "config.json").read_text())
+    reader = gguf.GGUFReader(template)
+    _check_shape(config, reader)
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    weights = _load_weights(model_dir)
+    if config.get("tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
+    writer.add_file_type(file_type)
+
+    for name, w in weights.items():
+        if name.endswith("self_attn.q_proj.weight"):
+            w = rope_permute(w, n_head)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = rope_permute(w, n_kv)
+        if w.ndim == 1:  # norms stay float32: llama.cpp requires it and they are tiny
+            writer.add_tensor(gguf_name(name), w.astype(np.float32))
+        elif qtype == "q8_0" and w.shape[-1] % 32 == 0:
+            data = gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name(name), w.astype(np.float16))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

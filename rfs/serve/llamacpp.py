@@ -1,0 +1,42 @@
+"""The embedded researcher server: llama-cpp-python's OpenAI server on a few CPU cores.
+
+Chosen over `transformers serve` because it enforces a JSON schema (`response_format` compiled to
+a grammar) and decodes several times faster on CPU at a fraction of the memory. It serves GGUF,
+so each model directory is converted once (cached by weights hash) before it is loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rfs.serve.process import ProcessServer
+
+N_CTX = 8192  # SmolLM2's trained context; the KV cache for it is under 200 MB
+
+
+def llamacpp_argv(gguf: Path, model_id: str, port: int, threads: int, n_ctx: int = N_CTX) -> list[str]:
+    return [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(gguf), "--model_alias", model_id,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        "--n_ctx", str(n_ctx), "--verbose", "False",
+    ]
+
+
+class LlamaCppServer(ProcessServer):
+    backend = "llamacpp"
+    start_timeout_s = 120.0
+
+    def __init__(self, *args, threads: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads = threads
+
+    def prepare(self, model_dir: Path) -> Path:
+        from rfs.setup import ensure_gguf
+
+        return model_dir if model_dir.suffix == ".gguf" else ensure_gguf(model_dir)
+
+    def argv(self, served: Path, model_id: str) -> list[str]:
+        return llamacpp_argv(served, model_id, self.port, self.threads)

@@ -1,0 +1,177 @@
+"""The researcher's actions: the JSON schemas requested from the server and a parser that never raises.
+
+Two action spaces share the loop. `code`: read | edit (search/replace, or a whole-file `content`) |
+run | finish. `hparams`: set one marked hyperparameter | run | finish. The schema is what the
+server is asked to enforce; the parser is the guard for servers that do not (or a model that
+slips through): any reply text becomes either an Action or an Invalid with a reason the
+researcher is shown.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rfs.agent.hparams import HParam
+
+TRAIN_PY = "train.py"
+MAX_REPLY_CHARS = 100_000  # longer than any action max_tokens allows: a runaway or hostile reply
+OVERHEAD_CHARS = 96  # braces, keys and quotes of the longest action object
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # read | edit | run | finish | set
+    thought: str = ""
+    path: str = ""
+    search: str = ""
+    replace: str = ""
+    content: str = ""
+    name: str = ""
+    value: Any = None
+
+    @property
+    def edits_harness(self) -> bool:
+        """An edit of anything but train.py: refused, and a harness_violation if the researcher insists."""
+        return self.kind == "edit" and self.path.removeprefix("./") != TRAIN_PY
+
+    def as_json(self) -> str:
+        """The action without its thought: what the trace stores as the assistant message's content."""
+        fields = {k: v for k, v in asdict(self).items() if k != "thought" and v not in ("", None)}
+        return json.dumps(fields, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Invalid:
+    reason: str
+
+
+def _string(chars: int) -> dict[str, Any]:
+    return {"type": "string", "maxLength": max(chars, 1)}
+
+
+def _branch(action: str, **extra: dict[str, Any]) -> dict[str, Any]:
+    props = {"thought": extra.pop("thought"), "action": {"enum": [action]}, **extra}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+def thought_chars(max_tokens: int) -> int:
+    return max(16, max_tokens // 4)
+
+
+def code_schema(max_tokens: int) -> dict[str, Any]:
+    """One anyOf branch per action so each branch's strings together fit max_tokens.
+
+    A token is at least one character, so a reply whose characters fit max_tokens is never cut in
+    half by it (escapes aside, which is why the overhead is generous).
+    """
+    room = max(32, max_tokens - OVERHEAD_CHARS)
+    t = thought_chars(max_tokens)
+    body = max(16, room - t - 16)
+    th, path = _string(t), _string(16)
+    return {
+        "anyOf": [
+            _branch("read", thought=th, path=path),
+            _branch("edit", thought=th, path=path, search=_string(body // 3), replace=_string(body - body // 3)),
+            _branch("edit", thought=th, path=path, content=_string(body)),
+            _branch("run", thought=th),
+            _branch("finish", thought=th),
+        ]
+    }
+
+
+def hparams_schema(params: tuple[HParam, ...], max_tokens: int) -> dict[str, Any]:
+    from rfs.agent.hparams import schema
+
+    # the name and a number take a few dozen characters; the rest of the reply is the thought's
+    return schema(params, max(16, max_tokens - OVERHEAD_CHARS - 64))
+
+
+def _objects(text: str) -> list[Any]:
+    """Every top-level JSON value in the text, in order (prose around them is ignored)."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i += 1
+            continue
+        out.append(obj)
+        i = end
+    return out
+
+
+def _unfenced(text: str) -> str | Invalid:
+    if text.count("```") % 2:
+        return Invalid("an unclosed ``` fence; reply with one bare JSON object")
+    return text.replace("```json", "").replace("```", "")
+
+
+def _junk(text: str) -> Invalid | None:
+    if len(text) > MAX_REPLY_CHARS:
+        return Invalid(f"the reply is {len(text)} characters long; one action is a short JSON object")
+    bad = sum(1 for c in text if (ord(c) < 32 and c not in "\n\r\t") or 0xD800 <= ord(c) <= 0xDFFF or c == "\ufffd")
+    if bad:
+        return Invalid(f"the reply holds {bad} control or undecodable characters")
+    if not text.strip():
+        return Invalid("an empty reply")
+    return None
+
+
+_FIELDS = {
+    "code": {"read": {"path"}, "edit": {"path"}, "run": set(), "finish": set()},
+    "hparams": {"set": {"name", "value"}, "run": set(), "finish": set()},
+}
+_OPTIONAL = {"edit": {"search", "replace", "content"}}
+
+
+def _check(obj: Any, space: str, params: tuple[HParam, ...]) -> Action | Invalid:
+    if not isinstance(obj, dict):
+        return Invalid("the action must be a JSON object")
+    kinds = _FIELDS[space]
+    kind = obj.get("action")
+    if kind not in kinds:
+        return Invalid(f"'action' must be one of {sorted(kinds)}, got {kind!r}")
+    allowed = {"thought", "action"} | kinds[kind] | _OPTIONAL.get(kind, set())
+    if unknown := sorted(set(obj) - allowed):
+        return Invalid(f"unknown field(s) {unknown} for action {kind!r}")
+    if missing := sorted(kinds[kind] - set(obj)):
+        return Invalid(f"action {kind!r} needs field(s) {missing}")
+    strings = {k: v for k, v in obj.items() if k != "value"}
+    if bad := sorted(k for k, v in strings.items() if not isinstance(v, str)):
+        return Invalid(f"field(s) {bad} must be strings")
+    action = Action(**{k: v for k, v in obj.items() if k != "action"}, kind=kind)
+    if kind == "edit":
+        whole, patch = bool("content" in obj), bool({"search", "replace"} & set(obj))
+        if whole == patch or (patch and not {"search", "replace"} <= set(obj)):
+            return Invalid("an edit needs either 'search' and 'replace', or 'content' (the whole file)")
+        if patch and not action.search:
+            return Invalid("'search' must not be empty")
+    if kind == "set":
+        by_name = {p.name: p for p in params}
+        if action.name not in by_name:
+            return Invalid(f"{action.name!r} is not a hyperparameter; choose one of {sorted(by_name)}")
+        try:
+            by_name[action.name].check(action.value)
+        except ValueError as exc:
+            return Invalid(str(exc))
+    return action
+
+
+def parse(text: str, space: str, params: tuple[HParam, ...] = ()) -> Action | Invalid:
+    """Reply text → Action, or Invalid(reason). Never raises."""
+    try:
+        if junk := _junk(text):
+            return junk
+        body = _unfenced(text)
+        if isinstance(body, Invalid):
+            return body
+        objs = _objects(body)
+        if not objs:
+            return Invalid("no JSON action found; reply with exactly one JSON object")
+        if len(objs) > 1:
+            return Invalid(f"{len(objs)} JSON objects in one reply; one action per turn")
+        return _check(objs[0], space, params)
+    except Exception as exc:  # a parser bug must cost one turn, never the rollout
+        return Invalid(f"unparseable reply ({type(exc).__name__})")

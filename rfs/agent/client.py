@@ -1,0 +1,164 @@
+"""The researcher client: one structured action per request, over one pooled httpx client.
+
+Every backend speaks OpenAI chat completions; they differ only in how a JSON schema is requested
+and in how a reply is pre-filled (arm S conditions on an outcome stamp placed at the start of the
+assistant reply). A server that is down, slow or answering 5xx raises ServerDown: an
+infrastructure failure, never the researcher's fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rfs.config import ResearcherCfg
+
+
+class ServerDown(RuntimeError):
+    """The researcher server failed (connection, timeout, 5xx, malformed reply): infra_error."""
+
+
+class ServerRejected(RuntimeError):
+    """The server refused the request (4xx): a bug in the request, not in the researcher."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str  # the generated text, without any prefill
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    enforced: bool  # the server constrained decoding to the schema
+
+
+def response_format(backend: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """The request's response_format that makes this backend enforce the schema.
+
+    (Kept here until rfs/serve/ owns the backends; the mapping is the serve layer's knowledge.)
+    """
+    if backend == "llamacpp":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": "action", "schema": schema, "strict": True}}
+
+
+class ResearcherClient:
+    """One researcher server's client; share it between all rollouts of a wave (pooled connections)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        cfg: ResearcherCfg,
+        *,
+        model_dir: Path | None = None,  # llama.cpp pre-fill renders the prompt with this dir's chat template
+        enforced: bool | None = None,  # the server constrains decoding to the schema (default: not external)
+        http: httpx.AsyncClient | None = None,
+    ):
+        self.backend, self.model, self.model_dir = cfg.backend, model, model_dir
+        self.enforced = cfg.backend != "external" if enforced is None else enforced
+        key = os.environ.get(cfg.api_key_env, "") if cfg.backend == "external" else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = http or httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(cfg.turn_timeout_s, connect=min(cfg.turn_timeout_s, 10.0)),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> ResearcherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def act(
+        self,
+        messages: list[dict[str, str]],
+        schema: dict[str, Any],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        prefill: str = "",
+    ) -> Reply:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+        if prefill and self.backend == "llamacpp":
+            # llama-cpp-python's chat endpoint cannot continue an assistant turn, so rfs renders the
+            # prompt with the model's own template and constrains the continuation by grammar.
+            body |= {"prompt": self._render(messages) + prefill, "grammar": _gbnf(schema)}
+            data = await self._post("/v1/completions", body)
+            text = _field(data, lambda d: d["choices"][0]["text"])
+        else:
+            if prefill and self.backend != "vllm":
+                raise ValueError(f"a pre-filled reply needs the vllm or llamacpp backend, not {self.backend!r}")
+            body |= {"messages": messages, "response_format": response_format(self.backend, schema)}
+            if prefill:
+                body |= {
+                    "messages": [*messages, {"role": "assistant", "content": prefill}],
+                    "continue_final_message": True,
+                    "add_generation_prompt": False,
+                }
+            data = await self._post("/v1/chat/completions", body)
+            text = _field(data, lambda d: d["choices"][0]["message"]["content"] or "")
+        usage = data.get("usage") or {}
+        details = usage.get("completion_tokens_details") or {}
+        return Reply(
+            text=text,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            reasoning_tokens=int(details.get("reasoning_tokens") or 0),
+            enforced=self.enforced,
+        )
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            resp = await self.http.post(path, json=body)
+        except httpx.TransportError as exc:  # connect, read timeout, dropped connection …
+            raise ServerDown(f"researcher server {self.http.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code >= 500:
+            raise ServerDown(f"researcher server {path}: HTTP {resp.status_code}: {resp.text[:300]}")
+        if resp.status_code >= 400:
+            raise ServerRejected(f"researcher server refused {path}: HTTP {resp.status_code}: {resp.text[:300]}")
+        try:
+            data = resp.json()
+        except ValueError:
+            raise ServerDown(f"researcher server {path}: a reply that is not JSON: {resp.text[:200]!r}") from None
+        if not isinstance(data, dict):
+            raise ServerDown(f"researcher server {path}: a reply that is not a JSON object")
+        return data
+
+    @cached_property
+    def _tokenizer(self) -> Any:
+        if not self.model_dir:
+            raise ValueError("a pre-filled llama.cpp reply needs model_dir (the local model dir with its chat template)")
+        from transformers import AutoTokenizer  # train extra; only the pre-fill path needs it
+
+        return AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _field(data: dict[str, Any], get: Any) -> str:
+    try:
+        text = get(data)
+    except (KeyError, IndexError, TypeError):
+        raise ServerDown(f"researcher server: a reply without choices: {json.dumps(data)[:200]}") from None
+    if not isinstance(text, str):
+        raise ServerDown("researcher server: a reply whose text is not a string")
+    return text
+
+
+def _gbnf(schema: dict[str, Any]) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf  # serve extra; only llama.cpp pre-fill needs it
+
+    return json_schema_to_gbnf(json.dumps(schema))

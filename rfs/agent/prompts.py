@@ -1,0 +1,62 @@
+"""What the researcher reads: the system prompt, the first user message and every observation.
+
+Observations are plain text in user messages (llama.cpp chat templates do not all accept a `tool`
+role without tool calls), each opening with `[observation]` so a reader of the trace can tell
+them from the opening brief.
+"""
+
+from __future__ import annotations
+
+from rfs.agent import hparams
+from rfs.envs.base import RunResult
+
+STDOUT_TAIL_CHARS = 2000
+
+_CODE_FORMAT = """\
+# How you act
+Each reply is exactly one JSON object, one action, and nothing else:
+- {"thought": "...", "action": "read", "path": "train.py"}
+- {"thought": "...", "action": "edit", "path": "train.py", "search": "<exact text, found once>", "replace": "<new text>"}
+- {"thought": "...", "action": "edit", "path": "train.py", "content": "<the whole new train.py>"}
+- {"thought": "...", "action": "run"}     (trains and evaluates train.py; one run per session)
+- {"thought": "...", "action": "finish"}
+You may edit train.py only. Lower val_bpb is better."""
+
+_HPARAMS_FORMAT = """\
+# How you act
+Each reply is exactly one JSON object, one action, and nothing else:
+- {"thought": "...", "action": "set", "name": "<a hyperparameter>", "value": <a value in its range>}
+- {"thought": "...", "action": "run"}     (trains and evaluates train.py; one run per session)
+- {"thought": "...", "action": "finish"}
+Lower val_bpb is better."""
+
+
+def system(program_md: str, space: str, memory: str = "") -> str:
+    parts = [program_md.rstrip()]
+    if memory:
+        parts.append("# What earlier sessions found\n" + memory.rstrip())
+    parts.append(_CODE_FORMAT if space == "code" else _HPARAMS_FORMAT)
+    return "\n\n".join(parts)
+
+
+def first_user(train_py: str, space: str, start_val_bpb: float) -> str:
+    known = f"{start_val_bpb:.4f}" if start_val_bpb == start_val_bpb else "unknown"
+    text = f"This is train.py (its val_bpb: {known}):\n\n```python\n{train_py}\n```\n"
+    if space == "hparams":
+        text += "\nThe hyperparameters you may set:\n" + hparams.summary(hparams.parse(train_py)) + "\n"
+    return text + "\nReply with your first action."
+
+
+def observe(text: str) -> str:
+    return f"[observation] {text}"
+
+
+def run_report(result: RunResult) -> str:
+    lines = [f"status: {result.status}"]
+    if result.status == "success":
+        lines.append(f"val_bpb: {result.val_bpb:.4f}")
+    lines += [f"steps: {result.steps}", f"training_seconds: {result.training_seconds:.1f}"]
+    if result.detail:
+        lines.append(f"detail: {result.detail}")
+    tail = result.stdout_tail[-STDOUT_TAIL_CHARS:]
+    return "\n".join(lines) + f"\n\nstdout (tail):\n{tail}\n\nThe run is done; reply with finish."

@@ -1,0 +1,303 @@
+"""One rollout: a ReAct conversation with the researcher around one training run → one trace row.
+
+Each turn the researcher sends one structured action; the observation goes back as a user
+message. `run` is syntax-checked with compile() first (a failure is an observation, up to
+cfg.syntax_retries), then trained by the wave's `run_training`. After the run the researcher gets
+one more turn to read the result, and the rollout ends.
+
+How the status is decided (truthful, rfs/trace.py STATUSES):
+- the run's own status whenever a run happened (a server failure after it only costs the last turn);
+- `no_edit` when the researcher runs or finishes with train.py unchanged: the unchanged file is
+  not trained, because its number would measure the start, not the researcher;
+- an edit that was never run (finish, or out of turns) is run once, with no syntax retry left;
+- `syntax_error` when the syntax retries ran out; `harness_violation` when the researcher
+  insists (a second time) on editing anything but train.py; `agent_error` when no reply ever
+  was a usable action;
+- a researcher server failure (ServerDown) before any run is *raised*: the wave retries the rollout
+  and, when its retries run out, writes the infra_error row itself (rfs/collect/wave.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import anyio
+
+from rfs.agent import hparams, prompts
+from rfs.agent.actions import TRAIN_PY, Action, Invalid, code_schema, hparams_schema, parse
+from rfs.agent.client import Reply, ResearcherClient, ServerDown
+from rfs.config import ResearcherCfg
+from rfs.envs.base import RunResult
+from rfs.events import EventLog
+from rfs.trace import SCHEMA_VERSION
+
+STORED_INVALID_CHARS = 4000  # an invalid reply is kept (truncated) so the trace shows what went wrong
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    experiment: str
+    arm: str
+    arc: str
+    round: int
+    version: str
+    thread: int
+    rollout_id: str
+    seed: int
+    start_train_py: str
+    start_val_bpb: float  # NaN if unknown
+    memory: str  # CTRL's in-context memory; "" otherwise
+    conditioning_stamp: str  # arm S pre-fill; "" when unconditioned
+    researcher_model: str
+    researcher_weights_sha256: str
+    env_name: str
+    program_md: str
+    seed_train_py_sha256: str
+    program_md_sha256: str
+
+
+@dataclass(frozen=True)
+class Executed:
+    result: RunResult
+    host: str
+    slot: str
+    gpu_type: str
+    job_id: str
+    infra_attempts: int
+    blob_path: str
+
+
+RunTraining = Callable[[str], Awaitable[Executed]]
+
+
+@dataclass(frozen=True)
+class _End:
+    status: str
+    detail: str
+
+
+@dataclass
+class _Tally:
+    replies: list[Reply] = field(default_factory=list)
+    valid: int = 0
+    invalid: int = 0
+    tool_calls: int = 0
+    edit_attempts: int = 0
+    syntax_failures: int = 0
+    violations: int = 0
+    researcher_seconds: float = 0.0
+
+
+def _clean(text: str) -> str:
+    """Valid UTF-8 for Parquet: a reply can carry lone surrogates decoded from JSON escapes."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _syntax(train_py: str) -> str:
+    """'' when train.py compiles, else the error as the researcher should see it."""
+    try:
+        compile(train_py, TRAIN_PY, "exec")
+    except SyntaxError as exc:
+        return f"SyntaxError on line {exc.lineno}: {exc.msg}"
+    except ValueError as exc:  # e.g. NUL bytes in the source
+        return f"ValueError: {exc}"
+    return ""
+
+
+class _Rollout:
+    def __init__(self, spec: RolloutSpec, cfg: ResearcherCfg, client: ResearcherClientClient, run_training: RunTraining, events: EventLog | None, wall_s: float):
+        self.spec, self.cfg, self.client, self.run_training, self.events = spec, cfg, client, run_training, events
+        self.space, self.wall_s = cfg.action_space, wall_s
+        self.params = hparams.parse(spec.start_train_py) if self.space == "hparams" else ()
+        self.schema = hparams_schema(self.params, cfg.max_tokens) if self.params else code_schema(cfg.max_tokens)
+        self.train_py = spec.start_train_py
+        self.executed: Executed | None = None
+        self.tally = _Tally()
+        system = prompts.system(spec.program_md, self.space, spec.memory)
+        user = prompts.first_user(spec.start_train_py, self.space, spec.start_val_bpb)
+        self.chat = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        self.record = [{"role": m["role"], "content": m["content"], "reasoning": ""} for m in self.chat]
+
+    async def play(self) -> _End:
+        try:
+            for turn in range(self.cfg.max_turns):
+                if self.tally.researcher_seconds >= self.wall_s:
+                    break
+                ran_before = self.executed is not None
+                if end := await self._turn(turn):
+                    return end
+                if ran_before:
+                    break
+            return await self._close()
+        except ServerDown as exc:
+            if not self.executed:
+                raise
+            return self._measured(f"; the researcher server failed after the run: {exc}")
+
+    async def _turn(self, turn: int) -> _End | None:
+        reply = await self._ask()
+        action = parse(reply.text, self.space, self.params)
+        valid = isinstance(action, Action)
+        if self.events:
+            kind = action.kind if valid else "invalid"
+            s = self.spec
+            self.events.emit("turn", arm=s.arm, round=s.round, rollout_id=s.rollout_id, turn=turn, action=kind, valid=valid)
+        sent = reply.text if valid else reply.text[:STORED_INVALID_CHARS]
+        self.chat.append({"role": "assistant", "content": self.spec.conditioning_stamp + sent})
+        if isinstance(action, Invalid):
+            self.tally.invalid += 1
+            self.record.append({"role": "assistant", "content": _clean(sent), "reasoning": ""})
+            return self._observe(f"invalid action: {action.reason}. Reply with exactly one JSON object.")
+        self.tally.valid += 1
+        self.record.append({"role": "assistant", "content": _clean(action.as_json()), "reasoning": _clean(action.thought)})
+        if action.kind == "finish":
+            return await self._finish()
+        self.tally.tool_calls += 1
+        if action.kind == "run":
+            return await self._run(final=False)
+        if action.kind == "read":
+            return self._read(action)
+        return self._edit(action)
+
+    async def _ask(self) -> Reply:
+        t0 = time.monotonic()
+        try:
+            with anyio.fail_after(self.cfg.turn_timeout_s):
+                reply = await self.client.act(
+                    self.chat,
+                    self.schema,
+                    max_tokens=self.cfg.max_tokens,
+                    temperature=self.cfg.temperature,
+                    seed=self.spec.seed + len(self.tally.replies),
+                    prefill=self.spec.conditioning_stamp,
+                )
+        except TimeoutError:
+            raise ServerDown(f"no reply within turn_timeout_s={self.cfg.turn_timeout_s}") from None
+        finally:
+            self.tally.researcher_seconds += time.monotonic() - t0
+        self.tally.replies.append(reply)
+        return reply
+
+    def _observe(self, text: str) -> None:
+        content = prompts.observe(_clean(text))
+        self.chat.append({"role": "user", "content": content})
+        self.record.append({"role": "user", "content": content, "reasoning": ""})
+
+    def _read(self, action: Action) -> None:
+        if action.path.removeprefix("./") != TRAIN_PY:
+            return self._observe(f"{action.path!r} is not readable here: train.py is the only file (program.md is above).")
+        return self._observe(f"train.py:\n```python\n{self.train_py}\n```")
+
+    def _edit(self, action: Action) -> _End | None:
+        if action.edits_harness:
+            self.tally.violations += 1
+            if self.tally.violations > 1:
+                return _End("harness_violation", f"insisted on editing {action.path!r}; only train.py may change")
+            return self._observe(f"refused: {action.path!r} is part of the harness; you may edit train.py only. Insisting ends the session as a harness violation.")
+        self.tally.edit_attempts += 1
+        if action.kind == "set":
+            new = hparams.apply(self.train_py, action.name, action.value)  # the parser checked name and range
+            done = f"{action.name} = {action.value!r} set."
+        elif action.content:
+            new, done = action.content, "train.py replaced."
+        else:
+            found = self.train_py.count(action.search)
+            if found != 1:
+                return self._observe(f"edit not applied: the search text occurs {found} times in train.py; it must occur exactly once.")
+            new, done = self.train_py.replace(action.search, action.replace), "edit applied."
+        self.train_py = new
+        error = _syntax(new)
+        return self._observe(f"{done} Syntax check: {error or 'ok'}.")
+
+    async def _run(self, final: bool) -> _End | None:
+        if self.executed:
+            return self._observe("the one training run of this session is done; reply with finish.")
+        if self.train_py == self.spec.start_train_py:
+            return _End("no_edit", "asked to run train.py unchanged; nothing of the researcher's to measure")
+        if error := _syntax(self.train_py):
+            self.tally.syntax_failures += 1
+            if final or self.tally.syntax_failures > self.cfg.syntax_retries:
+                return _End("syntax_error", f"{error} (syntax check {self.tally.syntax_failures} failed)")
+            return self._observe(f"not run: {error}. Fix train.py and run again.")
+        self.executed = await self.run_training(self.train_py)
+        if final:
+            return self._measured()
+        return self._observe(prompts.run_report(self.executed.result))
+
+    async def _finish(self) -> _End:
+        if self.executed:
+            return self._measured()
+        if self.train_py == self.spec.start_train_py:
+            return _End("no_edit", "finished without changing train.py")
+        return await self._run(final=True) or self._measured()
+
+    async def _close(self) -> _End:
+        """Out of turns (or time): measure what the researcher made, or say why there is nothing."""
+        if self.executed:
+            return self._measured()
+        if self.tally.valid == 0:
+            return _End("agent_error", f"no usable action in {len(self.tally.replies)} replies")
+        if self.train_py == self.spec.start_train_py:
+            return _End("no_edit", f"{len(self.tally.replies)} turns without a change to train.py")
+        return await self._run(final=True) or self._measured()
+
+    def _measured(self, note: str = "") -> _End:
+        result = self.executed.result
+        return _End(result.status, result.detail + note)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _row(r: _Rollout, end: _End, started: float) -> dict[str, Any]:
+    s, t, ex = r.spec, r.tally, r.executed
+    res = ex.result if ex else RunResult(status=end.status)
+    diff = difflib.unified_diff(s.start_train_py.splitlines(True), r.train_py.splitlines(True), "a/train.py", "b/train.py")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "experiment": s.experiment, "arm": s.arm, "arc": s.arc, "round": s.round, "version": s.version,
+        "thread": s.thread, "rollout_id": s.rollout_id, "seed": s.seed,
+        "host": ex.host if ex else "", "slot": ex.slot if ex else "", "gpu_type": ex.gpu_type if ex else "",
+        "job_id": ex.job_id if ex else None,
+        "env": s.env_name, "program_md_sha256": s.program_md_sha256, "seed_train_py_sha256": s.seed_train_py_sha256,
+        "start_train_py_sha256": _sha(s.start_train_py), "start_val_bpb": float(s.start_val_bpb),
+        "researcher_model": s.researcher_model, "researcher_weights_sha256": s.researcher_weights_sha256,
+        "action_space": r.space, "response_schema": json.dumps(r.schema, sort_keys=True),
+        "schema_enforced": bool(t.replies) and all(x.enforced for x in t.replies),
+        "conditioning_stamp": s.conditioning_stamp, "memory": s.memory, "messages": r.record,
+        "final_train_py": _clean(r.train_py), "diff": _clean("".join(diff)),
+        "exit_code": res.exit_code, "status": end.status, "detail": _clean(end.detail.splitlines()[0] if end.detail else ""),
+        "val_bpb": float(res.val_bpb) if end.status == "success" else math.nan,
+        "steps": int(res.steps), "tokens": int(res.tokens), "peak_vram_mb": float(res.peak_memory_mb),
+        "training_seconds": float(res.training_seconds), "wall_seconds": float(res.wall_seconds),
+        "stdout_tail": _clean(res.stdout_tail), "blob_path": ex.blob_path if ex else "",
+        "prompt_tokens": sum(x.prompt_tokens for x in t.replies),
+        "completion_tokens": sum(x.completion_tokens for x in t.replies),
+        "reasoning_tokens": sum(x.reasoning_tokens for x in t.replies),
+        "turns": len(t.replies), "tool_calls": t.tool_calls, "valid_actions": t.valid, "invalid_actions": t.invalid,
+        "edit_attempts": t.edit_attempts, "infra_attempts": ex.infra_attempts if ex else 0,
+        "started_at": started, "finished_at": time.time(), "anomaly_flags": [],
+    }
+
+
+async def rollout(
+    spec: RolloutSpec,
+    cfg: ResearcherCfg,
+    client: ResearcherClientClient,
+    run_training: RunTraining,
+    events: EventLog | None = None,
+    *,
+    wall_s: float | None = None,  # cap on the researcher's total reply time (training excluded)
+) -> dict[str, Any]:
+    """Play one rollout and return its trace row (it passes rfs.trace.validate)."""
+    started = time.time()
+    r = _Rollout(spec, cfg, client, run_training, events, wall_s if wall_s is not None else cfg.max_turns * cfg.turn_timeout_s)
+    end = await r.play()
+    return _row(r, end, started)

@@ -1,0 +1,197 @@
+"""Run a job on another machine over ssh.
+
+One connection per host, reused across jobs and reopened when it has dropped. Each job gets a fresh
+remote working directory (its files go over as one tar stream, small result files come back the same
+way). The remote shell is the session leader sshd made, so its PID is the job's process group: a
+timeout or a cancel kills that whole group over the connection. A watchdog in the same group kills it
+when the ssh session goes away, so a dropped connection never leaves a job running on the host.
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import tarfile
+import time
+from typing import Callable
+
+import anyio
+import asyncssh
+
+from rfs.hosts import HostCfg, Slot
+from rfs.launch.base import WORKDIR, Job, JobOutcome
+
+RESULT_MAX = 1 << 20  # result files larger than this stay behind
+CONNECT_TIMEOUT = 15.0
+CLEANUP_TIMEOUT = 30.0  # bound on kill + collect + remove, so a hung host cannot hang the wave
+KILL_GRACE = 2.0  # seconds between TERM and KILL for the remote group
+
+_SSH_ERRORS = (OSError, asyncssh.Error, TimeoutError)
+
+# The remote script. Its first line is `rfs-pgid <n>` or `rfs-infra <why the slot cannot run it>`.
+# The job runs in the background of this shell (same process group, no job control in sh -c) while
+# the watchdog reads stdin (via fd 3: sh gives background lists /dev/null): it ends only when the
+# ssh session does, and then the watchdog kills the group. `kill -SIG -N`, not `kill -- -N`: dash.
+_SCRIPT = """\
+cd {wd} || {{ echo "rfs-infra cannot enter {wd}"; exit 1; }}
+{check}echo "rfs-pgid $$"
+exec 2>&1 3<&0
+{cmd} </dev/null 3<&- &
+job=$!
+{{ while read -r _; do :; done; kill -KILL -$$; }} <&3 >/dev/null 2>&1 &
+watchdog=$!
+exec 3<&-
+wait $job
+rc=$?
+kill $watchdog 2>/dev/null
+exit $rc
+"""
+
+
+def _infra(why: str, start: float, output: bytes = b"", job_id: str = "") -> JobOutcome:
+    return JobOutcome(None, output, False, time.monotonic() - start, infra_error=why, job_id=job_id)
+
+
+def _pack(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, skip: dict[str, bytes]) -> dict[str, bytes]:
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        for member in tar.getmembers():
+            name = member.name.removeprefix("./")
+            if member.isfile() and name not in skip:
+                out[name] = tar.extractfile(member).read()
+    return out
+
+
+def command(slot: Slot, job: Job, wd: str) -> str:
+    """The remote command line for one job in working directory `wd`."""
+    env = dict(job.env)
+    if slot.gpu >= 0:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+    argv = [a.replace(WORKDIR, wd) for a in job.argv]
+    pin = ["taskset", "-c", ",".join(map(str, slot.cpus))] if slot.cpus else []
+    cmd = shlex.join(["env", *(f"{k}={v}" for k, v in env.items()), *pin, *argv])
+    check = 'command -v taskset >/dev/null || { echo "rfs-infra taskset not found"; exit 1; }\n' if pin else ""
+    script = _SCRIPT.format(wd=shlex.quote(wd), check=check, cmd=cmd)
+    return f"exec /bin/sh -c {shlex.quote(script)}"  # whatever the login shell, $$ is the leader
+
+
+class SshLauncher:
+    """Runs jobs on one ssh host. Call `aclose()` when done with the host."""
+
+    def __init__(self, host: HostCfg):
+        self.host = host
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._lock = anyio.Lock()
+        self._stale: set[str] = set()  # workdirs left behind by a dropped connection
+
+    async def _connection(self) -> asyncssh.SSHClientConnection:
+        async with self._lock:
+            if self._conn is None or self._conn.is_closed():
+                h = self.host
+                keys = {"client_keys": [h.key]} if h.key else {}
+                self._conn = await asyncssh.connect(
+                    h.address, port=h.port, username=h.user or None, known_hosts=h.known_hosts or None,
+                    connect_timeout=CONNECT_TIMEOUT, keepalive_interval=15, keepalive_count_max=4, **keys,
+                )
+                if self._stale:
+                    await self._conn.run("rm -rf " + shlex.join(sorted(self._stale)))
+                    self._stale.clear()
+            return self._conn
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            await self._conn.wait_closed()
+            self._conn = None
+
+    async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
+        start = time.monotonic()
+        where = f"ssh {self.host.user + '@' if self.host.user else ''}{self.host.address}:{self.host.port}"
+        try:
+            conn = await self._connection()
+            made = await conn.run('d=$(mktemp -d "${TMPDIR:-/tmp}/rfs-XXXXXX") && tar -xf - -C "$d" && echo "$d"',
+                                  input=_pack(job.files), encoding=None, timeout=CLEANUP_TIMEOUT)
+        except _SSH_ERRORS as exc:
+            return _infra(f"{where}: {type(exc).__name__}: {exc}", start)
+        if made.exit_status != 0:
+            return _infra(f"{where}: cannot make a working directory: {made.stderr.decode(errors='replace').strip()}", start)
+        wd = made.stdout.decode().strip()
+        try:
+            return await self._run_in(conn, wd, slot, job, on_line, start, where)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+                try:
+                    await conn.run(f"rm -rf {shlex.quote(wd)}", check=True)
+                except _SSH_ERRORS:
+                    self._stale.add(wd)  # removed on the next connection to this host
+
+    async def _run_in(self, conn, wd: str, slot: Slot, job: Job, on_line, start: float, where: str) -> JobOutcome:
+        out = bytearray()
+        try:
+            proc = await conn.create_process(command(slot, job, wd), encoding=None, stderr=asyncssh.STDOUT)
+            head = (await proc.stdout.readline()).decode(errors="replace").strip()
+        except _SSH_ERRORS as exc:
+            return _infra(f"{where}: {type(exc).__name__}: {exc}", start)
+        if not head.startswith("rfs-pgid "):
+            return _infra(f"{where}: {head.removeprefix('rfs-infra ') or 'session ended before the job started'}", start)
+        pgid, lost, finished = int(head.split()[1]), "", False
+        try:
+            with anyio.move_on_after(job.timeout_s) as scope:
+                await _stream(proc, out, on_line)
+                await proc.wait()
+                finished = True
+        except _SSH_ERRORS as exc:
+            lost = f"{type(exc).__name__}: {exc}"
+        finally:
+            if not finished:  # timeout, cancel or a lost connection: the group must not outlive us
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+                    await _kill_group(conn, pgid)
+        wall = time.monotonic() - start
+        if lost or (finished and proc.exit_status is None and proc.exit_signal is None):
+            return _infra(f"{where}: connection lost during the job ({lost or 'no exit status'})", start, bytes(out))
+        files = await self._collect(conn, wd, job.files)
+        code = proc.exit_status if finished and proc.exit_signal is None else None
+        return JobOutcome(code, bytes(out), scope.cancelled_caught, wall, files=files)
+
+    async def _collect(self, conn, wd: str, sent: dict[str, bytes]) -> dict[str, bytes]:
+        """Small files the job left at the top of its working directory (not the ones it was given)."""
+        listing = f"cd {shlex.quote(wd)} && find . -maxdepth 1 -type f -size -{RESULT_MAX + 1}c -print0 | tar -cf - --null -T -"
+        try:
+            with anyio.move_on_after(CLEANUP_TIMEOUT):
+                got = await conn.run(listing, encoding=None)
+                return _unpack(got.stdout, sent) if got.exit_status == 0 else {}
+        except (*_SSH_ERRORS, tarfile.TarError):
+            pass
+        return {}
+
+
+async def _stream(proc, out: bytearray, on_line: Callable[[str], None] | None) -> None:
+    pending = b""
+    while chunk := await proc.stdout.read(1 << 16):
+        out += chunk
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines if on_line else ():
+            on_line(line.decode(errors="replace"))
+    if pending and on_line:
+        on_line(pending.decode(errors="replace"))
+
+
+async def _kill_group(conn, pgid: int) -> None:
+    """TERM the remote group, then KILL whatever is left after the grace period."""
+    polls = int(KILL_GRACE / 0.1)
+    script = (f"kill -TERM -{pgid} 2>/dev/null; i=0; while kill -0 -{pgid} 2>/dev/null && [ $i -lt {polls} ]; "
+              f"do sleep 0.1; i=$((i+1)); done; kill -KILL -{pgid} 2>/dev/null; true")
+    try:
+        await conn.run(script)
+    except _SSH_ERRORS:
+        pass  # the connection is gone: the remote watchdog takes the group down

@@ -1,0 +1,142 @@
+"""The ssh launcher against a real sshd on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+
+import anyio
+
+from rfs.hosts import Slot
+from rfs.launch.base import Job
+from rfs.launch.ssh import SshLauncher
+from tests.infra import free_port, sshd  # noqa: F401  (fixture)
+
+SLOT = Slot("ssh-0", "ssh", "loop", (0,), -1, sys.executable, "")
+
+
+def _survivors(marker: str) -> str:
+    return subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout.strip()
+
+
+def _gone(marker: str, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within  # the kernel reaps killed processes asynchronously
+    while _survivors(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _survivors(marker)
+
+
+async def _run(launcher: SshLauncher, job: Job, slot: Slot = SLOT, lines: list | None = None):
+    try:
+        return await launcher.run(slot, job, lines.append if lines is not None else None)
+    finally:
+        await launcher.aclose()
+
+
+def test_job_runs_streams_and_returns_files(sshd):
+    script = (
+        "import os, sys\n"
+        "print('cwd', os.getcwd()); print('data', open('in.txt').read())\n"
+        "print('pinned', sorted(os.sched_getaffinity(0))); print('env', os.environ['RFS_X'])\n"
+        "open('result.json', 'w').write('{\"ok\": 1}')\n"
+        "print('to stderr', file=sys.stderr); sys.exit(3)\n"
+    )
+    job = Job("r1", (sys.executable, "-u", "{workdir}/job.py"), {"job.py": script.encode(), "in.txt": b"hello"}, 30, {"RFS_X": "y"})
+    lines: list[str] = []
+    out = anyio.run(_run, SshLauncher(sshd.host), job, SLOT, lines)
+    assert out.infra_error == "" and out.exit_code == 3 and not out.timed_out
+    wd = lines[0].split()[1]
+    assert lines[1:] == ["data hello", "pinned [0]", "env y", "to stderr"]
+    assert out.output.decode().splitlines() == lines
+    assert out.files == {"result.json": b'{"ok": 1}'}
+    assert not os.path.exists(wd), "the working directory is removed"
+
+
+def test_connection_is_reused_and_reopened(sshd):
+    async def main():
+        launcher = SshLauncher(sshd.host)
+        job = Job("r", ("echo", "ok"), timeout_s=30)
+        first = await launcher.run(SLOT, job)
+        conn = launcher._conn
+        second = await launcher.run(SLOT, job)
+        assert launcher._conn is conn
+        conn.close()
+        await conn.wait_closed()
+        third = await launcher.run(SLOT, job)
+        await launcher.aclose()
+        return first, second, third
+
+    for out in anyio.run(main):
+        assert (out.exit_code, out.output, out.infra_error) == (0, b"ok\n", "")
+
+
+def test_timeout_kills_the_remote_process_group(sshd):
+    marker = f"rfs-ssh-timeout-{uuid.uuid4().hex}"
+    # a child and a grandchild, both ignoring nothing, both must go
+    job = Job("r2", ("sh", "-c", f"sleep 300 & sh -c 'sleep 301; : {marker}' & echo started; : {marker}; wait"), timeout_s=1.0)
+    out = anyio.run(_run, SshLauncher(sshd.host), job)
+    assert out.timed_out and out.exit_code is None and out.infra_error == ""
+    assert out.output == b"started\n"
+    assert _gone(marker), _survivors(marker)
+
+
+def test_cancel_kills_the_remote_process_group(sshd):
+    marker = f"rfs-ssh-cancel-{uuid.uuid4().hex}"
+
+    async def main():
+        launcher = SshLauncher(sshd.host)
+        started = anyio.Event()
+        with anyio.move_on_after(20):
+            async with anyio.create_task_group() as tg:
+                job = Job("r3", ("sh", "-c", f"echo up; sleep 300; : {marker}"), timeout_s=60)
+
+                async def go():
+                    await launcher.run(SLOT, job, lambda line: started.set())
+
+                tg.start_soon(go)
+                await started.wait()
+                assert _survivors(marker)
+                tg.cancel_scope.cancel()
+        await launcher.aclose()
+
+    anyio.run(main)
+    assert _gone(marker), _survivors(marker)
+
+
+def test_dropped_connection_is_infra_error_and_the_job_dies(sshd):
+    marker = f"rfs-ssh-drop-{uuid.uuid4().hex}"
+
+    async def main():
+        launcher = SshLauncher(sshd.host)
+        before = set(sshd.sessions())
+
+        def on_line(line: str) -> None:
+            for pid in set(sshd.sessions()) - before:  # this job's connection, not another test's
+                os.kill(pid, signal.SIGKILL)
+
+        job = Job("r4", ("sh", "-c", f"echo up; sleep 300; : {marker}"), timeout_s=60)
+        out = await launcher.run(SLOT, job, on_line)
+        await launcher.aclose()
+        return out
+
+    out = anyio.run(main)
+    assert out.infra_error and "connection lost" in out.infra_error, out
+    assert out.exit_code is None
+    assert _gone(marker), _survivors(marker)
+
+
+def test_refused_connection_is_infra_error(sshd):
+    closed = replace(sshd.host, port=free_port())
+    out = anyio.run(_run, SshLauncher(closed), Job("r5", ("true",), timeout_s=10))
+    assert out.infra_error and out.exit_code is None and not out.timed_out
+    assert "refused" in out.infra_error.lower() or "connect" in out.infra_error.lower(), out.infra_error
+
+
+def test_missing_program_is_the_jobs_exit_code_not_infra(sshd):
+    out = anyio.run(_run, SshLauncher(sshd.host), Job("r6", ("/nonexistent/prog",), timeout_s=10))
+    assert out.infra_error == "" and out.exit_code == 127

@@ -1,0 +1,88 @@
+"""The KL anchor to V0: V0's next-token distributions on fixed prompts, computed once and stored.
+
+Stored per arm in models/<arm>/kl_anchor/ (anchor.safetensors + anchor.json): for each prompt, its
+token ids and V0's top-k log-probabilities at every position. The KL is taken over k+1 buckets
+(the top-k tokens and "everything else"), a true KL that is zero when the model still matches V0
+there and that sees mass leaking out of V0's top-k, at a bounded storage cost (k=32).
+The prompts are the first assistant-turn prompts of the first round consolidated (sorted by
+rollout id), the last ANCHOR_TOKENS tokens of each: the distributions the researcher samples from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rfs import atomic
+from rfs.consolidate.publish import partial, publish
+
+TOP_K = 32
+ANCHOR_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Anchor:
+    input_ids: torch.Tensor  # [N, L] (right-padded; `lengths` says how much is real)
+    lengths: torch.Tensor  # [N]
+    top_idx: torch.Tensor  # [N, L, K]
+    top_logp: torch.Tensor  # [N, L, K] V0's log-probabilities
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def bucket_kl(logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor) -> torch.Tensor:
+    """KL(V0 ‖ model) per position over the top-k buckets plus the rest. logits: [..., V]."""
+    logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, top_idx)
+    p = top_logp.exp()
+    p_rest = (1 - p.sum(-1)).clamp_min(1e-8)
+    q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-8)
+    return (p * (top_logp - logq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+@torch.no_grad()
+def compute(model: torch.nn.Module, prompts: list[list[int]], device: str) -> Anchor:
+    prompts = [p[-ANCHOR_TOKENS:] for p in prompts if p]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    top_idx, top_logp = [], []
+    for i, p in enumerate(prompts):
+        logits = model(input_ids=ids[i : i + 1, : len(p)].to(device)).logits[0].float()
+        logp, idx = torch.log_softmax(logits, -1).topk(TOP_K, dim=-1)
+        pad = width - len(p)
+        top_idx.append(torch.nn.functional.pad(idx.cpu(), (0, 0, 0, pad)))
+        top_logp.append(torch.nn.functional.pad(logp.cpu(), (0, 0, 0, pad), value=-1e4))
+    return Anchor(ids, torch.tensor([len(p) for p in prompts]), torch.stack(top_idx), torch.stack(top_logp))
+
+
+def save(anchor: Anchor, directory: Path, v0_dir: Path) -> None:
+    """Written to a temp dir then renamed, like a model: a half anchor never looks complete."""
+    tmp = partial(directory)
+    tensors = {"input_ids": anchor.input_ids, "lengths": anchor.lengths, "top_idx": anchor.top_idx, "top_logp": anchor.top_logp}
+    save_file(tensors, tmp / "anchor.safetensors")
+    atomic.write_json(tmp / "anchor.json", {"v0": str(v0_dir), "prompts": len(anchor), "top_k": TOP_K, "max_tokens": ANCHOR_TOKENS})
+    publish(tmp, directory)
+
+
+def load(directory: Path) -> Anchor | None:
+    if not (directory / "anchor.json").exists():
+        return None
+    t = load_file(directory / "anchor.safetensors")
+    return Anchor(t["input_ids"], t["lengths"], t["top_idx"], t["top_logp"])
+
+
+def kl_on(model: torch.nn.Module, anchor: Anchor, i: int, device: str) -> torch.Tensor:
+    """Mean per-position KL on anchor prompt i (with grad when the caller trains)."""
+    n = int(anchor.lengths[i])
+    logits = model(input_ids=anchor.input_ids[i : i + 1, :n].to(device)).logits[0]
+    return bucket_kl(logits, anchor.top_idx[i, :n].to(device), anchor.top_logp[i, :n].to(device)).mean()
+
+
+@torch.no_grad()
+def kl_all(model: torch.nn.Module, anchor: Anchor, device: str) -> float:
+    return sum(float(kl_on(model, anchor, i, device)) for i in range(len(anchor))) / max(1, len(anchor))

@@ -1,0 +1,209 @@
+"""One round's traces → token sequences with a loss mask: selection, stamping, rendering, replay.
+
+Selection. Arm S keeps every usable trace and puts the outcome stamp (rfs.trace.outcome_stamp, the
+env's own number, `nan` and the true status for anything but success) at the start of EVERY
+assistant reply. Arm F keeps only traces that beat the round's starting train.py by more than the
+calibrated noise: val_bpb < start - 2·std, where start is row.start_val_bpb or, when that is NaN,
+the calibration mean. infra_error traces are never used (not the researcher's doing).
+
+Rendering. The researcher's own chat template renders the conversation, which is tokenized whole
+(as a server tokenizes a text prompt) and masked through the offset mapping. An
+assistant reply is `stamp + '{"thought": ' + json.dumps(reasoning) + ', ' + content[1:]`, the
+thought first as the action schema orders it. Loss (label != -100) falls on: the stamp, the
+action's JSON (not the reasoning string), the end-of-turn token after a reply, and observations
+(user/tool messages after the first user message: edit results, syntax checks, execution logs).
+Masked: the template's headers, the system message (program.md + memory), the first user message
+(the starting train.py) and the free-text reasoning.
+
+Conditioning (arm S collection). The prompt is `render_prompt_with_prefill(tok, messages, stamp)`:
+the template with the generation header, then the stamp text, nothing in between. Training puts
+the stamp at the same place, so `prefill_ids(tok, messages, stamp)` is exactly a prefix of the
+training ids at that turn (tests check this for the tiny and the SmolLM2 tokenizers: it holds as
+long as the tokenizer does not merge the stamp's closing `>` with the reply's opening `{`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from rfs.rundir import RunDir
+from rfs.trace import outcome_stamp
+
+IGNORE = -100
+NOISE_SIGMAS = 2.0  # "more than the noise": below start - 2·std
+
+
+@dataclass(frozen=True)
+class Example:
+    rollout_id: str
+    round: int
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where masked; the token itself where trained (unshifted)
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Dataset:
+    examples: list[Example]
+    manifest: dict[str, Any]
+
+
+def reply_text(content: str, reasoning: str) -> list[tuple[str, bool]]:
+    """The reply the model produced, as (text, trained) pieces: the thought string is masked."""
+    body = content.strip()
+    if not body.startswith("{"):
+        return [(content, True)]  # not a JSON action (an agent_error's garbage): all of it is the reply
+    rest = "}" if body[1:].strip() == "}" else ", " + body[1:]
+    return [('{"thought": ', True), (json.dumps(reasoning), False), (rest, True)]
+
+
+def stamp_of(row: dict[str, Any]) -> str:
+    return outcome_stamp(row["status"], float(row["val_bpb"]), int(row["steps"] or 0))
+
+
+def improved(row: dict[str, Any], noise: dict[str, float]) -> bool:
+    """Arm F's rule: a success whose val_bpb is below the round's start by more than 2·std."""
+    start = row["start_val_bpb"]
+    if start is None or not math.isfinite(start):
+        start = noise["mean"]
+    return row["status"] == "success" and row["val_bpb"] < start - NOISE_SIGMAS * noise["std"]
+
+
+def select(rows: list[dict[str, Any]], arm: str, noise: dict[str, float] | None) -> list[dict[str, Any]]:
+    usable = [r for r in rows if r["status"] != "infra_error" and any(m["role"] == "assistant" for m in r["messages"])]
+    if arm != "F":
+        return usable
+    if noise is None or not {"mean", "std"} <= noise.keys():
+        raise ValueError(f"arm F needs the calibrated noise as {{'mean', 'std'}}, got {noise!r}")
+    return [r for r in usable if improved(r, noise)]
+
+
+def _chat(messages: list[dict[str, Any]], stamp: str | None) -> list[dict[str, str]]:
+    out = []
+    for m in messages:
+        content = m["content"] or ""
+        if m["role"] == "assistant":
+            content = (stamp or "") + "".join(t for t, _ in reply_text(content, m["reasoning"] or ""))
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def pieces(tok: Any, messages: list[dict[str, Any]], stamp: str | None) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained) pieces, in order, covering every character."""
+    text = tok.apply_chat_template(_chat(messages, stamp), tokenize=False)
+    eot = tok.eos_token or ""
+    out: list[tuple[str, bool]] = []
+    cursor, seen_user = 0, False
+    for m in messages:
+        role, content = m["role"], m["content"] or ""
+        if role == "assistant":
+            parts = ([(stamp, True)] if stamp else []) + reply_text(content, m["reasoning"] or "")
+        else:
+            trained = role in ("user", "tool") and seen_user
+            seen_user |= role == "user"
+            parts = [(content, trained)]
+        whole = "".join(t for t, _ in parts)
+        at = text.find(whole, cursor)
+        if at < 0:
+            raise ValueError(f"chat template does not render a {role} message verbatim; cannot place the loss mask")
+        out.append((text[cursor:at], False))
+        out.extend(parts)
+        cursor = at + len(whole)
+        if role == "assistant" and eot and text.startswith(eot, cursor):
+            out.append((eot, True))  # learning to stop is part of the action
+            cursor += len(eot)
+    out.append((text[cursor:], False))
+    return [(t, trained) for t, trained in out if t]
+
+
+def render(tok: Any, row: dict[str, Any], stamp: str | None, max_seq_len: int) -> Example:
+    parts = pieces(tok, row["messages"], stamp)
+    text = "".join(t for t, _ in parts)
+    trained_at = [trained for t, trained in parts for _ in t]
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    # A token is trained when any of its characters is: the model has to emit it to emit them.
+    labels = [t if any(trained_at[a:b]) else IGNORE for t, (a, b) in zip(ids, enc["offset_mapping"])]
+    # Too long: drop the head (masked program.md / train.py) so the trained actions survive.
+    cut = max(0, len(ids) - max_seq_len)
+    return Example(row["rollout_id"], int(row["round"]), ids[cut:], labels[cut:], cut > 0)
+
+
+def render_prompt_with_prefill(tok: Any, messages: list[dict[str, str]], stamp: str) -> str:
+    """The prompt text arm S sends when conditioning: generation header, then the stamp."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + stamp
+
+
+def prefill_ids(tok: Any, messages: list[dict[str, str]], stamp: str) -> list[int]:
+    """Token ids of the conditioned prompt, tokenized whole, as a server tokenizes a text prompt."""
+    return tok(render_prompt_with_prefill(tok, messages, stamp), add_special_tokens=False)["input_ids"]
+
+
+def read_round(run: RunDir, arm: str, round_: int) -> tuple[list[dict[str, Any]], str]:
+    """A round's rows; a round every arm shared (round 1) is read from arm "shared" when absent."""
+    for source in (arm, "shared"):
+        path = run.traces(source, round_)
+        if path.exists():
+            return pq.read_table(path).to_pylist(), source
+    raise FileNotFoundError(f"no traces for arm {arm} round {round_}: {run.traces(arm, round_)} (nor arm shared)")
+
+
+def examples_of(tok: Any, rows: list[dict[str, Any]], arm: str, noise: dict | None, max_seq_len: int) -> list[Example]:
+    chosen = sorted(select(rows, arm, noise), key=lambda r: r["rollout_id"])
+    return [render(tok, r, stamp_of(r) if arm != "F" else None, max_seq_len) for r in chosen]
+
+
+def replay(current: list[Example], pool: list[Example], fraction: float, seed: int) -> list[Example]:
+    """Sample replay so it is `fraction` of the mix (capped by the pool), without replacement."""
+    want = round(len(current) * fraction / (1 - fraction)) if fraction > 0 else 0
+    return random.Random(seed).sample(pool, min(want, len(pool)))
+
+
+def digest(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.rollout_id, e.round, e.input_ids, e.labels]).encode())
+    return h.hexdigest()
+
+
+def build(run: RunDir, arm: str, round_: int, tok: Any, max_seq_len: int, replay_fraction: float,
+          replay_rounds: int, noise: dict | None, seed: int) -> Dataset:
+    rows, source = read_round(run, arm, round_)
+    current = examples_of(tok, rows, arm, noise, max_seq_len)
+    pool: list[Example] = []
+    sources = {round_: source}
+    for r in range(max(1, round_ - replay_rounds), round_):
+        try:
+            old, sources[r] = read_round(run, arm, r)
+        except FileNotFoundError:
+            continue
+        pool += examples_of(tok, old, arm, noise, max_seq_len)
+    replayed = replay(current, pool, replay_fraction, seed * 1_000_003 + round_)
+    examples = current + replayed
+    manifest = {
+        "arm": arm,
+        "round": round_,
+        "rows": len(rows),
+        "selected": len(current),
+        "replay": len(replayed),
+        "replay_pool": len(pool),
+        "replay_fraction_target": replay_fraction,
+        "replay_fraction": len(replayed) / len(examples) if examples else 0.0,
+        "sources": {str(k): v for k, v in sources.items()},
+        "rollouts": [[e.round, e.rollout_id] for e in examples],
+        "truncated": sum(e.truncated for e in examples),
+        "trained_tokens": sum(sum(lab != IGNORE for lab in e.labels) for e in examples),
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "noise": noise,
+        "rule": "S: all but infra_error, stamped" if arm != "F" else f"F: success and val_bpb < start - {NOISE_SIGMAS}*std",
+        "sha256": digest(examples),
+    }
+    return Dataset(examples, manifest)

@@ -1,0 +1,215 @@
+"""The LoRA fit: packed sequences, loss on the unmasked tokens plus λ·KL to V0, re-warm → cosine.
+
+Packing: examples are packed first-fit-decreasing into rows of at most max_seq_len tokens with
+position ids restarting at 0 for every example and no attention mask, which transformers turns
+into a block-diagonal causal mask (masking_utils.find_packed_sequence_indices): no token attends
+across examples and no compute goes to padding. Targets are shifted per example before packing,
+so the last token of one example is never asked to predict the first of the next.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rfs.config import ConsolidateCfg
+from rfs.consolidate.anchor import Anchor, kl_all, kl_on
+from rfs.consolidate.dataset import IGNORE, Example
+
+
+@dataclass(frozen=True)
+class Row:
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+
+    @property
+    def trained(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+@dataclass
+class FitResult:
+    steps: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    loss_before: float = math.nan
+    loss_after: float = math.nan
+    kl_before: float = math.nan
+    kl_after: float = math.nan
+    val_is_train: bool = False
+    train_curve: list[dict[str, float]] = field(default_factory=list)
+    val_curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def pick_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def pack(examples: list[Example], max_len: int) -> list[Row]:
+    """First-fit decreasing into rows of <= max_len tokens (deterministic for a given input)."""
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: (-len(e.input_ids), e.round, e.rollout_id)):
+        i = next((i for i, r in enumerate(room) if r >= len(e.input_ids)), None)
+        if i is None:
+            bins.append([])
+            room.append(max_len)
+            i = len(bins) - 1
+        bins[i].append(e)
+        room[i] -= len(e.input_ids)
+    rows = []
+    for b in bins:
+        ids = [t for e in b for t in e.input_ids]
+        targets = [t for e in b for t in e.labels[1:] + [IGNORE]]
+        pos = [p for e in b for p in range(len(e.input_ids))]
+        rows.append(Row(torch.tensor(ids), torch.tensor(targets), torch.tensor(pos)))
+    return rows
+
+
+def load(model_dir: Path, device: str) -> tuple[Any, Any]:
+    """bf16 on GPU, fp32 on CPU."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def lora(model: Any, cfg: ConsolidateCfg, seed: int) -> Any:
+    """LoRA on the configured projections; everything else (embeddings, head) stays frozen."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in cfg.target_modules if t in present]
+    if not targets:
+        raise ValueError(f"none of {cfg.target_modules} is a module of this model")
+    torch.manual_seed(seed)
+    spec = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, spec)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_for_training(model_dir: Path, cfg: ConsolidateCfg, device: str, seed: int) -> tuple[Any, Any]:
+    """Unsloth's kernels when installed on CUDA (lazy: it pins its own torch), else transformers+peft.
+
+    Both return a peft model over the same base with the same LoRA spec, so fit/merge are shared.
+    The unsloth branch is untested here (no GPU in CI).
+    """
+    if device.startswith("cuda") and importlib.util.find_spec("unsloth") is not None:
+        from unsloth import FastLanguageModel
+
+        model, tok = FastLanguageModel.from_pretrained(str(model_dir), dtype=torch.bfloat16, load_in_4bit=False,
+                                                       max_seq_length=cfg.max_seq_len)
+        model = FastLanguageModel.get_peft_model(
+            model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules), bias="none", random_state=seed,
+            use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False)
+        return model, tok
+    model, tok = load(model_dir, device)
+    return lora(model, cfg, seed), tok
+
+
+def row_loss(model: Any, row: Row, device: str) -> torch.Tensor:
+    """Summed cross-entropy over the row's trained tokens."""
+    logits = model(input_ids=row.input_ids[None].to(device), position_ids=row.position_ids[None].to(device)).logits[0]
+    return torch.nn.functional.cross_entropy(logits.float(), row.targets.to(device), ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def eval_loss(model: Any, rows: list[Row], device: str) -> float:
+    was = model.training
+    model.eval()
+    total = sum(float(row_loss(model, r, device)) for r in rows)
+    model.train(was)
+    return total / max(1, sum(r.trained for r in rows))
+
+
+def schedule(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear re-warm from 0, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def stream(rows: list[Row], epochs: float, seed: int) -> list[Row]:
+    """Rows in training order: a fresh seeded shuffle per epoch, a fractional last epoch."""
+    out: list[Row] = []
+    for e in range(math.ceil(epochs)):
+        order = list(range(len(rows)))
+        random.Random(seed + e).shuffle(order)
+        out += [rows[i] for i in order]
+    return out[: max(1, round(epochs * len(rows)))]
+
+
+def fit(model: Any, rows: list[Row], val_rows: list[Row], anchor: Anchor | None, cfg: ConsolidateCfg,
+        device: str, seed: int, on_step: Callable[[int, float, float], None] | None = None) -> FitResult:
+    t0 = time.perf_counter()
+    res = FitResult()
+    kl_weight = cfg.kl_lambda if anchor is not None and len(anchor) else 0.0
+    order = stream(rows, cfg.epochs, seed)
+    per_step = max(1, cfg.batch_tokens // cfg.max_seq_len)
+    batches = [order[i : i + per_step] for i in range(0, len(order), per_step)]
+    total, warmup = len(batches), max(1, math.ceil(cfg.warmup_ratio * len(batches)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, warmup))
+    eval_every = max(1, total // 4)
+    res.loss_before = eval_loss(model, val_rows, device)
+    res.kl_before = kl_all(model, anchor, device) if anchor is not None else math.nan
+    res.val_curve.append({"step": 0, "loss": res.loss_before})
+    torch.manual_seed(seed)  # dropout masks: a rerun after a crash repeats the same fit
+    model.train()
+    for step, batch in enumerate(batches, start=1):
+        n = max(1, sum(r.trained for r in batch))
+        loss_sum = 0.0
+        for r in batch:
+            loss = row_loss(model, r, device) / n
+            loss.backward()
+            loss_sum += float(loss)
+            res.tokens_seen += len(r.input_ids)
+        kl = 0.0
+        if kl_weight:
+            kl_t = kl_on(model, anchor, (step - 1) % len(anchor), device)
+            (kl_weight * kl_t).backward()
+            kl = float(kl_t)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        res.train_curve.append({"step": step, "loss": loss_sum, "kl": kl, "lr": sched.get_last_lr()[0]})
+        if on_step:
+            on_step(step, loss_sum, kl)
+        if step % eval_every == 0 or step == total:
+            res.val_curve.append({"step": step, "loss": eval_loss(model, val_rows, device)})
+    model.eval()
+    res.steps = total
+    res.loss_after = res.val_curve[-1]["loss"]
+    res.kl_after = kl_all(model, anchor, device) if anchor is not None else math.nan
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+@torch.no_grad()
+def effective_rank(model: Any) -> dict[str, float]:
+    """Entropy effective rank exp(H(σ/Σσ)) of each module's B·A, via QR so only an r×r SVD runs."""
+    ranks = []
+    for _, m in model.named_modules():
+        if not hasattr(m, "lora_A") or "default" not in getattr(m, "lora_A", {}):
+            continue
+        a = m.lora_A["default"].weight.float()  # [r, in]
+        b = m.lora_B["default"].weight.float()  # [out, r]
+        s = torch.linalg.svdvals(torch.linalg.qr(b).R @ torch.linalg.qr(a.T).R.T)
+        p = s / s.sum() if s.sum() > 0 else s
+        ranks.append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())) if s.sum() > 0 else 0.0)
+    if not ranks:
+        return {"mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": sum(ranks) / len(ranks), "min": min(ranks), "max": max(ranks)}

@@ -1,0 +1,105 @@
+"""A tiny random Llama-shaped researcher, built in-process without any hub.
+
+A byte-level BPE is trained on a few KB of text that looks like the traces (JSON actions, logs,
+Python), wrapped in a fast tokenizer with a ChatML template like SmolLM2's, and saved beside a
+randomly initialised LlamaForCausalLM (hidden 64, 2 layers). Seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _corpus() -> list[str]:
+    action = {"thought": "lower the learning rate", "action": "set", "name": "lr", "value": 0.001}
+    lines = [
+        json.dumps(action),
+        "<val_bpb=0.943 status=success steps=940> <val_bpb=nan status=crash steps=0>",
+        "def train(model, data, lr=3e-4, steps=100):\n    for step in range(steps):\n        loss = model(data)\n",
+        "val_bpb: 1.234\nsteps: 120\nstatus: success\n| step 10 loss 3.21\n| Traceback (most recent call last):",
+        "You are a careful ML researcher. Edit train.py to lower val_bpb. Reply with one JSON action.",
+        "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 {}[]()<>=:;,.'\"_-+*/\\|#!?",
+    ]
+    return lines * 20
+
+
+def build(out: Path, vocab_size: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny model + tokenizer to `out` (a dir AutoModel/AutoTokenizer can load)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+PROGRAM_MD = "You are a careful ML researcher. Edit train.py to lower val_bpb. Reply with one JSON action."
+TRAIN_PY = "def train(model, data, lr=3e-4, steps=100):\n    for step in range(steps):\n        loss = model(data)\n"
+
+
+def messages(reasoning: str = "lower the learning rate", log: str = "val_bpb: 1.234\nsteps: 120") -> list[dict]:
+    """A realistic two-action conversation in the agent's convention (thought kept in `reasoning`)."""
+    return [
+        {"role": "system", "content": PROGRAM_MD, "reasoning": ""},
+        {"role": "user", "content": "train.py:\n" + TRAIN_PY, "reasoning": ""},
+        {"role": "assistant", "content": '{"action": "set", "name": "lr", "value": 0.001}', "reasoning": reasoning},
+        {"role": "tool", "content": "edit applied; syntax ok\n" + log, "reasoning": ""},
+        {"role": "assistant", "content": '{"action": "finish"}', "reasoning": "done"},
+    ]
+
+
+def trace_row(rollout_id: str, status: str = "success", val_bpb: float = 1.2, round_: int = 1, arm: str = "S",
+              start_val_bpb: float = 1.3, steps: int = 120, msgs: list[dict] | None = None) -> dict:
+    """A complete trace row (rfs.trace.SCHEMA) with the fields consolidation reads filled in."""
+    nan = float("nan")
+    return {
+        "schema_version": 1, "experiment": "t", "arm": arm, "arc": "A", "round": round_, "version": f"v{round_ - 1}",
+        "thread": 0, "rollout_id": rollout_id, "seed": 0, "host": "local", "slot": "s0", "gpu_type": "",
+        "job_id": None, "env": "builtin", "program_md_sha256": "", "seed_train_py_sha256": "",
+        "start_train_py_sha256": "", "start_val_bpb": start_val_bpb, "researcher_model": "tiny",
+        "researcher_weights_sha256": "", "action_space": "hparams", "response_schema": "{}", "schema_enforced": True,
+        "conditioning_stamp": "", "memory": "", "messages": msgs if msgs is not None else messages(),
+        "final_train_py": TRAIN_PY, "diff": "", "exit_code": 0 if status == "success" else 1, "status": status,
+        "detail": "", "val_bpb": val_bpb if status == "success" else nan, "steps": steps, "tokens": 0,
+        "peak_vram_mb": 0.0, "training_seconds": 1.0, "wall_seconds": 1.0, "stdout_tail": "", "blob_path": "",
+        "prompt_tokens": 0, "completion_tokens": 0, "reasoning_tokens": 0, "turns": 2, "tool_calls": 1,
+        "valid_actions": 2, "invalid_actions": 0, "edit_attempts": 1, "infra_attempts": 0, "started_at": 0.0,
+        "finished_at": 1.0, "anomaly_flags": [],
+    }

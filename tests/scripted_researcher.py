@@ -29,6 +29,7 @@ class ScriptedResearcher:
         self.plans, self.model = plans, model
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self.dead = False  # set by kill(): in-flight handlers drop their connections too
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -45,9 +46,13 @@ class ScriptedResearcher:
         self.kill()
 
     def kill(self) -> None:
-        """Stop accepting and close the listening socket: later requests see connection refused."""
-        threading.Thread(target=self._server.shutdown, daemon=True).start()
-        self._server.socket.close()
+        """Stop serving and close the listening socket: later requests see connection refused."""
+        self.dead = True
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            self._server.server_close()
+            return
+        self._server.shutdown()
+        self._server.server_close()
 
     def _next(self, body: dict[str, Any]) -> Step:
         """The plan step for this request. The agent sends seed = rollout seed + turn, so plan keys
@@ -93,9 +98,10 @@ class ScriptedResearcher:
                     return self._send(400, {"error": "body is not JSON"})
                 if self.path not in ("/v1/chat/completions", "/v1/completions"):
                     return self._send(404, {"error": f"no route {self.path}"})
-                step = outer._next(body)
+                step = DIE if outer.dead else outer._next(body)
                 if step is DIE:
-                    outer.kill()
+                    outer.dead = True
+                    threading.Thread(target=outer.kill, daemon=True).start()
                     self.close_connection = True
                     self.connection.close()
                     return

@@ -38,8 +38,8 @@ class Action:
 
     def as_json(self) -> str:
         """The action without its thought: what the trace stores as the assistant message's content."""
-        fields = {k: v for k, v in asdict(self).items() if k != "thought" and v not in ("", None)}
-        return json.dumps(fields, ensure_ascii=False)
+        fields = {k: v for k, v in asdict(self).items() if k not in ("kind", "thought") and v not in ("", None)}
+        return json.dumps({"action": self.kind, **fields}, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from rfs.config import ResearcherCfg
+from rfs.serve.base import response_format
 
 
 class ServerDown(RuntimeError):
@@ -35,16 +36,6 @@ class Reply:
     completion_tokens: int
     reasoning_tokens: int
     enforced: bool  # the server constrained decoding to the schema
-
-
-def response_format(backend: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """The request's response_format that makes this backend enforce the schema.
-
-    (Kept here until rfs/serve/ owns the backends; the mapping is the serve layer's knowledge.)
-    """
-    if backend == "llamacpp":
-        return {"type": "json_object", "schema": schema}
-    return {"type": "json_schema", "json_schema": {"name": "action", "schema": schema, "strict": True}}
 
 
 class ResearcherClient:

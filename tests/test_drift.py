@@ -60,13 +60,13 @@ def test_alarms_from_a_version_eval_table_with_a_shared_v0():
         row("S", "A", 1, "zero_shot", [1.20, math.nan]),
         row("S", "A", 1, "transfer", [1.52]),
         row("S", "A", 1, "code", [1, 1, 0, 0]),
-        row("S", "A", 2, "zero_shot", [1.10]),
-        row("S", "A", 2, "transfer", [1.40]),
-        row("S", "A", 2, "code", [1, 0, 0, 0]),
+        row("A-S", "A", 2, "zero_shot", [1.10]),  # the driver names the arm after the loop
+        row("A-S", "A", 2, "transfer", [1.40]),
+        row("A-S", "A", 2, "code", [1, 0, 0, 0]),
         row("S", "B", 2, "zero_shot", [0.90]),  # another arc: must not mix in
     ]
     table = pa.Table.from_pylist(rows, schema=metrics.VERSION_EVAL)
-    got = drift.alarms(table, "A", "S", window=2)
+    got = drift.alarms(table, "A-S", window=2)
     assert len(got) == 1 and got[0].startswith("A-S:") and "code" in got[0] and "0.7500 -> 0.2500" in got[0]
-    assert drift.alarms(table, "A", "F", window=2) == []  # only V0 known for F
-    assert drift.alarms(metrics.VERSION_EVAL.empty_table(), "A", "S", window=2) == []
+    assert drift.alarms(table, "A-F", window=2) == []  # only V0 known for F
+    assert drift.alarms(metrics.VERSION_EVAL.empty_table(), "A-S", window=2) == []

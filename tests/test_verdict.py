@@ -4,6 +4,7 @@ of a synthetic run directory built from real trace and metrics Parquet files."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,13 @@ def trace_row(arm: str, round_: int, i: int, val_bpb: float, status: str = "succ
 
 
 def write_round(run: RunDir, arm: str, round_: int, vals: list[float], **extra: Any) -> None:
+    """Like the driver: traces/<loop>/round-<n>.parquet, the shared round hard-linked into the loops."""
     rows = [trace_row(arm, round_, i, v, "success" if math.isfinite(v) else "crash", **extra) for i, v in enumerate(vals)]
     atomic.write_parquet(run.traces(arm, round_), trace.to_table(rows))
+    if arm == "shared":
+        for loop in ("A-S", "CTRL"):
+            run.traces(loop, 1).parent.mkdir(parents=True, exist_ok=True)
+            os.link(run.traces(arm, 1), run.traces(loop, 1))
 
 
 def test_bootstrap_point_estimate_is_exact_and_deterministic():
@@ -74,16 +80,16 @@ def test_failed_runs_count_as_no_value_not_as_zero():
 def test_decompose_a_run_with_known_answers(tmp_path: Path):
     run = RunDir(tmp_path)
     write_round(run, "shared", 1, [1.30, 1.25, math.nan, 1.40])
-    write_round(run, "S", 2, [1.20, 1.22, 1.28, math.nan])
-    write_round(run, "S", 3, [1.10, 1.15, math.nan, 1.18])
+    write_round(run, "A-S", 2, [1.20, 1.22, 1.28, math.nan])
+    write_round(run, "A-S", 3, [1.10, 1.15, math.nan, 1.18])
     write_round(run, "CTRL", 2, [1.24, 1.27])
     write_round(run, "CTRL", 3, [1.21, math.nan, 1.26])
     rows = [
         metrics.version_eval_row("synthetic", "", "shared", 0, "zero_shot", [1.3, 1.35, math.nan]),
-        metrics.version_eval_row("synthetic", "A", "S", 2, "zero_shot", [1.2, 1.25, 1.22]),
+        metrics.version_eval_row("synthetic", "A", "A-S", 2, "zero_shot", [1.2, 1.25, 1.22]),
         metrics.version_eval_row("synthetic", "", "shared", 0, "code", [1, 1, 0, 0]),
-        metrics.version_eval_row("synthetic", "A", "S", 1, "code", [1, 0, 0, 0]),
-        metrics.version_eval_row("synthetic", "A", "S", 2, "code", [1, 1, 1, 0]),
+        metrics.version_eval_row("synthetic", "A", "A-S", 1, "code", [1, 0, 0, 0]),
+        metrics.version_eval_row("synthetic", "A", "A-S", 2, "code", [1, 1, 1, 0]),
     ]
     metrics.upsert(run.metrics("version_eval"), metrics.VERSION_EVAL, metrics.VERSION_EVAL_KEY, rows)
     est = {e.name: e for e in verdict.decompose(run, n_boot=300)}
@@ -105,8 +111,8 @@ def test_decompose_matches_rounds_and_says_what_is_missing(tmp_path: Path):
     assert all(e.note == "missing: no traces" for e in verdict.decompose(run, n_boot=50)[:3])
     write_round(run, "shared", 1, [1.3, 1.25])
     assert verdict.decompose(run, n_boot=50)[0].note == "missing: only the shared round 1 so far"
-    write_round(run, "S", 2, [1.2])
-    write_round(run, "S", 3, [1.0])
+    write_round(run, "A-S", 2, [1.2])
+    write_round(run, "A-S", 3, [1.0])
     est = verdict.decompose(run, n_boot=50)
     assert est[0].value == pytest.approx(0.25) and est[1].note == "missing: no CTRL traces"
     write_round(run, "CTRL", 2, [1.22])  # CTRL only reached round 2: compare at round 2

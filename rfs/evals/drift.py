@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from rfs.evals.load import line as line_of
+
 HELD_OUT = {"transfer": False, "code": True}  # probe -> higher is better
 
 
@@ -51,8 +53,8 @@ def drift(
     )
 
 
-def alarms(version_eval: pa.Table, arc: str, arm: str, window: int) -> list[str]:
-    """Drift messages for one arm from the version_eval table (metrics.VERSION_EVAL).
+def alarms(version_eval: pa.Table, line: str, window: int) -> list[str]:
+    """Drift messages for one gold loop ("A-S") from the version_eval table (metrics.VERSION_EVAL).
 
     The training series is the zero-shot best val_bpb per version; the held-out series are the
     transfer best val_bpb and the code-probe pass rate. V0, shared by every arm and arc, may be
@@ -60,7 +62,7 @@ def alarms(version_eval: pa.Table, arc: str, arm: str, window: int) -> list[str]
     """
     series: dict[str, dict[int, float]] = {}
     for r in version_eval.to_pylist():
-        if not ((r["arm"], r["arc"]) == (arm, arc) or (r["arm"] == "shared" and r["version"] == 0)):
+        if not (line_of(r) == line or (r["arm"] == "shared" and r["version"] == 0)):
             continue
         series.setdefault(r["probe"], {})[r["version"]] = r["mean"] if r["probe"] == "code" else r["best"]
     train = series.get("zero_shot", {})
@@ -78,5 +80,5 @@ def alarms(version_eval: pa.Table, arc: str, arm: str, window: int) -> list[str]
             probe_higher_is_better=higher,
         )
         if msg:
-            out.append(f"{arc}-{arm}: {msg}")
+            out.append(f"{line}: {msg}")
     return out

@@ -1,8 +1,10 @@
 """What the evals read from a run directory: every trace row, grouped by line and round.
 
-A *line* is one curve of the experiment: `A-S`, `B-F` … for the arms (arc and arm), `CTRL` and
-`FLOOR` for the baselines, and `shared` for round 1, which every arm shares. Probe rollouts
-(arm `probe`) are measured through metrics/version_eval.parquet, not here.
+A *line* is one curve of the experiment, named like the loop that makes it (rfs/loop/plan.py):
+`A-S`, `B-F` … for the arms, `CTRL` and `FLOOR` for the baselines, and `shared` for round 1, which
+every gold loop and CTRL share. The shared round's file is hard-linked into each loop's traces/
+directory, so rows are de-duplicated by rollout_id. Probe rollouts (arm `probe`) are measured
+through metrics/version_eval.parquet, not here.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ from rfs.trace import SCHEMA
 
 
 def traces(run: RunDir) -> pa.Table:
-    """All compacted trace files (traces/<arm>/round-<n>.parquet), as one table."""
+    """All compacted trace files (traces/<loop>/round-<n>.parquet) as one table, each rollout once."""
     files = sorted((run.root / "traces").glob("*/round-*.parquet"))
     tables = [pq.read_table(f).select(SCHEMA.names).cast(SCHEMA) for f in files]
-    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    if not tables:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    first = {rid: i for i, rid in reversed(list(enumerate(table.column("rollout_id").to_pylist())))}
+    return table.take(sorted(first.values()))
 
 
 def line(row: dict[str, Any]) -> str:
+    """The line a row belongs to; accepts the arm as the loop name ("A-S") or bare ("S" with arc "A")."""
     return f"{row['arc']}-{row['arm']}" if row["arm"] in ("S", "F") else row["arm"]
 
 

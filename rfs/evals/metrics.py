@@ -16,13 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rfs import atomic
+from rfs.collect.aggregate import SCHEMA as ROUND_AGGREGATES  # one row per (loop, round); defined there
 
 # One row per (arm, round, thread): how one thread of a wave went.
 THREAD_ROUND_SAMPLE = pa.schema(
     [
         ("experiment", pa.string()),
         ("arc", pa.string()),
-        ("arm", pa.string()),  # S | F | CTRL | FLOOR | shared
+        ("arm", pa.string()),  # the trace rows' arm: the loop name ("A-S", "CTRL", "FLOOR") or "shared"
         ("round", pa.int32()),
         ("version", pa.int32()),  # n of the researcher V_n that collected the round
         ("thread", pa.int32()),
@@ -41,7 +42,7 @@ VERSION_EVAL = pa.schema(
     [
         ("experiment", pa.string()),
         ("arc", pa.string()),
-        ("arm", pa.string()),  # whose version this is; V0 is shared, recorded once under "shared"
+        ("arm", pa.string()),  # the loop ("A-S"), or "shared" for V0, which every loop starts from
         ("version", pa.int32()),
         ("probe", pa.string()),  # zero_shot | transfer | code
         ("n", pa.int32()),  # samples in `values`
@@ -55,28 +56,6 @@ VERSION_EVAL = pa.schema(
 VERSION_EVAL_KEY = ("arc", "arm", "version", "probe")
 PROBES = ("zero_shot", "transfer", "code")
 
-# One row per (arm, round), written by the collect stage (rfs/collect); the report reads it.
-ROUND_AGGREGATES = pa.schema(
-    [
-        ("experiment", pa.string()),
-        ("arc", pa.string()),
-        ("arm", pa.string()),
-        ("round", pa.int32()),
-        ("version", pa.int32()),
-        ("n", pa.int32()),
-        ("mean_val_bpb", pa.float64()),
-        ("std_val_bpb", pa.float64()),
-        ("median_val_bpb", pa.float64()),
-        ("best_val_bpb", pa.float64()),
-        ("compile_rate", pa.float64()),  # passed the syntax check
-        ("run_rate", pa.float64()),  # ran to an exit without crash/timeout
-        ("success_rate", pa.float64()),  # status == success
-        ("ast_diversity", pa.float64()),  # solution diversity across the round's final train.py files
-        ("reasoning_density", pa.float64()),
-        ("data_quality_score", pa.float64()),
-    ]
-)
-ROUND_AGGREGATES_KEY = ("arc", "arm", "round")
 
 
 def read(path: Path, schema: pa.Schema) -> pa.Table:

@@ -84,14 +84,13 @@ def _missing(name: str, why: str) -> Estimate:
     return Estimate(name, math.nan, math.nan, math.nan, 0, f"missing: {why}")
 
 
-def decompose(run: RunDir, arc: str = "A", arm: str = "S", seed: int = 0, n_boot: int = 2000) -> list[Estimate]:
-    """The decomposition table's rows for one arm (see the module docstring)."""
-    return _round_rows(run, arc, arm, seed, n_boot) + _probe_rows(run, arc, arm, seed, n_boot)
+def decompose(run: RunDir, line: str = "A-S", seed: int = 0, n_boot: int = 2000) -> list[Estimate]:
+    """The decomposition table's rows for one gold loop (see the module docstring)."""
+    return _round_rows(run, line, seed, n_boot) + _probe_rows(run, line, seed, n_boot)
 
 
-def _round_rows(run: RunDir, arc: str, arm: str, seed: int, n_boot: int) -> list[Estimate]:
+def _round_rows(run: RunDir, line: str, seed: int, n_boot: int) -> list[Estimate]:
     groups = load.by_line_round(load.traces(run))
-    line = f"{arc}-{arm}"
     names = (f"headline Δ ({line})", "CTRL Δ", "weight-attributable Δ (headline − CTRL)")
     k_arm, k_ctrl = load.last_round(groups, line), load.last_round(groups, "CTRL")
     if k_arm == 0:
@@ -120,17 +119,17 @@ def _round_rows(run: RunDir, arc: str, arm: str, seed: int, n_boot: int) -> list
     ]
 
 
-def _probe_rows(run: RunDir, arc: str, arm: str, seed: int, n_boot: int) -> list[Estimate]:
+def _probe_rows(run: RunDir, line: str, seed: int, n_boot: int) -> list[Estimate]:
     table = metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL)
     out = []
     for probe, name, stat, unit in (
-        ("zero_shot", f"zero-shot Δ ({arc}-{arm})", best, "best val_bpb"),
+        ("zero_shot", f"zero-shot Δ ({line})", best, "best val_bpb"),
         ("transfer", "overfit penalty: transfer Δ", best, "best val_bpb at the transfer depth"),
         ("code", "overfit penalty: code-probe Δ", mean, "pass rate"),
     ):
-        v0, last, v_last = _version_values(table, arc, arm, probe)
+        v0, last, v_last = _version_values(table, line, probe)
         if v0 is None or last is None:
-            why = "no V0 measurement" if v0 is None else f"no {arc}-{arm} version after V0"
+            why = "no V0 measurement" if v0 is None else f"no {line} version after V0"
             out.append(_missing(name, f"{probe} probe: {why}"))
             continue
         sign = 1.0 if probe == "code" else -1.0  # improvement: lower val_bpb, higher pass rate
@@ -139,13 +138,11 @@ def _probe_rows(run: RunDir, arc: str, arm: str, seed: int, n_boot: int) -> list
     return out
 
 
-def _version_values(
-    table: pa.Table, arc: str, arm: str, probe: str
-) -> tuple[list[float] | None, list[float] | None, int]:
-    """(V0's values, the arm's last version's values, that version) for one probe."""
+def _version_values(table: pa.Table, line: str, probe: str) -> tuple[list[float] | None, list[float] | None, int]:
+    """(V0's values, the loop's last version's values, that version) for one probe."""
     rows = [r for r in table.to_pylist() if r["probe"] == probe]
-    v0 = next((r["values"] for r in rows if r["version"] == 0 and r["arm"] in ("shared", arm)), None)
-    mine = [r for r in rows if (r["arc"], r["arm"]) == (arc, arm) and r["version"] > 0]
+    v0 = next((r["values"] for r in rows if r["version"] == 0 and load.line(r) in ("shared", line)), None)
+    mine = [r for r in rows if load.line(r) == line and r["version"] > 0]
     if not mine:
         return v0, None, 0
     last = max(mine, key=lambda r: r["version"])

@@ -22,6 +22,11 @@ def action(kind: str, thought: str = "", **fields: Any) -> str:
     return json.dumps({"thought": thought or f"I will {kind}.", "action": kind, **fields})
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # a wave opens dozens of connections at once; the default backlog is 5
+
+
 class ScriptedResearcher:
     """plans: {rollout seed: [reply text | JSON-able dict | fn(messages) -> text | DIE, ...]}."""
 
@@ -30,8 +35,7 @@ class ScriptedResearcher:
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.dead = False  # set by kill(): in-flight handlers drop their connections too
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

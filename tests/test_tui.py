@@ -225,16 +225,17 @@ async def test_app_shows_arms_rollouts_slots_and_alarms(tmp_path):
     async with app.run_test(size=(130, 36)) as pilot:
         await pilot.pause()
         assert "embedded-demo" in text_of(app, "#title")
-        assert text_of(app, "#arm").startswith("arm shared  round 1  phase collect  researcher v0")
+        assert text_of(app, "#arm").startswith("arm shared  round 1 (live)  phase collect  researcher v0")
         await pilot.press("2")
-        assert text_of(app, "#arm").startswith("arm S  round 3  phase collect  researcher v2  server up")
+        assert text_of(app, "#arm").startswith("arm S  round 3 (live)  phase collect  researcher v2  server up")
         rows = table_rows(app)
         assert rows["S-3-00"][-1] == "success 1.3620" and rows["S-3-02"][-1] == "running on slot-3"
+        assert "1/4 done, 1 success, best 1.3620  last LoRA loss 1.330 kl 0.018" in text_of(app, "#arm")
         assert text_of(app, "#trajectory") == "1.398 → 1.371 → 1.362"
         assert "slot-2  QUARANTINED" in text_of(app, "#slots") and "slot-3  S/S-3-02" in text_of(app, "#slots")
         assert "drift F val_bpb improved" in text_of(app, "#alarms")
         await pilot.press("tab")
-        assert text_of(app, "#arm").startswith("arm F  round 2  phase consolidate  researcher v2")
+        assert text_of(app, "#arm").startswith("arm F  round 2 (live)  phase consolidate  researcher v2")
         assert table_rows(app)["F-2-01"][-1] == "timeout"
         await pilot.press("5")
         assert "PAUSED: scheduler" in text_of(app, "#arm")
@@ -273,6 +274,8 @@ async def test_enter_opens_the_transcript_and_q_quits_without_touching_the_run(t
         assert isinstance(app.screen, TranscriptScreen)
         shown = text_of(app, "#transcript")
         assert "(thought) try a larger lr" in shown and "+lr = 0.02" in shown
+        await pilot.press("3")  # arm keys do nothing behind a transcript
+        assert isinstance(app.screen, TranscriptScreen) and app.selected == 1
         await pilot.press("escape", "down", "down", "enter")  # S-3-02 is still running: no row yet
         assert "S-3-02: no trace row yet (still in flight)" in text_of(app, "#transcript")
         await pilot.press("escape", "q")
@@ -287,3 +290,26 @@ async def test_screenshot_of_the_sample(tmp_path):
 
     svg = await screenshot(run_dir(tmp_path).root, tmp_path / "tui.svg", keys=("2",))
     assert (tmp_path / "tui.svg").read_text() == svg and "S-3-00" in svg and svg.startswith("<svg")
+
+
+@pytest.mark.anyio
+async def test_brackets_browse_earlier_rounds_and_open_their_compacted_traces(tmp_path):
+    from rfs.tui.app import WatchApp
+
+    run = run_dir(tmp_path)
+    rows = [trace_row(arm="S", round=2, rollout_id=f"S-2-0{i}", val_bpb=1.371 + i / 100) for i in range(2)]
+    rows[1]["messages"] = [{"role": "assistant", "content": '{"action": "finish"}', "reasoning": "enough"}]
+    atomic.write_parquet(run.traces("S", 2), trace.to_table(rows))
+    app = WatchApp(run.root)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await pilot.press("2", "[")
+        assert text_of(app, "#arm").startswith("arm S  round 2 of 3 (] for live)")
+        assert table_rows(app)["S-2-02"][-1] == "no_edit"
+        await pilot.press("[")  # S has no round-1 rollouts of its own: stays on round 2
+        assert "round 2 of 3" in text_of(app, "#arm")
+        await pilot.press("down", "enter")
+        assert '{"action": "finish"}' in text_of(app, "#transcript")
+        await pilot.press("escape", "]")
+        assert "round 3 (live)" in text_of(app, "#arm") and "S-3-00" in table_rows(app)
+        await pilot.press("[", "3")  # switching arm goes back to following the live round
+        assert text_of(app, "#arm").startswith("arm F  round 2 (live)")

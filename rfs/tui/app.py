@@ -22,7 +22,7 @@ from textual.widgets import DataTable, Footer, Static
 from rfs.events import read_events
 from rfs.rundir import RunDir
 from rfs.tui import transcript
-from rfs.tui.model import RunView
+from rfs.tui.model import Arm, Rollout, RunView
 
 POLL_S = 0.5
 SPARK_WIDTH = 44  # rounds shown, one character each
@@ -55,8 +55,29 @@ class TranscriptScreen(Screen):
             else f"{self.arm} round {self.round} {self.rollout_id}: no trace row yet (still in flight)"
         )
         with VerticalScroll():
-            yield Static(Text(text), id="transcript")
+            yield Static(_styled(text), id="transcript")
         yield Footer()
+
+
+def _styled(text: str) -> Text:
+    """Section rules in bold, and the diff's added and removed lines in green and red."""
+    out, in_diff = Text(), False
+    for line in text.splitlines():
+        in_diff = in_diff or line.startswith("── diff")
+        style = "bold" if line.startswith("── ") else ""
+        if in_diff and not style and line[:1] in "+-" and line[:3] not in ("+++", "---"):
+            style = "green" if line.startswith("+") else "red"
+        out.append(line + "\n", style=style)
+    return out
+
+
+class RolloutTable(DataTable):
+    """The rollouts of the shown round; enter opens one (DataTable's own enter is unlabelled)."""
+
+    BINDINGS = [Binding("enter", "select_cursor", "transcript")]
+
+
+_MAIN_ONLY = {"next_arm", "select_arm", "browse_round"}
 
 
 class WatchApp(App):
@@ -71,9 +92,11 @@ class WatchApp(App):
     #alarms { color: $error; }
     """
     BINDINGS = [
-        Binding("q", "quit", "quit (run keeps going)"),
+        Binding("q", "quit", "quit (the run goes on)"),
         Binding("tab", "next_arm(1)", "next arm", priority=True),
-        Binding("shift+tab", "next_arm(-1)", "previous arm", priority=True),
+        Binding("shift+tab", "next_arm(-1)", "prev arm", priority=True),
+        Binding("[", "browse_round(-1)", "earlier round"),
+        Binding("]", "browse_round(1)", "later"),
         *[Binding(str(n), f"select_arm({n - 1})", show=False) for n in range(1, 10)],
     ]
 
@@ -84,6 +107,7 @@ class WatchApp(App):
         self.offset = 0
         self.poll_s = poll_s
         self.selected = 0
+        self.shown_round: int | None = None  # None: follow the arm's live round
 
     def compose(self) -> ComposeResult:
         yield Static(id="title")
@@ -91,7 +115,7 @@ class WatchApp(App):
         with Horizontal():
             with Vertical():
                 yield Static(id="arm")
-                yield DataTable(id="rollouts", cursor_type="row", zebra_stripes=True)
+                yield RolloutTable(id="rollouts", cursor_type="row", zebra_stripes=True)
             with Vertical(id="side"):
                 yield Static("val_bpb, best per round (lower is better)", classes="label")
                 yield Static(id="spark")
@@ -113,23 +137,46 @@ class WatchApp(App):
             self.view.apply_all(events)
             self.refresh_view()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # the arm and round keys steer the main screen only, not the one behind a transcript
+        return not (action in _MAIN_ONLY and isinstance(self.screen, TranscriptScreen))
+
     def arm_names(self) -> list[str]:
         return list(self.view.arms)
 
+    def current_arm(self) -> Arm | None:
+        names = self.arm_names()
+        return self.view.arms[names[min(self.selected, len(names) - 1)]] if names else None
+
+    def current_round(self, arm: Arm) -> int | None:
+        return arm.round if self.shown_round is None else self.shown_round
+
     def action_next_arm(self, step: int) -> None:
         if self.view.arms:
-            self.selected = (self.selected + step) % len(self.view.arms)
+            self.selected, self.shown_round = (self.selected + step) % len(self.view.arms), None
             self.refresh_view()
 
     def action_select_arm(self, index: int) -> None:
         if index < len(self.view.arms):
-            self.selected = index
+            self.selected, self.shown_round = index, None
             self.refresh_view()
 
+    def action_browse_round(self, step: int) -> None:
+        arm = self.current_arm()
+        rounds = arm.rounds() if arm else []
+        if arm is None or not rounds or self.current_round(arm) not in rounds:
+            return
+        target = rounds[max(0, min(len(rounds) - 1, rounds.index(self.current_round(arm)) + step))]
+        self.shown_round = None if target == arm.round else target
+        self.refresh_view()
+
     def on_data_table_row_selected(self, message: DataTable.RowSelected) -> None:
-        arm = self.view.arms[self.arm_names()[self.selected]]
-        if arm.round is not None and message.row_key.value is not None:
-            self.push_screen(TranscriptScreen(self.run, arm.name, arm.round, message.row_key.value))
+        self.open_rollout(message.row_key.value)
+
+    def open_rollout(self, rollout_id: str | None) -> None:
+        arm = self.current_arm()
+        if arm is not None and rollout_id is not None and self.current_round(arm) is not None:
+            self.push_screen(TranscriptScreen(self.run, arm.name, self.current_round(arm), rollout_id))
 
     def refresh_view(self) -> None:
         v = self.view
@@ -142,14 +189,14 @@ class WatchApp(App):
             self.query_one("#arms", Static).update(Text(f"waiting for events in {self.run.events}"))
             return
         self.selected = min(self.selected, len(names) - 1)
+        arm = self.current_arm()
         tabs = [
             f"[reverse] {i + 1} {escape(n)} [/]" if i == self.selected else f" {i + 1} {escape(n)} "
             for i, n in enumerate(names)
         ]
         self.query_one("#arms", Static).update(" ".join(tabs))
-        arm = v.arms[names[self.selected]]
-        self.query_one("#arm", Static).update(Text(_arm_line(arm)))
-        self._fill_rollouts(arm)
+        self.query_one("#arm", Static).update(Text(_arm_lines(arm, self.current_round(arm))))
+        self._fill_rollouts(arm.round_rollouts(self.current_round(arm)))
         trajectory = v.trajectory(arm.name)
         self.query_one("#spark", Static).update(Text(sparkline(trajectory[-SPARK_WIDTH:])))
         self.query_one("#trajectory", Static).update(Text(" → ".join(f"{b:.3f}" for b in trajectory) or "no successful round yet"))
@@ -157,29 +204,32 @@ class WatchApp(App):
         alarms = [" ".join(x for x in (a.kind, a.arm, a.message) if x) for a in v.alarms[-8:]]
         self.query_one("#alarms", Static).update(Text("\n".join(alarms) or "none"))
 
-    def _fill_rollouts(self, arm) -> None:
+    def _fill_rollouts(self, rollouts: list[Rollout]) -> None:
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         table.clear()
-        for r in arm.round_rollouts():
+        for r in rollouts:
             turns = f"{r.turns}" + (f" ({r.invalid_turns} invalid)" if r.invalid_turns else "")
             table.add_row(r.rollout_id, "" if r.thread is None else str(r.thread), turns, r.state, key=r.rollout_id)
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
 
 
-def _arm_line(arm) -> str:
-    parts = [f"arm {arm.name}", f"round {arm.round if arm.round is not None else '-'}", f"phase {arm.phase or '-'}"]
-    parts.append(f"researcher {arm.version or '-'}")
+def _arm_lines(arm: Arm, round_: int | None) -> str:
+    """Who and where on the first line; how the shown round is going on the second."""
+    if round_ is None or round_ == arm.round:
+        where = f"round {arm.round if arm.round is not None else '-'} (live)"
+    else:
+        where = f"round {round_} of {arm.round} (] for live)"
+    first = [f"arm {arm.name}", where, f"phase {arm.phase or '-'}", f"researcher {arm.version or '-'}"]
     if arm.server:
-        parts.append(f"server {arm.server}")
-    if arm.round is not None:
-        parts.append(arm.round_summary())
-    if arm.last_loss is not None and math.isfinite(arm.last_loss):
-        parts.append(f"loss {arm.last_loss:.3f} kl {arm.last_kl:.3f}")
+        first.append(f"server {arm.server}")
     if arm.paused:
-        parts.append(f"PAUSED: {arm.paused}")
-    return "  ".join(parts)
+        first.append(f"PAUSED: {arm.paused}")
+    second = [arm.round_summary(round_)] if round_ is not None else []
+    if arm.last_loss is not None and math.isfinite(arm.last_loss):
+        second.append(f"last LoRA loss {arm.last_loss:.3f} kl {arm.last_kl:.3f}")
+    return "  ".join(first) + "\n" + "  ".join(second)
 
 
 def _slots_text(v: RunView) -> str:

@@ -55,6 +55,10 @@ class Arm:
     best_by_round: dict[int, float] = field(default_factory=dict)
     rollouts: dict[tuple[int, str], Rollout] = field(default_factory=dict)
 
+    def rounds(self) -> list[int]:
+        """The rounds this arm has rollouts in, oldest first."""
+        return sorted({r.round for r in self.rollouts.values()})
+
     def round_rollouts(self, round_: int | None = None) -> list[Rollout]:
         """This arm's rollouts in one round (its live round by default), in start order."""
         wanted = self.round if round_ is None else round_

@@ -13,6 +13,7 @@ import io
 import shlex
 import tarfile
 import time
+from dataclasses import replace
 from typing import Callable
 
 import anyio
@@ -126,14 +127,13 @@ class SshLauncher:
         if made.exit_status != 0:
             return _infra(f"{where}: cannot make a working directory: {made.stderr.decode(errors='replace').strip()}", start)
         wd = made.stdout.decode().strip()
+        outcome, files = None, {}
         try:
-            return await self._run_in(conn, wd, slot, job, on_line, start, where)
+            outcome = await self._run_in(conn, wd, slot, job, on_line, start, where)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
-                try:
-                    await conn.run(f"rm -rf {shlex.quote(wd)}", check=True)
-                except _SSH_ERRORS:
-                    self._stale.add(wd)  # removed on the next connection to this host
+                files = await self._finish(conn, wd, job.files, collect=outcome is not None and not outcome.infra_error)
+        return replace(outcome, files=files) if files else outcome
 
     async def _run_in(self, conn, wd: str, slot: Slot, job: Job, on_line, start: float, where: str) -> JobOutcome:
         out = bytearray()
@@ -159,20 +159,20 @@ class SshLauncher:
         wall = time.monotonic() - start
         if lost or (finished and proc.exit_status is None and proc.exit_signal is None):
             return _infra(f"{where}: connection lost during the job ({lost or 'no exit status'})", start, bytes(out))
-        files = await self._collect(conn, wd, job.files)
         code = proc.exit_status if finished and proc.exit_signal is None else None
-        return JobOutcome(code, bytes(out), scope.cancelled_caught, wall, files=files)
+        return JobOutcome(code, bytes(out), scope.cancelled_caught, wall)
 
-    async def _collect(self, conn, wd: str, sent: dict[str, bytes]) -> dict[str, bytes]:
-        """Small files the job left at the top of its working directory (not the ones it was given)."""
-        listing = f"cd {shlex.quote(wd)} && find . -maxdepth 1 -type f -size -{RESULT_MAX + 1}c -print0 | tar -cf - --null -T -"
+    async def _finish(self, conn, wd: str, sent: dict[str, bytes], collect: bool) -> dict[str, bytes]:
+        """Remove the working directory, first bringing back the small files the job left at its top
+        (not the ones it was given), in one round trip."""
+        q = shlex.quote(wd)
+        pack = f"cd {q} && find . -maxdepth 1 -type f -size -{RESULT_MAX + 1}c -print0 | tar -cf - --null -T -; " if collect else ""
         try:
-            with anyio.move_on_after(CLEANUP_TIMEOUT):
-                got = await conn.run(listing, encoding=None)
-                return _unpack(got.stdout, sent) if got.exit_status == 0 else {}
-        except (*_SSH_ERRORS, tarfile.TarError):
-            pass
-        return {}
+            got = await conn.run(f"{pack}cd / && rm -rf {q}", encoding=None, check=True)
+            return _unpack(got.stdout, sent) if collect else {}
+        except (*_SSH_ERRORS, tarfile.TarError):  # ProcessError (check=True) is an asyncssh.Error
+            self._stale.add(wd)  # removed on the next connection to this host
+            return {}
 
 
 async def _stream(proc, out: bytearray, on_line: Callable[[str], None] | None) -> None:
@@ -189,7 +189,9 @@ async def _stream(proc, out: bytearray, on_line: Callable[[str], None] | None) -
 async def _kill_group(conn, pgid: int) -> None:
     """TERM the remote group, then KILL whatever is left after the grace period."""
     polls = int(KILL_GRACE / 0.1)
-    script = (f"kill -TERM -{pgid} 2>/dev/null; i=0; while kill -0 -{pgid} 2>/dev/null && [ $i -lt {polls} ]; "
+    # `kill -0` counts zombies, which a container's init may be slow to reap: ask ps for live ones.
+    alive = f"ps -e -o pgid=,stat= | awk '$1 == {pgid} && $2 !~ /^Z/' | grep -q ."
+    script = (f"kill -TERM -{pgid} 2>/dev/null; i=0; while {alive} && [ $i -lt {polls} ]; "
               f"do sleep 0.1; i=$((i+1)); done; kill -KILL -{pgid} 2>/dev/null; true")
     try:
         await conn.run(script)

@@ -126,7 +126,7 @@ def test_insisting_on_editing_prepare_py_is_a_harness_violation(tmp_path):
 
 
 def test_one_refused_harness_edit_is_forgiven(tmp_path):
-    hostile = action("edit", "oops", path="prepare.py", content="")
+    hostile = action("edit", "oops", path="prepare.py", content="x = 1\n")
     row = play([hostile, action("finish")], CODE, never, tmp_path)
     assert row["status"] == "no_edit" and "refused" in row["messages"][3]["content"]
 

@@ -40,6 +40,7 @@ def test_fenced_and_prose_wrapped_actions_parse():
         ('{"thought": "x", "action": "edit", "path": "train.py", "search": "a"}', "either 'search' and 'replace'"),
         ('{"thought": "x", "action": "edit", "path": "train.py", "search": "", "replace": "b"}', "must not be empty"),
         ('{"thought": "x", "action": "edit", "path": "train.py", "content": "x", "search": "a", "replace": "b"}', "either"),
+        ('{"thought": "x", "action": "edit", "path": "train.py", "content": ""}', "must not be empty"),
         ('["run"]', "no JSON action"),
         ('{"thought": "x", "action": "set", "name": "LR", "value": 1}', "'action' must be one of"),  # hparams only
         ('{"thought": "unterminated, "action": "run"', "no JSON action"),

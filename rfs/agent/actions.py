@@ -148,6 +148,8 @@ def _check(obj: Any, space: str, params: tuple[HParam, ...]) -> Action | Invalid
             return Invalid("an edit needs either 'search' and 'replace', or 'content' (the whole file)")
         if patch and not action.search:
             return Invalid("'search' must not be empty")
+        if whole and not action.content:
+            return Invalid("'content' must not be empty (it replaces the whole file)")
     if kind == "set":
         by_name = {p.name: p for p in params}
         if action.name not in by_name:

@@ -7,6 +7,8 @@ them from the opening brief.
 
 from __future__ import annotations
 
+import math
+
 from rfs.agent import hparams
 from rfs.envs.base import RunResult
 
@@ -40,7 +42,7 @@ def system(program_md: str, space: str, memory: str = "") -> str:
 
 
 def first_user(train_py: str, space: str, start_val_bpb: float) -> str:
-    known = f"{start_val_bpb:.4f}" if start_val_bpb == start_val_bpb else "unknown"
+    known = f"{start_val_bpb:.4f}" if math.isfinite(start_val_bpb) else "unknown"
     text = f"This is train.py (its val_bpb: {known}):\n\n```python\n{train_py}\n```\n"
     if space == "hparams":
         text += "\nThe hyperparameters you may set:\n" + hparams.summary(hparams.parse(train_py)) + "\n"

@@ -13,7 +13,8 @@ How the status is decided (truthful, rfs/trace.py STATUSES):
 - `syntax_error` when the syntax retries ran out; `harness_violation` when the researcher
   insists (a second time) on editing anything but train.py; `agent_error` when no reply ever
   was a usable action;
-- a researcher server failure (ServerDown) before any run is *raised*: the wave retries the rollout
+- a researcher server failure (ServerDown, or ServerRejected for a 4xx such as a context
+  overflow) before any run is *raised*: the wave retries the rollout
   and, when its retries run out, writes the infra_error row itself (rfs/collect/wave.py).
 """
 
@@ -31,7 +32,7 @@ import anyio
 
 from rfs.agent import hparams, prompts
 from rfs.agent.actions import TRAIN_PY, Action, Invalid, code_schema, hparams_schema, parse
-from rfs.agent.client import Reply, ResearcherClient, ServerDown
+from rfs.agent.client import Reply, ResearcherClient, ServerDown, ServerRejected
 from rfs.config import ResearcherCfg
 from rfs.envs.base import RunResult
 from rfs.events import EventLog
@@ -135,7 +136,7 @@ class _Rollout:
                 if ran_before:
                     break
             return await self._close()
-        except ServerDown as exc:
+        except (ServerDown, ServerRejected) as exc:  # the wave retries these (or records infra_error)
             if not self.executed:
                 raise
             return self._measured(f"; the researcher server failed after the run: {exc}")
@@ -235,7 +236,7 @@ class _Rollout:
             return self._measured()
         if self.train_py == self.spec.start_train_py:
             return _End("no_edit", "finished without changing train.py")
-        return await self._run(final=True) or self._measured()
+        return await self._run_last()
 
     async def _close(self) -> _End:
         """Out of turns (or time): measure what the researcher made, or say why there is nothing."""
@@ -245,7 +246,13 @@ class _Rollout:
             return _End("agent_error", f"no usable action in {len(self.tally.replies)} replies")
         if self.train_py == self.spec.start_train_py:
             return _End("no_edit", f"{len(self.tally.replies)} turns without a change to train.py")
-        return await self._run(final=True) or self._measured()
+        return await self._run_last()
+
+    async def _run_last(self) -> _End:
+        """Run the researcher's unrun edit once, with no syntax retry left (it has stopped acting)."""
+        end = await self._run(final=True)
+        assert end is not None, "a final run always ends the rollout"
+        return end
 
     def _measured(self, note: str = "") -> _End:
         result = self.executed.result

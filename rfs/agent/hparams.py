@@ -92,7 +92,8 @@ def _param(line: str, lineno: int) -> HParam:
 def parse(train_py: str) -> tuple[HParam, ...]:
     begin, end = _block(train_py)
     lines = train_py.splitlines()
-    params = tuple(_param(lines[i], i + 1) for i in range(begin + 1, end) if lines[i].strip() and not lines[i].lstrip().startswith("#"))
+    body = [i for i in range(begin + 1, end) if lines[i].strip() and not lines[i].lstrip().startswith("#")]
+    params = tuple(_param(lines[i], i + 1) for i in body)
     if not params:
         raise ValueError("train.py: the hyperparameter block declares no parameters")
     return params

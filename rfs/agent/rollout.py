@@ -112,7 +112,15 @@ def _syntax(train_py: str) -> str:
 
 
 class _Rollout:
-    def __init__(self, spec: RolloutSpec, cfg: ResearcherCfg, client: ResearcherClientClient, run_training: RunTraining, events: EventLog | None, wall_s: float):
+    def __init__(
+        self,
+        spec: RolloutSpec,
+        cfg: ResearcherCfg,
+        client: ResearcherClient,
+        run_training: RunTraining,
+        events: EventLog | None,
+        wall_s: float,
+    ):
         self.spec, self.cfg, self.client, self.run_training, self.events = spec, cfg, client, run_training, events
         self.space, self.wall_s = cfg.action_space, wall_s
         self.params = hparams.parse(spec.start_train_py) if self.space == "hparams" else ()
@@ -200,7 +208,10 @@ class _Rollout:
             self.tally.violations += 1
             if self.tally.violations > 1:
                 return _End("harness_violation", f"insisted on editing {action.path!r}; only train.py may change")
-            return self._observe(f"refused: {action.path!r} is part of the harness; you may edit train.py only. Insisting ends the session as a harness violation.")
+            return self._observe(
+                f"refused: {action.path!r} is part of the harness; you may edit train.py only."
+                " Insisting ends the session as a harness violation."
+            )
         self.tally.edit_attempts += 1
         if action.kind == "set":
             new = hparams.apply(self.train_py, action.name, action.value)  # the parser checked name and range
@@ -210,7 +221,9 @@ class _Rollout:
         else:
             found = self.train_py.count(action.search)
             if found != 1:
-                return self._observe(f"edit not applied: the search text occurs {found} times in train.py; it must occur exactly once.")
+                return self._observe(
+                    f"edit not applied: the search text occurs {found} times in train.py; it must occur exactly once."
+                )
             new, done = self.train_py.replace(action.search, action.replace), "edit applied."
         self.train_py = new
         error = _syntax(new)
@@ -297,7 +310,7 @@ def _row(r: _Rollout, end: _End, started: float) -> dict[str, Any]:
 async def rollout(
     spec: RolloutSpec,
     cfg: ResearcherCfg,
-    client: ResearcherClientClient,
+    client: ResearcherClient,
     run_training: RunTraining,
     events: EventLog | None = None,
     *,

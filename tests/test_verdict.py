@@ -29,7 +29,7 @@ def trace_row(arm: str, round_: int, i: int, val_bpb: float, status: str = "succ
         infra_attempts=0, started_at=float(round_ * 1000 + i), finished_at=float(round_ * 1000 + i + 1),
         anomaly_flags=[], start_val_bpb=math.nan,
         diff="--- a/train.py\n+++ b/train.py\n@@\n-LR = 0.003\n+LR = 0.006\n",
-        final_train_py=f"# rollout {arm} {round_} {i}\n",
+        final_train_py=f"x = {i % max(1, 5 - round_)}  # {arm}\n",  # diversity drains round by round
     )
     row.update(extra)
     return row

@@ -1,0 +1,206 @@
+"""`rfs report`: the run directory → report/{report.md, decomposition.md, hero.png, results.tsv}.
+
+Works on any run, finished or not: what is not there yet is listed under "Missing", never a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rfs import atomic
+from rfs.evals import drift, load, metrics, plot, verdict
+from rfs.events import read_events
+from rfs.rundir import RunDir
+from rfs.trace import STATUSES
+
+CONFIG_KEYS = (
+    ("experiment", ("name", "preset", "seed", "arcs", "arms", "baselines", "max_rounds")),
+    ("env", ("name", "depth", "budget_s", "device")),
+    ("researcher", ("model", "backend", "action_space", "max_turns")),
+    ("collect", ("rollouts",)),
+    ("consolidate", ("lora_r", "lora_alpha", "epochs", "kl_lambda", "replay_fraction", "reason")),
+    ("eval", ("zero_shot_rollouts", "transfer_depth", "drift_window")),
+)
+
+
+def report(run_dir: Path) -> Path:
+    """Write the report files for a run directory and return the path of report.md."""
+    run = RunDir(Path(run_dir))
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"{run.root}: no such run directory")
+    missing: list[str] = []
+    cfg = _config(run, missing)
+    groups = load.by_line_round(load.traces(run))
+    if not groups:
+        missing.append("traces: no finished round yet (traces/<loop>/round-<n>.parquet)")
+    noise = run.read_state().get("noise")
+    if not noise:
+        missing.append("calibration: state.json has no seed noise measurement, so no noise band")
+    aggs = metrics.read(run.metrics("round_aggregates"), metrics.ROUND_AGGREGATES).to_pylist()
+    if groups and not aggs:
+        missing.append("metrics/round_aggregates.parquet: absent, so points show no diversity colour")
+    version_eval = metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL)
+    if version_eval.num_rows == 0:
+        missing.append("metrics/version_eval.parquet: no probes yet (zero-shot, transfer, code)")
+    gold = sorted({l for l, _ in groups if l not in ("shared", "CTRL", "FLOOR", "probe")})
+
+    title = f"{cfg.get('experiment', {}).get('name', run.root.name)}: best val_bpb per round"
+    plot.hero(_points(groups, aggs), noise, title, run.report / "hero.png")
+    decomposition = _decomposition(run, gold, missing)
+    atomic.write_text(run.report / "decomposition.md", decomposition)
+    atomic.write_text(run.report / "results.tsv", results_tsv(groups))
+    alarms = _alarms(run, version_eval, gold, cfg)
+    parts = [
+        f"# rfs report: {run.root.name}\n",
+        _config_md(cfg),
+        _loops_md(run.read_state(), noise),
+        "## Statuses per loop and round\n\n" + _status_md(groups),
+        "## Anomaly flags\n\n" + _anomaly_md(groups),
+        "## Alarms\n\n" + ("\n".join(f"- {a}" for a in alarms) + "\n" if alarms else "none\n"),
+        "## Verdict\n\n" + decomposition,
+        "## Hero plot\n\n![best val_bpb per round](hero.png)\n\nEvery rollout: [results.tsv](results.tsv) "
+        "(autoresearch's format).\n",
+        "## Missing\n\n" + ("\n".join(f"- {m}" for m in missing) + "\n" if missing else "nothing\n"),
+    ]
+    out = run.report / "report.md"
+    atomic.write_text(out, "\n".join(parts))
+    return out
+
+
+def _config(run: RunDir, missing: list[str]) -> dict[str, Any]:
+    try:
+        return tomllib.loads(run.config.read_text())
+    except FileNotFoundError:
+        missing.append("experiment.toml: absent, so no config summary")
+    except tomllib.TOMLDecodeError as exc:
+        missing.append(f"experiment.toml: not valid TOML ({exc})")
+    return {}
+
+
+def _config_md(cfg: dict[str, Any]) -> str:
+    rows = [
+        f"| {section}.{key} | {cfg[section][key]!r} |"
+        for section, keys in CONFIG_KEYS
+        for key in keys
+        if key in cfg.get(section, {})
+    ]
+    body = "| key | value |\n|---|---|\n" + "\n".join(rows) + "\n" if rows else "no experiment.toml\n"
+    return "## Configuration (from experiment.toml)\n\n" + body
+
+
+def _loops_md(state: dict[str, Any], noise: dict[str, float] | None) -> str:
+    lines = ["## Loops\n"]
+    if noise:
+        lines.append(f"Seed train.py: val_bpb {noise['mean']:.4f} ± {noise['std']:.4f} (calibrated noise).\n")
+    loops = state.get("loops", {})
+    if loops:
+        lines.append("| loop | status | rounds | best val_bpb | why |\n|---|---|---:|---:|---|")
+        for name, st in sorted(loops.items()):
+            best = st.get("best_val_bpb", math.nan)
+            lines.append(
+                f"| {name} | {st.get('status', '?')} | {len(st.get('history', []))} | "
+                f"{_fmt(best)} | {st.get('reason', '')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _status_md(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
+    if not groups:
+        return "no traces yet\n"
+    head = "| loop | round | n | " + " | ".join(STATUSES) + " |"
+    rows = [head, "|---|---:|---:|" + "---:|" * len(STATUSES)]
+    for (line, round_), rs in sorted(groups.items()):
+        counts = Counter(r["status"] for r in rs)
+        rows.append(f"| {line} | {round_} | {len(rs)} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _anomaly_md(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
+    counts: Counter[tuple[str, str]] = Counter(
+        (line, flag) for (line, _), rs in groups.items() for r in rs for flag in r["anomaly_flags"]
+    )
+    if not counts:
+        return "none\n"
+    rows = ["| loop | flag | rollouts |", "|---|---|---:|"]
+    rows += [f"| {line} | {flag} | {n} |" for (line, flag), n in sorted(counts.items())]
+    return "\n".join(rows) + "\n"
+
+
+def _alarms(run: RunDir, version_eval: Any, gold: list[str], cfg: dict[str, Any]) -> list[str]:
+    events, _ = read_events(run.events)  # a torn line is skipped by the reader
+    out = [f"{e.get('arm', '?')} {e.get('alarm', '?')}: {e.get('message', '')}" for e in events if e.get("kind") == "alarm"]
+    window = int(cfg.get("eval", {}).get("drift_window", 3))
+    return out + [f"drift (computed now) {msg}" for line in gold for msg in drift.alarms(version_eval, line, window)]
+
+
+def _decomposition(run: RunDir, gold: list[str], missing: list[str]) -> str:
+    if not gold:
+        missing.append("verdict: no gold loop has a round beyond the shared round 1")
+        return "no gold loop has rounds yet\n"
+    rows = [e for line in gold for e in verdict.decompose(run, line)]
+    missing += [f"verdict: {e.name}: {e.note.removeprefix('missing: ')}" for e in rows if e.note.startswith("missing:")]
+    return verdict.to_markdown(rows) + "\n" + _VERDICT_NOTE
+
+
+_VERDICT_NOTE = (
+    "Δ is an improvement (positive = better). Headline and CTRL: best val_bpb of round 1 minus round k, "
+    "k the last round both reached; weight-attributable = headline − CTRL. Zero-shot and overfit rows: "
+    "V0 versus the loop's last probed version. 95% percentile-bootstrap intervals, rollouts resampled "
+    "within rounds, seed 0.\n"
+)
+
+
+def _points(groups: dict[tuple[str, int], list[dict[str, Any]]], aggs: list[dict[str, Any]]) -> list[plot.Point]:
+    """One point per (loop, round); every loop but FLOOR starts at the shared round 1."""
+    diversity = {(a["arm"], a["round"]): a["ast_diversity"] for a in aggs}
+    round1 = next((a["ast_diversity"] for a in aggs if a["round"] == 1), math.nan)  # the same for every loop
+    own = {l for l, _ in groups}
+    curves = own - {"shared"} if own - {"shared", "FLOOR"} else own  # shared alone: a one-round run
+    out = []
+    for line in sorted(curves):
+        rounds = {r for l, r in groups if l == line} | ({1} if line != "FLOOR" and ("shared", 1) in groups else set())
+        for r in sorted(rounds):
+            vals = [v for v in metrics.rollout_values(groups[load.round_key(groups, line, r)]) if math.isfinite(v)]
+            div = diversity.get((line, r), round1 if r == 1 and line != "FLOOR" else math.nan)
+            out.append(plot.Point(line, r, min(vals) if vals else math.nan, div))
+    return out
+
+
+def results_tsv(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
+    """Every rollout in autoresearch's results.tsv format: commit, val_bpb, memory_gb, status, description.
+
+    `commit` is the rollout id; status is keep (a new best for its loop), discard, or crash (any
+    failed run; the description says which status, so an infra_error is not passed off as a crash of
+    the researcher's code).
+    """
+    rows = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
+    for line in sorted({l for l, _ in groups}):
+        best = math.inf
+        for (l, round_), rs in sorted(groups.items()):
+            if l != line:
+                continue
+            for r in rs:
+                ok = r["status"] == "success"
+                keep = ok and r["val_bpb"] < best
+                best = min(best, r["val_bpb"]) if ok else best
+                what = _describe(r)
+                rows.append(
+                    f"{r['rollout_id']}\t{r['val_bpb'] if ok else 0.0:.6f}\t{r['peak_vram_mb'] / 1024 if ok else 0.0:.1f}\t"
+                    f"{'keep' if keep else 'discard' if ok else 'crash'}\t{line} r{round_} {r['status']}: {what}"
+                )
+    return "\n".join(rows) + "\n"
+
+
+def _describe(row: dict[str, Any]) -> str:
+    """What the rollout tried: its diff's added lines, or else the status detail, on one line."""
+    added = [l[1:].strip() for l in row["diff"].splitlines() if l.startswith("+") and not l.startswith("+++")]
+    text = "; ".join(a for a in added if a) or row["detail"] or "no change"
+    return " ".join(text.split())[:120]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}" if isinstance(x, float) and math.isfinite(x) else "—"

@@ -20,6 +20,7 @@ from rfs.rundir import RunDir
 from rfs.tui import transcript
 from rfs.tui.model import RunView
 from rfs.tui.plain import describe, plain_progress
+from rfs.tui.tail import LogTail
 
 SAMPLE = Path(__file__).parent / "data" / "events_sample.jsonl"
 ROOT = Path(__file__).parent.parent
@@ -157,6 +158,25 @@ def test_render_shows_messages_thoughts_and_diff():
     assert "val_bpb" not in failed and "line 3: invalid syntax" in failed and "(no diff)" in failed
 
 
+# ── following the file ────────────────────────────────────────────────────────────────────────
+
+
+def test_tail_reads_new_lines_notices_a_restart_and_names_a_bad_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    tail = LogTail(path)
+    assert tail.read() == ([], False)  # not written yet
+    path.write_text('{"t": 1, "kind": "a"}\n{"t": 2, "kind": "b"}\n{"t": 3, "ki')
+    assert [e["kind"] for e in tail.read()[0]] == ["a", "b"]  # the half line waits
+    with open(path, "a") as f:
+        f.write('nd": "c"}\n')
+    assert [e["kind"] for e in tail.read()[0]] == ["c"]
+    path.write_text('{"t": 9, "kind": "fresh"}\n')  # a new run in the same place
+    assert tail.read() == ([{"t": 9, "kind": "fresh"}], True)
+    with open(path, "a") as f:
+        f.write('torn{"t": 1\n{"t": 10, "kind": "after"}\n')  # a killed writer's torn line is skipped
+    assert tail.read() == ([{"t": 10, "kind": "after"}], False)
+
+
 # ── plain progress ────────────────────────────────────────────────────────────────────────────
 
 
@@ -258,6 +278,10 @@ async def test_app_follows_the_file_as_it_grows(tmp_path):
             await pilot.pause(0.05)
         assert table_rows(app)["S-3-02"][-1] == "crash (reading)"
         assert "slot-3  idle" in text_of(app, "#slots")
+        run.events.write_text('{"t": 1, "kind": "experiment_started", "experiment": "again"}\n')
+        while "again" not in text_of(app, "#title") and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        assert "again" in text_of(app, "#title") and not table_rows(app)  # a new run: nothing left over
 
 
 @pytest.mark.anyio
@@ -313,3 +337,14 @@ async def test_brackets_browse_earlier_rounds_and_open_their_compacted_traces(tm
         assert "round 3 (live)" in text_of(app, "#arm") and "S-3-00" in table_rows(app)
         await pilot.press("[", "3")  # switching arm goes back to following the live round
         assert text_of(app, "#arm").startswith("arm F  round 2 (live)")
+
+
+@pytest.mark.anyio
+async def test_app_on_a_run_with_no_events_yet_waits_for_them(tmp_path):
+    from rfs.tui.app import WatchApp
+
+    app = WatchApp(tmp_path)
+    async with app.run_test(size=(100, 24)) as pilot:
+        await pilot.press("tab", "2", "[", "enter")  # nothing to switch to or open: no error
+        assert "waiting for events in" in text_of(app, "#arms") and not table_rows(app)
+        assert text_of(app, "#slots") == "no runs yet" and text_of(app, "#alarms") == "none"

@@ -19,10 +19,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from rfs.events import read_events
 from rfs.rundir import RunDir
 from rfs.tui import transcript
 from rfs.tui.model import Arm, Rollout, RunView
+from rfs.tui.tail import LogTail
 
 POLL_S = 0.5
 SPARK_WIDTH = 44  # rounds shown, one character each
@@ -104,7 +104,7 @@ class WatchApp(App):
         super().__init__()
         self.run = RunDir(Path(run_dir))
         self.view = RunView()
-        self.offset = 0
+        self.tail = LogTail(self.run.events)
         self.poll_s = poll_s
         self.selected = 0
         self.shown_round: int | None = None  # None: follow the arm's live round
@@ -132,8 +132,10 @@ class WatchApp(App):
         self.set_interval(self.poll_s, self.poll)
 
     def poll(self) -> None:
-        events, self.offset = read_events(self.run.events, self.offset)
-        if events or self.offset == 0:
+        events, restarted = self.tail.read()
+        if restarted:
+            self.view = RunView()
+        if events or restarted or self.tail.offset == 0:
             self.view.apply_all(events)
             self.refresh_view()
 
@@ -183,26 +185,28 @@ class WatchApp(App):
         state = "finished" if v.finished else "running"
         last = time.strftime("%H:%M:%S", time.localtime(v.last_t)) if v.last_t else "-"
         title = f"rfs watch  {v.experiment or self.run.root.name}  {state}  last event {last}"
-        self.query_one("#title", Static).update(Text(title + (f"  scheduler: {v.last_scheduler}" if v.last_scheduler else "")))
+        if v.last_scheduler:
+            title += f"  scheduler: {v.last_scheduler}"
+        self.query_one("#title", Static).update(Text(title))
+        self.query_one("#slots", Static).update(Text(_slots_text(v)))
+        alarms = [" ".join(x for x in (a.kind, a.arm, a.message) if x) for a in v.alarms[-8:]]
+        self.query_one("#alarms", Static).update(Text("\n".join(alarms) or "none"))
+        self._show_arm(self.current_arm())
+
+    def _show_arm(self, arm: Arm | None) -> None:
         names = self.arm_names()
-        if not names:
-            self.query_one("#arms", Static).update(Text(f"waiting for events in {self.run.events}"))
-            return
-        self.selected = min(self.selected, len(names) - 1)
-        arm = self.current_arm()
+        self.selected = min(self.selected, max(len(names) - 1, 0))
         tabs = [
             f"[reverse] {i + 1} {escape(n)} [/]" if i == self.selected else f" {i + 1} {escape(n)} "
             for i, n in enumerate(names)
         ]
-        self.query_one("#arms", Static).update(" ".join(tabs))
-        self.query_one("#arm", Static).update(Text(_arm_lines(arm, self.current_round(arm))))
-        self._fill_rollouts(arm.round_rollouts(self.current_round(arm)))
-        trajectory = v.trajectory(arm.name)
+        self.query_one("#arms", Static).update(" ".join(tabs) or escape(f"waiting for events in {self.run.events}"))
+        round_ = self.current_round(arm) if arm else None
+        self.query_one("#arm", Static).update(Text(_arm_lines(arm, round_) if arm else ""))
+        self._fill_rollouts(arm.round_rollouts(round_) if arm else [])
+        trajectory = self.view.trajectory(arm.name) if arm else []
         self.query_one("#spark", Static).update(Text(sparkline(trajectory[-SPARK_WIDTH:])))
         self.query_one("#trajectory", Static).update(Text(" → ".join(f"{b:.3f}" for b in trajectory) or "no successful round yet"))
-        self.query_one("#slots", Static).update(Text(_slots_text(v)))
-        alarms = [" ".join(x for x in (a.kind, a.arm, a.message) if x) for a in v.alarms[-8:]]
-        self.query_one("#alarms", Static).update(Text("\n".join(alarms) or "none"))
 
     def _fill_rollouts(self, rollouts: list[Rollout]) -> None:
         table = self.query_one(DataTable)

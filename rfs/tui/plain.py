@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rfs.events import read_events
 from rfs.rundir import RunDir
+from rfs.tui.tail import LogTail
 
 _QUIET = {"turn"}
 _FIRST = ("arm", "round", "rollout_id", "phase", "status", "val_bpb", "slot")
@@ -37,15 +37,17 @@ def plain_progress(run_dir: Path, follow: bool, poll_s: float = 1.0) -> None:
     run = RunDir(Path(run_dir))
     if not run.root.is_dir():
         raise FileNotFoundError(f"{run.root} is not a run directory (it does not exist)")
-    offset = 0
+    tail = LogTail(run.events)
     try:
         while True:
-            events, offset = read_events(run.events, offset)
+            events, restarted = tail.read()
+            if restarted:
+                print(f"{run.events} started over", flush=True)
             for event in events:
                 if event.get("kind") not in _QUIET:
                     print(describe(event), flush=True)
             if not follow:
-                if offset == 0:
+                if tail.offset == 0:
                     print(f"{run.events}: no events yet", flush=True)
                 return
             if any(e.get("kind") == "experiment_finished" for e in events):

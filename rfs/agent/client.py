@@ -38,6 +38,12 @@ class Reply:
     enforced: bool  # the server constrained decoding to the schema
 
 
+def api_base(base_url: str) -> str:
+    """The OpenAI base URL (…/v1), as rfs.serve reports it; a bare http://host:port gets /v1 added."""
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else base + "/v1"
+
+
 class ResearcherClient:
     """One researcher server's client; share it between all rollouts of a wave (pooled connections)."""
 
@@ -56,7 +62,7 @@ class ResearcherClient:
         key = os.environ.get(cfg.api_key_env, "") if cfg.backend == "external" else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = http or httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
+            base_url=api_base(base_url),
             headers=headers,
             timeout=httpx.Timeout(cfg.turn_timeout_s, connect=min(cfg.turn_timeout_s, 10.0)),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
@@ -86,7 +92,7 @@ class ResearcherClient:
             # llama-cpp-python's chat endpoint cannot continue an assistant turn, so rfs renders the
             # prompt with the model's own template and constrains the continuation by grammar.
             body |= {"prompt": self._render(messages) + prefill, "grammar": _gbnf(schema)}
-            data = await self._post("/v1/completions", body)
+            data = await self._post("/completions", body)
             text = _field(data, lambda d: d["choices"][0]["text"])
         else:
             if prefill and self.backend != "vllm":
@@ -98,7 +104,7 @@ class ResearcherClient:
                     "continue_final_message": True,
                     "add_generation_prompt": False,
                 }
-            data = await self._post("/v1/chat/completions", body)
+            data = await self._post("/chat/completions", body)
             text = _field(data, lambda d: d["choices"][0]["message"]["content"] or "")
         usage = data.get("usage") or {}
         details = usage.get("completion_tokens_details") or {}

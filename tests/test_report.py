@@ -6,6 +6,7 @@ import math
 import struct
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_verdict import write_round
@@ -94,6 +95,8 @@ def test_results_tsv_is_autoresearch_format(tmp_path: Path):
     by_id = {r[0]: r for r in rows}
     assert by_id["A-S-r3-000"][1:4] == ["1.100000", "2.0", "keep"]  # a new best for its loop
     assert by_id["A-S-r3-001"][3] == "discard"
+    assert by_id["A-S-r2-000"][3] == "keep" and by_id["CTRL-r2-000"][3] == "keep"  # beat the shared 1.29
+    assert by_id["FLOOR-r1-000"][3] == "keep" and by_id["FLOOR-r1-001"][3] == "discard"
     assert by_id["A-S-r3-002"][1:4] == ["0.000000", "0.0", "crash"]
     assert by_id["A-S-r3-002"][4] == "A-S r3 crash: LR = 0.006"
 
@@ -116,3 +119,25 @@ def test_empty_and_absent_run_dirs(tmp_path: Path):
     assert "traces: no finished round yet" in md and "no traces yet" in md
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         report(tmp_path / "nope")
+
+
+def test_metrics_tables_upsert_atomically_without_duplicates(tmp_path: Path):
+    run = RunDir(tmp_path)
+    write_round(run, "A-S", 2, [1.2, math.nan, 1.1, 1.3])  # threads 0..3, one rollout each
+    wave = pq.read_table(run.traces("A-S", 2))
+    first = metrics.record_thread_rounds(run, wave)
+    again = metrics.record_thread_rounds(run, wave)  # a resumed step records the same wave again
+    assert first.num_rows == again.num_rows == 4
+    on_disk = pq.read_table(run.metrics("thread_round_sample")).to_pylist()
+    t1 = next(r for r in on_disk if r["thread"] == 1)
+    assert (t1["version"], t1["n"], t1["n_success"], t1["last_status"]) == (1, 1, 0, "crash")
+    assert math.isnan(t1["best_val_bpb"])
+    row = metrics.version_eval_row("synthetic", "A", "A-S", 1, "code", [1, 0])
+    metrics.record_version_eval(run, [row])
+    metrics.record_version_eval(run, [{**row, "n": 3, "values": [1.0, 0.0, 1.0]}])
+    table = metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL)
+    assert table.num_rows == 1 and table.column("n").to_pylist() == [3]
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):  # a wrong type is refused and the file is left as it was
+        metrics.record_version_eval(run, [{**row, "version": "v1"}])
+    assert metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL).equals(table)
+    assert not list(run.root.glob("metrics/.*.tmp"))

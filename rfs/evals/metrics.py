@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from rfs import atomic
 from rfs.collect.aggregate import SCHEMA as ROUND_AGGREGATES  # one row per (loop, round); defined there
+from rfs.rundir import RunDir
 
 # One row per (arm, round, thread): how one thread of a wave went.
 THREAD_ROUND_SAMPLE = pa.schema(
@@ -101,6 +102,16 @@ def thread_round_rows(traces: pa.Table) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def record_thread_rounds(run: RunDir, traces: pa.Table) -> pa.Table:
+    """Upsert one wave's THREAD_ROUND_SAMPLE rows into metrics/thread_round_sample.parquet."""
+    return upsert(run.metrics("thread_round_sample"), THREAD_ROUND_SAMPLE, THREAD_ROUND_KEY, thread_round_rows(traces))
+
+
+def record_version_eval(run: RunDir, rows: list[dict[str, Any]]) -> pa.Table:
+    """Upsert VERSION_EVAL rows (see version_eval_row) into metrics/version_eval.parquet."""
+    return upsert(run.metrics("version_eval"), VERSION_EVAL, VERSION_EVAL_KEY, rows)
 
 
 def version_number(version: str | int) -> int:

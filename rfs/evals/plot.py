@@ -55,7 +55,10 @@ def hero(points: list[Point], noise: dict[str, float] | None, title: str, path: 
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="solution diversity (AST; white: unknown)")
     ax.set_xlabel("researcher version V_n  (round n+1; CTRL is V0 with n rounds of memory)")
     ax.set_ylabel("best val_bpb of the round  (lower is better)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    versions = sorted({p.round - 1 for p in points if p.line != "FLOOR"})
+    if versions:
+        ax.set_xticks(versions)
+        ax.set_xlim(versions[0] - 0.3, versions[-1] + 0.3)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

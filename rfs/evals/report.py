@@ -173,13 +173,16 @@ def _points(groups: dict[tuple[str, int], list[dict[str, Any]]], aggs: list[dict
 def results_tsv(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
     """Every rollout in autoresearch's results.tsv format: commit, val_bpb, memory_gb, status, description.
 
-    `commit` is the rollout id; status is keep (a new best for its loop), discard, or crash (any
+    `commit` is the rollout id; status is keep (a new best for its loop, which starts from the shared
+    round's best), discard, or crash (any
     failed run; the description says which status, so an infra_error is not passed off as a crash of
     the researcher's code).
     """
     rows = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
+    shared = [v for v in metrics.rollout_values(groups.get(("shared", 1), [])) if math.isfinite(v)]
     for line in sorted({l for l, _ in groups}):
-        best = math.inf
+        # A loop that starts from the shared round must beat that round's best to "keep".
+        best = min(shared, default=math.inf) if line not in ("shared", "FLOOR") else math.inf
         for (l, round_), rs in sorted(groups.items()):
             if l != line:
                 continue

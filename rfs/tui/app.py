@@ -45,10 +45,10 @@ class TranscriptScreen(Screen):
 
     def __init__(self, run: RunDir, arm: str, round_: int, rollout_id: str):
         super().__init__()
-        self.run, self.arm, self.round, self.rollout_id = run, arm, round_, rollout_id
+        self.rundir, self.arm, self.round, self.rollout_id = run, arm, round_, rollout_id
 
     def compose(self) -> ComposeResult:
-        row = transcript.load_trace(self.run, self.arm, self.round, self.rollout_id)
+        row = transcript.load_trace(self.rundir, self.arm, self.round, self.rollout_id)
         text = (
             transcript.render(row)
             if row is not None
@@ -102,9 +102,9 @@ class WatchApp(App):
 
     def __init__(self, run_dir: Path, poll_s: float = POLL_S):
         super().__init__()
-        self.run = RunDir(Path(run_dir))
+        self.rundir = RunDir(Path(run_dir))
         self.view = RunView()
-        self.tail = LogTail(self.run.events)
+        self.tail = LogTail(self.rundir.events)
         self.poll_s = poll_s
         self.selected = 0
         self.shown_round: int | None = None  # None: follow the arm's live round
@@ -178,13 +178,13 @@ class WatchApp(App):
     def open_rollout(self, rollout_id: str | None) -> None:
         arm = self.current_arm()
         if arm is not None and rollout_id is not None and self.current_round(arm) is not None:
-            self.push_screen(TranscriptScreen(self.run, arm.name, self.current_round(arm), rollout_id))
+            self.push_screen(TranscriptScreen(self.rundir, arm.name, self.current_round(arm), rollout_id))
 
     def refresh_view(self) -> None:
         v = self.view
         state = "finished" if v.finished else "running"
         last = time.strftime("%H:%M:%S", time.localtime(v.last_t)) if v.last_t else "-"
-        title = f"rfs watch  {v.experiment or self.run.root.name}  {state}  last event {last}"
+        title = f"rfs watch  {v.experiment or self.rundir.root.name}  {state}  last event {last}"
         if v.last_scheduler:
             title += f"  scheduler: {v.last_scheduler}"
         self.query_one("#title", Static).update(Text(title))
@@ -200,7 +200,7 @@ class WatchApp(App):
             f"[reverse] {i + 1} {escape(n)} [/]" if i == self.selected else f" {i + 1} {escape(n)} "
             for i, n in enumerate(names)
         ]
-        self.query_one("#arms", Static).update(" ".join(tabs) or escape(f"waiting for events in {self.run.events}"))
+        self.query_one("#arms", Static).update(" ".join(tabs) or escape(f"waiting for events in {self.rundir.events}"))
         round_ = self.current_round(arm) if arm else None
         self.query_one("#arm", Static).update(Text(_arm_lines(arm, round_) if arm else ""))
         self._fill_rollouts(arm.round_rollouts(round_) if arm else [])

@@ -1,0 +1,179 @@
+"""The local launcher: one subprocess per job on this machine, confined and always cleaned up.
+
+Each job gets a fresh temporary working directory (removed afterwards), its own session and
+process group, an environment tag, the slot's cores (sched_setaffinity), finite rlimits and, where the
+platform allows it, no network (`unshare --net`). On timeout or cancellation the whole group and
+every process carrying the tag get SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import anyio
+from anyio.abc import Process
+
+from rfs.hosts import Slot
+from rfs.launch.base import WORKDIR, Job, JobOutcome
+
+KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL: lets the harness reap its own children
+RLIMIT_AS_BYTES = 32 << 30  # generous but finite: a runaway allocation fails instead of swapping the host
+RLIMIT_CPU_FACTOR = 4  # CPU seconds allowed per wall second of timeout, per core
+
+
+@functools.cache
+def network_isolation() -> tuple[str, ...]:
+    """The argv prefix that cuts the network here, or () where `unshare --net` is not permitted."""
+    for prefix in (("unshare", "--net"), ("unshare", "--net", "--map-root-user")):
+        if shutil.which("unshare") is None:
+            return ()
+        try:
+            ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if ok:
+            return prefix
+    return ()
+
+
+# Runs in front of the job's program (anyio's open_process has no preexec_fn): pin the cores, set
+# the rlimits, then exec the program in place, so the pid and the process group stay the job's.
+CONFINE = """
+import os, resource, sys
+cpus, cpu_s, as_bytes = sys.argv[1:4]
+if cpus:
+    os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+if int(as_bytes) > 0:
+    resource.setrlimit(resource.RLIMIT_AS, (int(as_bytes), int(as_bytes)))
+resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_s), int(cpu_s)))
+os.execvp(sys.argv[4], sys.argv[4:])
+"""
+
+
+def _confined(slot: Slot, timeout_s: float, argv: list[str]) -> list[str]:
+    cpu_seconds = int(timeout_s * max(1, len(slot.cpus)) * RLIMIT_CPU_FACTOR) + 60
+    # CUDA maps far more address space than it uses: no RLIMIT_AS on GPU slots.
+    as_bytes = RLIMIT_AS_BYTES if slot.gpu < 0 else 0
+    cpus = ",".join(map(str, slot.cpus))
+    return [sys.executable, "-c", CONFINE, cpus, str(cpu_seconds), str(as_bytes), *argv]
+
+
+def _tagged(tag: bytes) -> list[int]:
+    """Every live process whose environment carries the job's tag: a daemon that double-forked and
+    left the process group has lost its parent, but it still carries the environment it inherited."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if tag in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _signal_tree(pgid: int, pids: list[int], sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+async def _stop(proc: Process, tag: bytes) -> None:
+    """SIGTERM the group and every tagged process, wait a little, then SIGKILL whatever is left."""
+    _signal_tree(proc.pid, _tagged(tag), signal.SIGTERM)
+    with anyio.move_on_after(KILL_GRACE_S):
+        await proc.wait()
+    _signal_tree(proc.pid, _tagged(tag), signal.SIGKILL)
+    await proc.wait()
+    # SIGKILL is delivered asynchronously: make sure nothing of the job is still running on return.
+    with anyio.move_on_after(KILL_GRACE_S):
+        while left := _tagged(tag):
+            _signal_tree(proc.pid, left, signal.SIGKILL)
+            await anyio.sleep(0.05)
+
+
+class LocalLauncher:
+    """Launcher for slots on this machine."""
+
+    def __init__(self, isolate_network: bool = True):
+        self.net_prefix = network_isolation() if isolate_network else ()
+
+    async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
+        started = time.monotonic()
+        workdir = Path(tempfile.mkdtemp(prefix=f"rfs-{job.rollout_id}-"))
+        try:
+            for name, data in job.files.items():
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise ValueError(f"job {job.rollout_id}: file name {name!r} leaves the working directory")
+                path = workdir / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            return await self._run(slot, job, workdir, on_line, started)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _run(self, slot: Slot, job: Job, workdir: Path, on_line, started: float) -> JobOutcome:
+        argv = [a.replace(WORKDIR, str(workdir)) for a in job.argv]
+        if not argv or shutil.which(argv[0], path=os.environ.get("PATH")) is None:
+            # Checked here because behind `unshare` a missing program would look like exit 127.
+            return JobOutcome(None, b"", False, time.monotonic() - started, infra_error=f"cannot start {argv[:1]}: no such program")
+        threads = str(max(1, len(slot.cpus)))
+        tag = f"RFS_JOB_TAG={uuid.uuid4().hex}"
+        env = {**os.environ, **job.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env["RFS_JOB_TAG"] = tag.split("=", 1)[1]
+        if slot.gpu >= 0:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+        try:
+            proc = await anyio.open_process(
+                [*self.net_prefix, *_confined(slot, job.timeout_s, argv)], cwd=workdir, env=env,
+                stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return JobOutcome(None, b"", False, time.monotonic() - started, infra_error=f"could not start {argv[0]!r}: {exc}")
+        chunks: list[bytes] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._stream, proc, chunks, on_line)
+                with anyio.move_on_after(job.timeout_s) as scope:
+                    await proc.wait()
+                timed_out = scope.cancelled_caught
+                await _stop(proc, tag.encode())
+                # A daemonised grandchild may still hold the pipe open: drain briefly, then stop reading.
+                tg.cancel_scope.deadline = anyio.current_time() + 2
+        finally:
+            # Runs on timeout, on success (stray background children) and on cancellation alike.
+            with anyio.CancelScope(shield=True):
+                await _stop(proc, tag.encode())
+                await proc.aclose()
+        exit_code = None if timed_out else proc.returncode
+        return JobOutcome(exit_code, b"".join(chunks), timed_out, time.monotonic() - started)
+
+    @staticmethod
+    async def _stream(proc: Process, chunks: list[bytes], on_line) -> None:
+        pending = b""
+        async for data in proc.stdout:
+            chunks.append(data)
+            if on_line is None:
+                continue
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                on_line(line.decode(errors="replace"))
+        if pending and on_line is not None:
+            on_line(pending.decode(errors="replace"))

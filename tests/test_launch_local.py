@@ -1,0 +1,112 @@
+"""The local launcher, with real subprocesses: output, timeouts, process-tree cleanup, cancellation."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+
+from rfs.hosts import Slot
+from rfs.launch.base import WORKDIR, Job
+from rfs.launch.local import LocalLauncher
+
+SLOT = Slot("local-test", "local", "localhost", tuple(sorted(os.sched_getaffinity(0)))[:1], -1, sys.executable, ".")
+
+# Forks a child that stays in the group and a daemon that leaves it with setsid; all of them record
+# their pid in the working directory's pids file and then sleep forever.
+FORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    def record():
+        with open(os.environ["PIDS_FILE"], "a") as f:
+            f.write(f"{os.getpid()}\\n")
+    record()
+    if os.fork() == 0:
+        record(); time.sleep(1000)
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            record(); time.sleep(1000)
+        os._exit(0)
+    print("forked", flush=True)
+    time.sleep(1000)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _pids(path: Path, n: int) -> list[int]:
+    pids = [int(x) for x in path.read_text().split()]
+    assert len(pids) == n, pids
+    return pids
+
+
+def test_runs_streams_output_and_cleans_workdir(tmp_path):
+    script = "import os, sys; print('hello'); print(open('data.txt').read()); print(os.getcwd()); sys.exit(3)"
+    job = Job("r1", (sys.executable, f"{WORKDIR}/main.py"), {"main.py": script.encode(), "data.txt": b"payload"}, 30)
+    lines: list[str] = []
+    out = anyio.run(LocalLauncher().run, SLOT, job, lines.append)
+    assert out.exit_code == 3 and not out.timed_out and out.infra_error == ""
+    assert lines[:2] == ["hello", "payload"]
+    workdir = Path(lines[2])
+    assert workdir.name.startswith("rfs-r1-") and not workdir.exists()
+    assert b"hello\npayload\n" in out.output
+
+
+def test_job_env_threads_and_affinity():
+    script = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['EXTRA'], sorted(os.sched_getaffinity(0)))"
+    job = Job("r2", (sys.executable, "-c", script), {}, 30, {"EXTRA": "x"})
+    out = anyio.run(LocalLauncher().run, SLOT, job)
+    assert out.output.decode().strip().split(maxsplit=2) == ["1", "x", str(list(SLOT.cpus))]
+
+
+def test_timeout_kills_forking_job_and_all_descendants(tmp_path):
+    pids_file = tmp_path / "pids"
+    job = Job("r3", (sys.executable, "-c", FORKER), {}, 3.0, {"PIDS_FILE": str(pids_file)})
+    out = anyio.run(LocalLauncher().run, SLOT, job)
+    assert out.timed_out and out.exit_code is None and out.infra_error == ""
+    assert b"forked" in out.output
+    pids = _pids(pids_file, 3)
+    assert [p for p in pids if _alive(p)] == []
+
+
+def test_cancellation_kills_the_job(tmp_path):
+    pids_file = tmp_path / "pids"
+    job = Job("r4", (sys.executable, "-c", FORKER), {}, 300.0, {"PIDS_FILE": str(pids_file)})
+    seen = []
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+
+            def on_line(line: str) -> None:
+                seen.append(line)
+                tg.cancel_scope.cancel()  # cancel as soon as the job is up and has forked
+
+            tg.start_soon(LocalLauncher().run, SLOT, job, on_line)
+
+    anyio.run(main)
+    assert seen == ["forked"]
+    assert [p for p in _pids(pids_file, 3) if _alive(p)] == []
+
+
+def test_start_failure_is_infra_error():
+    job = Job("r5", ("/nonexistent/python-for-rfs", "x.py"), {}, 10)
+    out = anyio.run(LocalLauncher().run, SLOT, job)
+    assert out.exit_code is None and "no such program" in out.infra_error
+
+
+def test_bad_working_file_name_is_reported_not_swallowed():
+    job = Job("r6", (sys.executable, "-c", "pass"), {"../../escape/x": b""}, 10)
+    with pytest.raises(ValueError):
+        anyio.run(LocalLauncher().run, SLOT, job)

@@ -9,7 +9,6 @@ through metrics/version_eval.parquet, not here.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa

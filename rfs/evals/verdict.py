@@ -77,6 +77,8 @@ def bootstrap(
 
 def _estimate(name: str, samples: dict[str, list[float]], stat: Stat, note: str, seed: int, n_boot: int) -> Estimate:
     value, lo, hi = bootstrap(samples, stat, n_boot, seed)
+    if min(map(len, samples.values()), default=0) == 1:
+        note += "; one sample on a side, so the interval omits run-to-run noise"
     return Estimate(name, value, lo, hi, sum(len(v) for v in samples.values()), note)
 
 

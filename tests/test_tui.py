@@ -52,30 +52,39 @@ def run_dir(tmp_path: Path) -> RunDir:
 def test_sample_log_reduces_to_the_live_picture():
     v = sample_view()
     assert v.experiment == "embedded-demo" and not v.finished
-    assert list(v.arms) == ["shared", "S", "F", "CTRL", "FLOOR"]
-    s = v.arms["S"]
+    assert list(v.arms) == ["A-S", "A-F", "CTRL", "FLOOR", "shared"]  # "v0" (a server key) is no arm
+    assert (v.phase, v.server) == ("", "up v0/v0")  # calibration is over; frozen V0 serves the baselines
+    s = v.arms["A-S"]
     assert (s.round, s.phase, s.version, s.server) == (3, "collect", "v2", "up")
     states = {r.rollout_id: r.state for r in s.round_rollouts()}
     assert states == {
-        "S-3-00": "success 1.3620",
-        "S-3-01": "success 1.3660 (reading)",
-        "S-3-02": "running on slot-3",
-        "S-3-03": "thinking",
+        "A-S-r3-t000": "success 1.3620",
+        "A-S-r3-t001": "success 1.3660 (reading)",
+        "A-S-r3-t002": "running on local-3",
+        "A-S-r3-t003": "thinking",
     }
     assert s.round_summary() == "1/4 done, 1 success, best 1.3620"
-    assert v.slots == {"slot-0": "", "slot-1": "", "slot-2": "", "slot-3": "S/S-3-02"}
-    assert set(v.quarantined) == {"slot-2"}
-    assert v.arms["FLOOR"].paused.startswith("scheduler")
-    assert [a.kind for a in v.alarms] == ["quarantine", "paused", "drift"]
-    assert v.last_scheduler.startswith("pause FLOOR")
+    assert v.slots == {"local-0": "", "local-1": "", "local-2": "", "local-3": "A-S-r3-t002"}
+    assert set(v.quarantined) == {"local-2"}
+    assert (v.arms["FLOOR"].phase, v.arms["FLOOR"].paused) == ("paused", "collapse guard: success rate 0.25 below 0.5 twice")
+    assert [a.kind for a in v.alarms] == ["quarantine", "collapse", "paused", "drift"]  # quarantine once
+    assert v.last_scheduler == "start loop=FLOOR"
 
 
 def test_trajectory_is_best_per_round_starting_from_the_shared_round():
     v = sample_view()
-    assert v.trajectory("S") == [1.398, 1.371, 1.362]  # round 3 is live: its best so far
-    assert v.trajectory("F") == [1.398, 1.390]
+    assert v.trajectory("A-S") == [1.398, 1.371, 1.362]  # round 3 is live: its best so far
+    assert v.trajectory("A-F") == [1.398, 1.390]
     assert v.trajectory("shared") == [1.398]
     assert v.trajectory("nobody") == [1.398]
+
+
+def test_a_replayed_rollout_starts_over_and_collecting_again_unpauses():
+    v = sample_view()
+    v.apply({"t": 1, "kind": "rollout_started", "arm": "A-S", "round": 3, "rollout_id": "A-S-r3-t001", "thread": 1})
+    assert v.arms["A-S"].round_rollouts()[1].state == "thinking" and v.arms["A-S"].round_rollouts()[1].turns == 0
+    v.apply({"t": 2, "kind": "phase", "arm": "FLOOR", "round": 3, "phase": "collect"})
+    assert v.arms["FLOOR"].paused == "" and v.arms["FLOOR"].round == 3
 
 
 def test_failed_runs_show_their_status_and_never_count_as_best():
@@ -109,12 +118,14 @@ def test_odd_events_are_tolerated_and_versions_read_one_way():
         {"t": 1, "kind": "from_a_newer_writer", "arm": "S", "whatever": [1, 2]},
         {"kind": "turn", "arm": "S", "round": 4, "rollout_id": "mid-run"},  # log opened mid-wave
         {"t": 2, "kind": "consolidated", "arm": "S", "round": 4, "version": 5},
-        {"t": 3, "kind": "server_crashed", "arm": "S", "version": 5, "base_url": "http://x"},
+        {"t": 3, "kind": "server_crashed", "version": "S/v5", "base_url": "http://x"},
+        {"t": 3, "kind": "server_started", "version": "Qwen/Qwen2.5-Coder-7B-Instruct"},  # no arm's
         {"t": 4, "kind": "wave_finished", "arm": "S", "round": 4, "best_val_bpb": "nan"},
         {"t": 5, "kind": "experiment_finished", "experiment": "e"},
     ])
     s = v.arms["S"]
     assert (s.round, s.version, s.server) == (4, "v5", "crashed")
+    assert v.server == "up Qwen/Qwen2.5-Coder-7B-Instruct" and list(v.arms) == ["S"]
     assert s.round_rollouts()[0].state == "thinking"
     assert v.trajectory("S") == [] and v.finished and v.last_t == 5
     assert [a.kind for a in v.alarms] == ["server"]
@@ -186,8 +197,8 @@ def test_plain_progress_prints_one_line_per_event_without_turns(tmp_path, capsys
     lines = capsys.readouterr().out.splitlines()
     events = read_events(SAMPLE)[0]
     assert len(lines) == sum(e["kind"] != "turn" for e in events)
-    assert any(" rollout_finished arm=S round=3 rollout_id=S-3-00 status=success val_bpb=1.362" in ln for ln in lines)
-    assert any(" run_finished arm=F round=2 rollout_id=F-2-01 status=timeout val_bpb=nan slot=slot-1" in ln for ln in lines)
+    assert any(" rollout_finished arm=A-S round=3 rollout_id=A-S-r3-t000 status=success val_bpb=1.362" in ln for ln in lines)
+    assert any(" run_finished arm=A-F round=2 rollout_id=A-F-r2-t001 status=timeout val_bpb=nan slot=local-1" in ln for ln in lines)
 
 
 def test_plain_progress_on_a_fresh_or_missing_run(tmp_path, capsys):
@@ -210,12 +221,12 @@ def test_watch_without_a_terminal_follows_as_plain_lines_until_the_experiment_en
     first = proc.stdout.readline()  # it is following: the log so far is being printed
     assert "experiment_started experiment=embedded-demo" in first
     log = EventLog(run.events)
-    log.emit("rollout_finished", arm="S", round=3, rollout_id="S-3-03", status="no_edit", val_bpb=math.nan)
+    log.emit("rollout_finished", arm="A-S", round=3, rollout_id="A-S-r3-t003", status="no_edit", val_bpb=math.nan)
     log.emit("experiment_finished", experiment="embedded-demo")
     log.close()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
-    assert "rollout_id=S-3-03 status=no_edit" in out and out.rstrip().endswith("experiment=embedded-demo")
+    assert "rollout_id=A-S-r3-t003 status=no_edit" in out and out.rstrip().endswith("experiment=embedded-demo")
 
 
 # ── the app, driven by a pilot ────────────────────────────────────────────────────────────────
@@ -244,21 +255,22 @@ async def test_app_shows_arms_rollouts_slots_and_alarms(tmp_path):
     app = WatchApp(run.root)
     async with app.run_test(size=(130, 36)) as pilot:
         await pilot.pause()
-        assert "embedded-demo" in text_of(app, "#title")
-        assert text_of(app, "#arm").startswith("arm shared  round 1 (live)  phase collect  researcher v0")
-        await pilot.press("2")
-        assert text_of(app, "#arm").startswith("arm S  round 3 (live)  phase collect  researcher v2  server up")
+        assert "embedded-demo" in text_of(app, "#title") and "server up v0/v0" in text_of(app, "#title")
+        assert text_of(app, "#arm").startswith("arm A-S  round 3 (live)  phase collect  researcher v2  server up")
         rows = table_rows(app)
-        assert rows["S-3-00"][-1] == "success 1.3620" and rows["S-3-02"][-1] == "running on slot-3"
+        assert rows["A-S-r3-t000"][-1] == "success 1.3620" and rows["A-S-r3-t002"][-1] == "running on local-3"
         assert "1/4 done, 1 success, best 1.3620  last LoRA loss 1.330 kl 0.018" in text_of(app, "#arm")
         assert text_of(app, "#trajectory") == "1.398 → 1.371 → 1.362"
-        assert "slot-2  QUARANTINED" in text_of(app, "#slots") and "slot-3  S/S-3-02" in text_of(app, "#slots")
-        assert "drift F val_bpb improved" in text_of(app, "#alarms")
+        slots = text_of(app, "#slots")
+        assert "local-2  QUARANTINED" in slots and "local-3  A-S-r3-t002" in slots and "local-0  idle" in slots
+        assert "drift A-F val_bpb improved" in text_of(app, "#alarms")
         await pilot.press("tab")
-        assert text_of(app, "#arm").startswith("arm F  round 2 (live)  phase consolidate  researcher v2")
-        assert table_rows(app)["F-2-01"][-1] == "timeout"
-        await pilot.press("5")
-        assert "PAUSED: scheduler" in text_of(app, "#arm")
+        assert text_of(app, "#arm").startswith("arm A-F  round 2 (live)  phase consolidate  researcher v2")
+        assert table_rows(app)["A-F-r2-t001"][-1] == "timeout"
+        await pilot.press("4")
+        assert "phase paused" in text_of(app, "#arm") and "PAUSED: collapse guard" in text_of(app, "#arm")
+        await pilot.press("5", "shift+tab")
+        assert text_of(app, "#arm").startswith("arm FLOOR")
 
 
 @pytest.mark.anyio
@@ -268,16 +280,15 @@ async def test_app_follows_the_file_as_it_grows(tmp_path):
     run = run_dir(tmp_path)
     app = WatchApp(run.root, poll_s=0.05)
     async with app.run_test(size=(130, 36)) as pilot:
-        await pilot.press("2")
         log = EventLog(run.events)
-        log.emit("run_finished", arm="S", round=3, rollout_id="S-3-02", slot="slot-3", status="crash",
+        log.emit("run_finished", arm="A-S", round=3, rollout_id="A-S-r3-t002", slot="local-3", status="crash",
                  val_bpb=math.nan, steps=0)
         log.close()
         deadline = time.monotonic() + 30  # a hang guard, not a timing assertion
-        while table_rows(app)["S-3-02"][-1] != "crash (reading)" and time.monotonic() < deadline:
+        while table_rows(app)["A-S-r3-t002"][-1] != "crash (reading)" and time.monotonic() < deadline:
             await pilot.pause(0.05)
-        assert table_rows(app)["S-3-02"][-1] == "crash (reading)"
-        assert "slot-3  idle" in text_of(app, "#slots")
+        assert table_rows(app)["A-S-r3-t002"][-1] == "crash (reading)"
+        assert "local-3  idle" in text_of(app, "#slots")
         run.events.write_text('{"t": 1, "kind": "experiment_started", "experiment": "again"}\n')
         while "again" not in text_of(app, "#title") and time.monotonic() < deadline:
             await pilot.pause(0.05)
@@ -289,19 +300,19 @@ async def test_enter_opens_the_transcript_and_q_quits_without_touching_the_run(t
     from rfs.tui.app import TranscriptScreen, WatchApp
 
     run = run_dir(tmp_path)
-    row = trace_row(arm="S", round=3, rollout_id="S-3-00", version="v2", messages=MESSAGES, diff=DIFF)
-    atomic.write_parquet(run.pending("S", 3) / "S-3-00.parquet", trace.to_table([row]))
+    row = trace_row(arm="A-S", round=3, rollout_id="A-S-r3-t000", version="v2", messages=MESSAGES, diff=DIFF)
+    atomic.write_parquet(run.pending("A-S", 3) / "A-S-r3-t000.parquet", trace.to_table([row]))
     before = tree_bytes(run.root)
     app = WatchApp(run.root)
     async with app.run_test(size=(130, 36)) as pilot:
-        await pilot.press("2", "enter")
+        await pilot.press("enter")
         assert isinstance(app.screen, TranscriptScreen)
         shown = text_of(app, "#transcript")
         assert "(thought) try a larger lr" in shown and "+lr = 0.02" in shown
         await pilot.press("3")  # arm keys do nothing behind a transcript
-        assert isinstance(app.screen, TranscriptScreen) and app.selected == 1
-        await pilot.press("escape", "down", "down", "enter")  # S-3-02 is still running: no row yet
-        assert "S-3-02: no trace row yet (still in flight)" in text_of(app, "#transcript")
+        assert isinstance(app.screen, TranscriptScreen) and app.selected == 0
+        await pilot.press("escape", "down", "down", "enter")  # t002 is still running: no row yet
+        assert "A-S-r3-t002: no trace row yet (still in flight)" in text_of(app, "#transcript")
         await pilot.press("escape", "q")
         await pilot.pause()
         assert not app.is_running
@@ -312,8 +323,8 @@ async def test_enter_opens_the_transcript_and_q_quits_without_touching_the_run(t
 async def test_screenshot_of_the_sample(tmp_path):
     from rfs.tui.screenshot import screenshot
 
-    svg = await screenshot(run_dir(tmp_path).root, tmp_path / "tui.svg", keys=("2",))
-    assert (tmp_path / "tui.svg").read_text() == svg and "S-3-00" in svg and svg.startswith("<svg")
+    svg = await screenshot(run_dir(tmp_path).root, tmp_path / "tui.svg", keys=("tab",))
+    assert (tmp_path / "tui.svg").read_text() == svg and "A-F-r2-t001" in svg and svg.startswith("<svg")
 
 
 @pytest.mark.anyio
@@ -321,22 +332,22 @@ async def test_brackets_browse_earlier_rounds_and_open_their_compacted_traces(tm
     from rfs.tui.app import WatchApp
 
     run = run_dir(tmp_path)
-    rows = [trace_row(arm="S", round=2, rollout_id=f"S-2-0{i}", val_bpb=1.371 + i / 100) for i in range(2)]
+    rows = [trace_row(arm="A-S", round=2, rollout_id=f"A-S-r2-t00{i}", val_bpb=1.371 + i / 100) for i in range(2)]
     rows[1]["messages"] = [{"role": "assistant", "content": '{"action": "finish"}', "reasoning": "enough"}]
-    atomic.write_parquet(run.traces("S", 2), trace.to_table(rows))
+    atomic.write_parquet(run.traces("A-S", 2), trace.to_table(rows))
     app = WatchApp(run.root)
     async with app.run_test(size=(130, 36)) as pilot:
-        await pilot.press("2", "[")
-        assert text_of(app, "#arm").startswith("arm S  round 2 of 3 (] for live)")
-        assert table_rows(app)["S-2-02"][-1] == "no_edit"
-        await pilot.press("[")  # S has no round-1 rollouts of its own: stays on round 2
+        await pilot.press("[")
+        assert text_of(app, "#arm").startswith("arm A-S  round 2 of 3 (] for live)")
+        assert table_rows(app)["A-S-r2-t002"][-1] == "no_edit"
+        await pilot.press("[")  # A-S has no round-1 rollouts of its own: stays on round 2
         assert "round 2 of 3" in text_of(app, "#arm")
         await pilot.press("down", "enter")
         assert '{"action": "finish"}' in text_of(app, "#transcript")
         await pilot.press("escape", "]")
-        assert "round 3 (live)" in text_of(app, "#arm") and "S-3-00" in table_rows(app)
-        await pilot.press("[", "3")  # switching arm goes back to following the live round
-        assert text_of(app, "#arm").startswith("arm F  round 2 (live)")
+        assert "round 3 (live)" in text_of(app, "#arm") and "A-S-r3-t000" in table_rows(app)
+        await pilot.press("[", "2")  # switching arm goes back to following the live round
+        assert text_of(app, "#arm").startswith("arm A-F  round 2 (live)")
 
 
 @pytest.mark.anyio

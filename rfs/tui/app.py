@@ -185,6 +185,10 @@ class WatchApp(App):
         state = "finished" if v.finished else "running"
         last = time.strftime("%H:%M:%S", time.localtime(v.last_t)) if v.last_t else "-"
         title = f"rfs watch  {v.experiment or self.rundir.root.name}  {state}  last event {last}"
+        if v.phase:
+            title += f"  {v.phase}"
+        if v.server:
+            title += f"  server {v.server}"
         if v.last_scheduler:
             title += f"  scheduler: {v.last_scheduler}"
         self.query_one("#title", Static).update(Text(title))

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 SHARED = "shared"  # round 1, collected once for all arms (DESIGN.md)
-_ALARM_KINDS = ("alarm", "slot_quarantined", "arm_paused", "server_crashed")
+ALL_ARMS = "*"  # a phase of the whole run (calibration), not of one arm
+# slot_quarantined is not here: the slot pool raises its own `alarm` for it
+_ALARM_KINDS = ("alarm", "arm_paused", "server_crashed")
 
 
 @dataclass
@@ -87,10 +89,12 @@ class RunView:
 
     experiment: str = ""
     finished: bool = False
+    phase: str = ""  # the whole run's phase, when it has one (calibrate)
+    server: str = ""  # a researcher server no single arm owns (frozen V0 for the baselines)
     last_t: float | None = None
     last_scheduler: str = ""
     arms: dict[str, Arm] = field(default_factory=dict)  # insertion order = order of first sight
-    slots: dict[str, str] = field(default_factory=dict)  # slot -> "arm/rollout_id" or ""
+    slots: dict[str, str] = field(default_factory=dict)  # slot -> the rollout_id running on it, or ""
     quarantined: dict[str, str] = field(default_factory=dict)  # slot -> reason
     alarms: list[Alarm] = field(default_factory=list)
 
@@ -139,9 +143,9 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def _version(value: Any) -> str:
-    """Versions arrive as "v2" or 2 depending on the writer; show them one way."""
-    return f"v{value}" if isinstance(value, int) else str(value)
+def _version(value: Any, arm: str) -> str:
+    """Versions arrive as 2, "v2" or the model id "<arm>/v2" depending on the writer; show "v2"."""
+    return f"v{value}" if isinstance(value, int) else str(value).removeprefix(f"{arm}/")
 
 
 def _note_best(arm: Arm, round_: int, val_bpb: float) -> None:
@@ -169,19 +173,34 @@ def _experiment_finished(v: RunView, e: dict[str, Any]) -> None:
 
 
 def _phase(v: RunView, e: dict[str, Any]) -> None:
-    arm = v.arm(str(e.get("arm", "?")))
-    arm.phase = str(e.get("phase", ""))
+    name, phase = str(e.get("arm", "?")), str(e.get("phase", ""))
+    if name == ALL_ARMS:
+        v.phase = phase  # e.g. calibrate: the whole run, before any arm starts
+        return
+    v.phase = ""  # an arm has started: the run-wide phase is over
+    if phase == "swap" and name not in v.arms:
+        return  # a server key such as "v0" shared by frozen arms, not an arm of its own
+    arm = v.arm(name)
+    arm.phase = phase
     if "round" in e:
         arm.round = int(e["round"])
+    if phase == "collect":
+        arm.paused = ""  # collecting again: whatever paused it is over
+    if e.get("version") is not None:
+        arm.version = _version(e["version"], name)
 
 
 def _server(v: RunView, e: dict[str, Any]) -> None:
-    if "arm" not in e:
-        return  # a server shared by all arms: nothing arm-specific to show
-    arm = v.arm(str(e["arm"]))
+    """Servers are keyed by model id (`<arm>/v<n>`); one that names no known arm is the run's."""
+    model = str(e.get("version", ""))
+    name = e.get("arm") or model.split("/", 1)[0]
+    if name not in v.arms:
+        v.server = f"{_SERVER_STATE[e['kind']]} {model}".strip()
+        return
+    arm = v.arm(name)
     arm.server = _SERVER_STATE[e["kind"]]
-    if e.get("version") is not None and e["kind"] != "server_crashed":
-        arm.version = _version(e["version"])
+    if model and e["kind"] != "server_crashed":
+        arm.version = _version(e["version"], name)
 
 
 _SERVER_STATE = {"server_started": "up", "server_restarted": "up", "server_crashed": "crashed", "server_stopped": "stopped"}
@@ -189,7 +208,12 @@ _SERVER_STATE = {"server_started": "up", "server_restarted": "up", "server_crash
 
 def _rollout_started(v: RunView, e: dict[str, Any]) -> None:
     r = v.rollout(e)
-    r.thread = e.get("thread", r.thread)
+    # a rollout replayed after a server failure starts over: its old turns and run are history
+    fresh = Rollout(r.rollout_id, r.arm, r.round, thread=e.get("thread", r.thread))
+    arm = v.arms[r.arm]
+    arm.rollouts[(r.round, r.rollout_id)] = fresh
+    if arm.phase == "swap":
+        arm.phase = "collect"  # the swap happens inside collect: rollouts mean it is done
 
 
 def _turn(v: RunView, e: dict[str, Any]) -> None:
@@ -201,20 +225,20 @@ def _turn(v: RunView, e: dict[str, Any]) -> None:
 def _run_started(v: RunView, e: dict[str, Any]) -> None:
     r = v.rollout(e)
     r.slot = str(e.get("slot", "?"))
-    v.slots[r.slot] = f"{r.arm}/{r.rollout_id}"
+    v.slots[r.slot] = r.rollout_id
 
 
 def _run_finished(v: RunView, e: dict[str, Any]) -> None:
     r = v.rollout(e)
     slot = str(e.get("slot", r.slot))
-    if v.slots.get(slot) == f"{r.arm}/{r.rollout_id}":
+    if v.slots.get(slot) == r.rollout_id:
         v.slots[slot] = ""
     r.slot, r.status, r.val_bpb, r.steps = None, e.get("status"), _float(e.get("val_bpb")), e.get("steps")
 
 
 def _rollout_finished(v: RunView, e: dict[str, Any]) -> None:
     r = v.rollout(e)
-    if r.slot is not None and v.slots.get(r.slot) == f"{r.arm}/{r.rollout_id}":
+    if r.slot is not None and v.slots.get(r.slot) == r.rollout_id:
         v.slots[r.slot] = ""  # the run ended without run_finished (cancelled): free its slot
     r.slot, r.finished = None, True
     r.status, r.val_bpb = str(e.get("status", r.status or "?")), _float(e.get("val_bpb"))
@@ -239,7 +263,7 @@ def _train_step(v: RunView, e: dict[str, Any]) -> None:
 def _consolidated(v: RunView, e: dict[str, Any]) -> None:
     arm = v.arm(str(e.get("arm", "?")))
     if e.get("version") is not None:
-        arm.version = _version(e["version"])
+        arm.version = _version(e["version"], arm.name)
 
 
 def _arm_paused(v: RunView, e: dict[str, Any]) -> None:
@@ -247,7 +271,8 @@ def _arm_paused(v: RunView, e: dict[str, Any]) -> None:
 
 
 def _scheduler(v: RunView, e: dict[str, Any]) -> None:
-    v.last_scheduler = str(e.get("decision", ""))
+    rest = " ".join(f"{k}={x}" for k, x in e.items() if k not in ("t", "kind", "decision"))
+    v.last_scheduler = f"{e.get('decision', '')} {rest}".strip()
 
 
 _HANDLERS = {

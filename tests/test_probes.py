@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -146,3 +147,26 @@ def test_best_train_py_and_version_eval_rows_ignore_failures():
     assert code["mean"] == 0.75 and code["best"] == 1.0
     with pytest.raises(ValueError, match="probe"):
         metrics.version_eval_row("e", "A", "S", 1, "vibes", [])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, just not yet reaped
+    except FileNotFoundError:
+        return False
+
+
+def test_background_processes_die_with_the_sandbox(tmp_path):
+    pidfile = tmp_path / "pid"
+    code = (
+        "import subprocess\n"
+        f"p = subprocess.Popen(['sleep', '60'])\nopen({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+    ) + SOLUTIONS["is_palindrome"]
+    assert code_probe.score(code_probe.TASKS[0], code).ok  # finishing does not wait for the straggler
+    pid = int(pidfile.read_text())
+    for _ in range(100):  # SIGKILL was sent; give the kernel a moment to deliver it
+        if not _alive(pid):
+            break
+        time.sleep(0.05)
+    assert not _alive(pid)

@@ -163,35 +163,35 @@ def score(task: CodeTask, code: str, timeout_s: float = 10.0, case_timeout_s: in
         (work / "solution.py").write_text(code)
         (work / "runner.py").write_text(_RUNNER)
         (work / "cases.json").write_text(json.dumps([args for args, _ in task.cases]))
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "runner.py", task.name, str(case_timeout_s)],
-            cwd=work,
-            env={"PATH": "/usr/bin:/bin", "TMPDIR": tmp},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group, so everything it spawned dies with it
-            preexec_fn=_limits(int(timeout_s) + 1),
-        )
+        with open(work / "stderr.txt", "wb") as err:  # a file, not a pipe a background child could hold open
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "runner.py", task.name, str(case_timeout_s)],
+                cwd=work,
+                env={"PATH": "/usr/bin:/bin", "TMPDIR": tmp},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,  # its own process group, so everything it spawned dies with it
+                preexec_fn=_limits(int(timeout_s) + 1),
+            )
         try:
-            _, err = proc.communicate(timeout=timeout_s)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             return TaskScore(task.name, 0, len(task.cases), f"timed out after {timeout_s:g} s")
         finally:
-            _killpg_quietly(proc.pid)
+            _killpg_quietly(proc.pid)  # the runner, or stragglers it left in the background
+            proc.wait()
         try:
             results = json.loads((work / "results.json").read_text())
         except (OSError, json.JSONDecodeError):
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-            return TaskScore(task.name, 0, len(task.cases), f"no results: {tail[0][:200]}")
+            tail = (work / "stderr.txt").read_text(errors="replace").strip().splitlines()[-1:]
+            return TaskScore(task.name, 0, len(task.cases), f"no results: {(tail or [f'exit {proc.returncode}'])[0][:200]}")
     return _compare(task, results)
 
 
 def _killpg_quietly(pgid: int) -> None:
     try:
-        os.killpg(pgid, signal.SIGKILL)  # stragglers the code forked into the background
+        os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 

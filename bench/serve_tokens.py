@@ -29,9 +29,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def bench(model: Path, threads: int, requests: int, max_tokens: int) -> dict:
-    log = Path(tempfile.mkdtemp()) / "server.log"
-    server = LlamaCppServer(model, "bench", free_port(), log, cpus=tuple(range(threads)), threads=threads)
+async def bench(model: Path, work: Path, threads: int, requests: int, max_tokens: int) -> dict:
+    server = LlamaCppServer(model, "bench", free_port(), work / "server.log", cpus=tuple(range(threads)), threads=threads)
     t0 = time.monotonic()
     await server.start()
     startup = time.monotonic() - t0
@@ -62,13 +61,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
     model, convert_s = args.gguf or embedded_gguf(), None
-    if args.model_dir:
-        from rfs.serve.convert import hf_to_gguf
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.model_dir:
+            from rfs.serve.convert import hf_to_gguf
 
-        t = time.monotonic()
-        model = hf_to_gguf(args.model_dir, embedded_gguf(), Path(tempfile.mkdtemp()) / "m.gguf", args.qtype)
-        convert_s = round(time.monotonic() - t, 1)
-    result = anyio.run(bench, model, args.threads, args.requests, args.max_tokens)
+            t = time.monotonic()
+            model = hf_to_gguf(args.model_dir, embedded_gguf(), work / "model.gguf", args.qtype)
+            convert_s = round(time.monotonic() - t, 1)
+        result = anyio.run(bench, model, work, args.threads, args.requests, args.max_tokens)
     print(json.dumps({**result, "convert_s": convert_s, "qtype": args.qtype if args.model_dir else "as shipped"}))
 
 

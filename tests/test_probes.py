@@ -121,12 +121,13 @@ def test_zero_shot_rollouts_are_seeded_unconditioned_and_the_same_for_every_vers
 
 def test_transfer_sets_depth_inside_the_block_only():
     out = probes.transfer_train_py(SEED, 12)
-    assert "DEPTH = 12  # range: [1, 4]" in out
+    assert "DEPTH = 12  # range: [1, 12]" in out  # widened: the range bounds the researcher, not the probe
     assert 'DEPTH_NOTE = "DEPTH = 2 outside the block must stay"' in out
-    assert out.replace("DEPTH = 12", "DEPTH = 2", 1) == SEED
-    with pytest.raises(ValueError, match="HYPERPARAMETERS"):
+    assert out.replace("DEPTH = 12  # range: [1, 12]", "DEPTH = 2  # range: [1, 4]", 1) == SEED
+    assert "DEPTH = 3  # range: [1, 4]" in probes.transfer_train_py(SEED, 3)
+    with pytest.raises(ValueError, match="no hyperparameter block"):
         probes.transfer_train_py("DEPTH = 2\n", 12)
-    with pytest.raises(ValueError, match="DEPTH 0 times"):
+    with pytest.raises(ValueError, match="no integer DEPTH"):
         probes.transfer_train_py(SEED.replace("DEPTH = 2", "WIDTH = 2"), 12)
 
 

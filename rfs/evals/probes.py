@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from rfs.agent import hparams
 from rfs.config import Config
 
 
@@ -43,29 +44,23 @@ def zero_shot_rollouts(cfg: Config, version: int) -> list[ProbeRollout]:
     return [ProbeRollout(version, i, probe_seed(cfg.experiment.seed, i)) for i in range(n)]
 
 
-_BLOCK_START = re.compile(r"^# --- HYPERPARAMETERS\b.*$", re.M)
-_BLOCK_END = re.compile(r"^# --- END HYPERPARAMETERS ---\s*$", re.M)
-
-
-def set_hparam(train_py: str, name: str, value: Any) -> str:
-    """train.py with `NAME = value` set inside its marked hyperparameter block, range comment kept.
-
-    The declared range bounds the researcher's actions, not the harness: a probe may step past it.
-    """
-    start, end = _BLOCK_START.search(train_py), _BLOCK_END.search(train_py)
-    if not start or not end or end.start() < start.end():
-        raise ValueError("train.py has no '# --- HYPERPARAMETERS' ... '# --- END HYPERPARAMETERS ---' block")
-    block = train_py[start.end() : end.start()]
-    line = re.compile(rf"^({re.escape(name)}\s*=\s*)([^#\n]*?)(\s*(#.*)?)$", re.M)
-    new_block, count = line.subn(lambda m: f"{m.group(1)}{value!r}{m.group(3)}", block)
-    if count != 1:
-        raise ValueError(f"train.py hyperparameter block defines {name} {count} times (expected once)")
-    return train_py[: start.end()] + new_block + train_py[end.start() :]
-
-
 def transfer_train_py(best_train_py: str, depth: int) -> str:
-    """The transfer probe's train.py: the version's best train.py at the larger depth."""
-    return set_hparam(best_train_py, "DEPTH", int(depth))
+    """The transfer probe's train.py: the version's best train.py with DEPTH = depth.
+
+    The declared range bounds the researcher's actions, not the probe, so the DEPTH line's range is
+    widened to include `depth`; the result still parses as a valid hyperparameter block.
+    """
+    depth = int(depth)
+    current = {p.name: p for p in hparams.parse(best_train_py)}.get("DEPTH")
+    if current is None or current.kind != "int":
+        raise ValueError("train.py: the hyperparameter block has no integer DEPTH to set for the transfer probe")
+    line = f"DEPTH = {depth}  # range: [{min(int(current.lo), depth)}, {max(int(current.hi), depth)}]"
+    begin = best_train_py.index(hparams.BEGIN)
+    end = best_train_py.index(hparams.END, begin)
+    block = re.sub(r"(?m)^DEPTH\s*=.*$", line, best_train_py[begin:end], count=1)
+    out = best_train_py[:begin] + block + best_train_py[end:]
+    hparams.parse(out)  # what the probe runs is a valid train.py by the agent's own rules
+    return out
 
 
 def best_train_py(rows: Sequence[dict[str, Any]]) -> str | None:

@@ -3,6 +3,7 @@ driven by a pilot against a real run directory (the sample event log plus real P
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -220,6 +221,12 @@ def test_watch_without_a_terminal_follows_as_plain_lines_until_the_experiment_en
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     first = proc.stdout.readline()  # it is following: the log so far is being printed
     assert "experiment_started experiment=embedded-demo" in first
+    resumed = [  # a finish, then a resume: one write, so the follower sees both or neither
+        {"t": 1.0, "kind": "experiment_finished", "experiment": "embedded-demo"},
+        {"t": 2.0, "kind": "experiment_started", "experiment": "embedded-demo", "resumed": True},
+    ]
+    with open(run.events, "a") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in resumed))
     log = EventLog(run.events)
     log.emit("rollout_finished", arm="A-S", round=3, rollout_id="A-S-r3-t003", status="no_edit", val_bpb=math.nan)
     log.emit("experiment_finished", experiment="embedded-demo")

@@ -37,7 +37,7 @@ def plain_progress(run_dir: Path, follow: bool, poll_s: float = 1.0) -> None:
     run = RunDir(Path(run_dir))
     if not run.root.is_dir():
         raise FileNotFoundError(f"{run.root} is not a run directory (it does not exist)")
-    tail = LogTail(run.events)
+    tail, finished = LogTail(run.events), False
     try:
         while True:
             events, restarted = tail.read()
@@ -46,11 +46,14 @@ def plain_progress(run_dir: Path, follow: bool, poll_s: float = 1.0) -> None:
             for event in events:
                 if event.get("kind") not in _QUIET:
                     print(describe(event), flush=True)
+                # a resumed run starts again after an earlier finish: only the latest word counts
+                if event.get("kind") in ("experiment_started", "experiment_finished"):
+                    finished = event["kind"] == "experiment_finished"
             if not follow:
                 if tail.offset == 0:
                     print(f"{run.events}: no events yet", flush=True)
                 return
-            if any(e.get("kind") == "experiment_finished" for e in events):
+            if finished:
                 return
             time.sleep(poll_s)
     except KeyboardInterrupt:

@@ -52,7 +52,7 @@ def compute(model: torch.nn.Module, prompts: list[list[int]], device: str) -> An
         ids[i, : len(p)] = torch.tensor(p)
     top_idx, top_logp = [], []
     for i, p in enumerate(prompts):
-        logits = model(input_ids=ids[i : i + 1, : len(p)].to(device)).logits[0].float()
+        logits = model(input_ids=ids[i : i + 1, : len(p)].to(device), use_cache=False).logits[0].float()
         logp, idx = torch.log_softmax(logits, -1).topk(TOP_K, dim=-1)
         pad = width - len(p)
         top_idx.append(torch.nn.functional.pad(idx.cpu(), (0, 0, 0, pad)))
@@ -79,7 +79,7 @@ def load(directory: Path) -> Anchor | None:
 def kl_on(model: torch.nn.Module, anchor: Anchor, i: int, device: str) -> torch.Tensor:
     """Mean per-position KL on anchor prompt i (with grad when the caller trains)."""
     n = int(anchor.lengths[i])
-    logits = model(input_ids=anchor.input_ids[i : i + 1, :n].to(device)).logits[0]
+    logits = model(input_ids=anchor.input_ids[i : i + 1, :n].to(device), use_cache=False).logits[0]
     return bucket_kl(logits, anchor.top_idx[i, :n].to(device), anchor.top_logp[i, :n].to(device)).mean()
 
 

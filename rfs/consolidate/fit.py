@@ -118,9 +118,15 @@ def load_for_training(model_dir: Path, cfg: ConsolidateCfg, device: str, seed: i
     return lora(model, cfg, seed), tok
 
 
+def row_logits(model: Any, row: Row, device: str) -> torch.Tensor:
+    """A packed row's logits. No cache: with one, transformers would not detect the packing."""
+    ids, pos = row.input_ids[None].to(device), row.position_ids[None].to(device)
+    return model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+
+
 def row_loss(model: Any, row: Row, device: str) -> torch.Tensor:
     """Summed cross-entropy over the row's trained tokens."""
-    logits = model(input_ids=row.input_ids[None].to(device), position_ids=row.position_ids[None].to(device)).logits[0]
+    logits = row_logits(model, row, device)
     return torch.nn.functional.cross_entropy(logits.float(), row.targets.to(device), ignore_index=IGNORE, reduction="sum")
 
 
@@ -174,13 +180,13 @@ def fit(model: Any, rows: list[Row], val_rows: list[Row], anchor: Anchor | None,
         for r in batch:
             loss = row_loss(model, r, device) / n
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             res.tokens_seen += len(r.input_ids)
         kl = 0.0
         if kl_weight:
             kl_t = kl_on(model, anchor, (step - 1) % len(anchor), device)
             (kl_weight * kl_t).backward()
-            kl = float(kl_t)
+            kl = float(kl_t.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()

@@ -11,14 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rfs import atomic

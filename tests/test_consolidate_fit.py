@@ -1,0 +1,173 @@
+"""Consolidation's fit and publish on a tiny random Llama: packing isolation, the KL anchor's pull,
+merged == base+adapter, the published version's files and metrics, resume after a kill -9."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tiny_model
+from rfs import atomic, trace
+from rfs.config import ConsolidateCfg
+from rfs.consolidate import anchor, consolidate, dataset, fit
+from rfs.events import EventLog, iter_events
+from rfs.rundir import RunDir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)  # the tiny model is overhead-bound: threads only contend with neighbours
+CFG = ConsolidateCfg(lora_r=4, lora_alpha=8, lora_dropout=0.05, epochs=2.0, lr=5e-3, max_seq_len=512,
+                     batch_tokens=512, kl_prompts=4, reason="tiny test model")
+
+
+@pytest.fixture(scope="module")
+def v0(tmp_path_factory) -> Path:
+    return tiny_model.build(tmp_path_factory.mktemp("v0"))
+
+
+def rows(round_: int = 1, arm: str = "shared") -> list[dict]:
+    out = [tiny_model.trace_row(f"r{round_}-{i}", val_bpb=1.2 - 0.01 * i, round_=round_, arm=arm,
+                                msgs=tiny_model.messages(reasoning=f"idea {i}", log=f"val_bpb: {1.2 - 0.01 * i:.3f}"))
+           for i in range(5)]
+    out.append(tiny_model.trace_row(f"r{round_}-crash", status="crash", round_=round_, arm=arm))
+    out.append(tiny_model.trace_row(f"r{round_}-infra", status="infra_error", round_=round_, arm=arm))
+    return out
+
+
+def new_run(root: Path, round_: int = 1, arm: str = "shared") -> RunDir:
+    run = RunDir(root)
+    atomic.write_parquet(run.traces(arm, round_), trace.to_table(rows(round_, arm)))
+    return run
+
+
+def test_packed_examples_do_not_see_each_other(v0):
+    model = AutoModelForCausalLM.from_pretrained(v0).eval()
+    a = dataset.Example("a", 1, [5, 6, 7, 8, 9], [-100, 6, 7, 8, 9], False)
+    b = dataset.Example("b", 1, [10, 11, 12], [-100, 11, 12], False)
+    (row,) = fit.pack([a, b], 16)
+    assert row.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert row.targets.tolist() == [6, 7, 8, 9, -100, 11, 12, -100]  # nothing predicted across the seam
+    with torch.no_grad():
+        packed = fit.row_logits(model, row, "cpu")
+        alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
+    torch.testing.assert_close(packed[5:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_kl_term_keeps_the_model_closer_to_v0(v0):
+    tok = AutoTokenizer.from_pretrained(v0)
+    examples = dataset.examples_of(tok, rows(), "S", None, 512)[:3]
+    base = AutoModelForCausalLM.from_pretrained(v0).eval()
+    anc = anchor.compute(base, [e.input_ids[:40] for e in examples], "cpu")
+    assert anchor.kl_all(base, anc, "cpu") == pytest.approx(0.0, abs=1e-5)
+    cfg = dataclasses.replace(CFG, lr=2e-2, epochs=4.0, lora_dropout=0.0, max_seq_len=256, batch_tokens=256)
+    after = {}
+    for lam in (0.0, 1.0):
+        model = fit.lora(AutoModelForCausalLM.from_pretrained(v0), dataclasses.replace(cfg, kl_lambda=lam), seed=0)
+        packed = fit.pack(examples, cfg.max_seq_len)
+        res = fit.fit(model, packed, packed, anc, dataclasses.replace(cfg, kl_lambda=lam), "cpu", seed=0)
+        assert res.loss_after < res.loss_before
+        after[lam] = res.kl_after
+    assert after[0.0] > 0.1  # the fit moved the model away from V0 ...
+    assert after[1.0] < 0.5 * after[0.0]  # ... and the anchor held it much closer on the same data
+
+
+def test_consolidate_publishes_a_complete_version(v0, tmp_path):
+    run = new_run(tmp_path)
+    events = EventLog(run.events)
+    out = consolidate(run, "S", 1, v0, v0, CFG, None, events=events, device="cpu", seed=0)
+    assert out == run.model("S", 1)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "manifest.json", "dataset.json", "adapter"} <= names
+    assert not any(p.name.endswith(".partial") for p in out.parent.iterdir())
+    manifest = json.loads((out / "manifest.json").read_text())
+    data = json.loads((out / "dataset.json").read_text())
+    assert manifest["parent_version"] == 0 and manifest["trained"] and manifest["steps"] >= 1
+    assert manifest["dataset_sha256"] == data["sha256"] and data["selected"] == 6  # infra_error dropped
+    assert manifest["hyperparameters"]["lora_r"] == 4
+    assert manifest["loss_after"] < manifest["loss_before"]
+    # merged weights == base + adapter
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 2]])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(v0), out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(v0).eval()(input_ids=ids).logits
+    assert not torch.allclose(base, merged(input_ids=ids).logits, atol=1e-4)
+    # metrics and events
+    (m,) = pq.read_table(run.metrics("consolidate")).to_pylist()
+    assert (m["arm"], m["round"], m["examples"]) == ("S", 1, 6) and m["tokens_seen"] > 0
+    assert len(m["train_curve"]) == manifest["steps"] and m["effective_rank_mean"] > 1.0
+    assert os.path.isdir(run.root / "models" / "S" / "kl_anchor") and m["kl_after"] > 0
+    kinds = [e["kind"] for e in iter_events(run.events)]
+    assert kinds.count("train_step") == manifest["steps"] and kinds[-1] == "consolidated"
+    # idempotent: a second call returns the published version untouched
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert consolidate(run, "S", 1, v0, v0, CFG, None, device="cpu") == out
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    # round 2 from v1 replays round 1 (stored as "shared") and names its parent
+    atomic.write_parquet(run.traces("S", 2), trace.to_table(rows(2, "S")))
+    out2 = consolidate(run, "S", 2, out, v0, CFG, None, device="cpu", seed=0)
+    m2 = json.loads((out2 / "manifest.json").read_text())
+    d2 = json.loads((out2 / "dataset.json").read_text())
+    assert m2["parent_version"] == 1 and d2["replay"] == 2 and d2["sources"] == {"2": "S", "1": "shared"}
+    assert [r["round"] for r in pq.read_table(run.metrics("consolidate")).to_pylist()] == [1, 2]
+
+
+def test_arm_f_with_nothing_beyond_the_noise_publishes_the_parent_unchanged(v0, tmp_path):
+    run = new_run(tmp_path)
+    out = consolidate(run, "F", 1, v0, v0, CFG, {"mean": 1.3, "std": 0.5}, device="cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["trained"] and not (out / "adapter").exists()
+    a, b = load_file(out / "model.safetensors"), load_file(v0 / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+RESUME = """
+import sys
+from pathlib import Path
+from rfs.config import ConsolidateCfg
+from rfs.consolidate import consolidate
+from rfs.events import EventLog
+from rfs.rundir import RunDir
+run, v0 = RunDir(Path(sys.argv[1])), Path(sys.argv[2])
+cfg = ConsolidateCfg(**{**%r, "target_modules": tuple(%r)})
+consolidate(run, "S", 1, v0, v0, cfg, None, events=EventLog(run.events), device="cpu", seed=0)
+"""
+
+
+def test_a_kill_mid_fit_resumes_by_refitting_from_the_parent(v0, tmp_path):
+    cfg = dataclasses.replace(CFG, epochs=12.0)
+    killed = new_run(tmp_path / "killed")
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "target_modules"}
+    script = RESUME % (fields, list(cfg.target_modules))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(killed.root), str(v0)],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"})
+    while proc.poll() is None and not any(e["kind"] == "train_step" and e["step"] >= 3 for e in iter_events(killed.events)):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fit finished before it could be killed; raise epochs"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    final = killed.model("S", 1)
+    assert not final.exists()  # no half model under the real name
+    assert any(p.name.endswith(".partial") for p in final.parent.iterdir())
+    out = consolidate(killed, "S", 1, v0, v0, cfg, None, device="cpu", seed=0)
+    assert not any(p.name.endswith(".partial") for p in final.parent.iterdir())
+    clean = new_run(tmp_path / "clean")
+    ref = consolidate(clean, "S", 1, v0, v0, cfg, None, device="cpu", seed=0)
+    a, b = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
+    assert ma["dataset_sha256"] == mb["dataset_sha256"] and ma["steps"] == mb["steps"]
+    assert ma["loss_after"] == pytest.approx(mb["loss_after"], abs=1e-6)

@@ -171,3 +171,26 @@ def test_background_processes_die_with_the_sandbox(tmp_path):
             break
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+def test_run_with_client_over_real_http_to_the_scripted_researcher():
+    import anyio
+    from scripted_researcher import ScriptedResearcher
+
+    from rfs.agent.client import ResearcherClient
+
+    def answer(messages):  # knows the reference solutions, except for one task it gets wrong
+        name = next(t.name for t in code_probe.TASKS if t.spec in messages[-1]["content"])
+        return json.dumps({"code": "def rotate(m):\n    return m\n" if name == "rotate" else SOLUTIONS[name]})
+
+    cfg = config.load()
+    with ScriptedResearcher({1000: [answer] * len(code_probe.TASKS)}) as server:
+
+        async def probe():
+            async with ResearcherClient(server.base_url, "scripted", cfg.researcher) as client:
+                return await code_probe.run_with_client(client, seed=1000)
+
+        scores = anyio.run(probe)
+    assert [s.name for s in scores if not s.ok] == ["rotate"]
+    assert [r["seed"] for r in server.requests] == list(range(1000, 1000 + len(code_probe.TASKS)))
+    assert all(r["temperature"] == 0.0 for r in server.requests)

@@ -18,7 +18,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable
+
+import anyio.from_thread
+import anyio.to_thread
+
+if TYPE_CHECKING:
+    from rfs.agent.client import ResearcherClient
 
 CODE_SCHEMA = {
     "type": "object",
@@ -223,6 +230,23 @@ def run(ask: Callable[[str], str], tasks: tuple[CodeTask, ...] = TASKS, timeout_
         else:
             scores.append(score(task, code, timeout_s))
     return scores
+
+
+async def run_with_client(client: ResearcherClient, seed: int, max_tokens: int = 1024) -> list[TaskScore]:
+    """The probe from the loop's async code: greedy structured requests, scoring off the event loop.
+
+    Task i is asked with seed + i, so a version is probed with the same seeds every time.
+    """
+    tasks = iter(range(len(TASKS)))
+
+    def ask(text: str) -> str:
+        request = partial(
+            client.act, [{"role": "user", "content": text}], CODE_SCHEMA,
+            max_tokens=max_tokens, temperature=0.0, seed=seed + next(tasks),
+        )
+        return anyio.from_thread.run(request).text
+
+    return await anyio.to_thread.run_sync(run, ask)
 
 
 def values(scores: list[TaskScore]) -> list[float]:

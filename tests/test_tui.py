@@ -137,6 +137,13 @@ def test_wave_finished_supplies_best_when_rollout_events_were_missed():
     assert v.trajectory("CTRL") == [1.4]
 
 
+def test_sparkline_has_one_bar_per_round_scaled_to_the_range():
+    from rfs.tui.app import sparkline
+
+    assert sparkline([1.398, 1.371, 1.362]) == "█▃▁"
+    assert sparkline([1.4, 1.4]) == "▁▁" and sparkline([]) == ""
+
+
 # ── trace lookup ──────────────────────────────────────────────────────────────────────────────
 
 MESSAGES = [
@@ -309,6 +316,7 @@ async def test_enter_opens_the_transcript_and_q_quits_without_touching_the_run(t
     run = run_dir(tmp_path)
     row = trace_row(arm="A-S", round=3, rollout_id="A-S-r3-t000", version="v2", messages=MESSAGES, diff=DIFF)
     atomic.write_parquet(run.pending("A-S", 3) / "A-S-r3-t000.parquet", trace.to_table([row]))
+    (run.pending("A-S", 3) / "A-S-r3-t001.parquet").write_bytes(b"not parquet")  # say, a foreign file
     before = tree_bytes(run.root)
     app = WatchApp(run.root)
     async with app.run_test(size=(130, 36)) as pilot:
@@ -320,6 +328,8 @@ async def test_enter_opens_the_transcript_and_q_quits_without_touching_the_run(t
         assert isinstance(app.screen, TranscriptScreen) and app.selected == 0
         await pilot.press("escape", "down", "down", "enter")  # t002 is still running: no row yet
         assert "A-S-r3-t002: no trace row yet (still in flight)" in text_of(app, "#transcript")
+        await pilot.press("escape", "up", "enter")
+        assert "A-S-r3-t001: cannot read its trace" in text_of(app, "#transcript")
         await pilot.press("escape", "q")
         await pilot.pause()
         assert not app.is_running

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import pyarrow as pa
 from rich.markup import escape
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -48,12 +49,12 @@ class TranscriptScreen(Screen):
         self.rundir, self.arm, self.round, self.rollout_id = run, arm, round_, rollout_id
 
     def compose(self) -> ComposeResult:
-        row = transcript.load_trace(self.rundir, self.arm, self.round, self.rollout_id)
-        text = (
-            transcript.render(row)
-            if row is not None
-            else f"{self.arm} round {self.round} {self.rollout_id}: no trace row yet (still in flight)"
-        )
+        name = f"{self.arm} round {self.round} {self.rollout_id}"
+        try:
+            row = transcript.load_trace(self.rundir, self.arm, self.round, self.rollout_id)
+            text = transcript.render(row) if row is not None else f"{name}: no trace row yet (still in flight)"
+        except (OSError, pa.ArrowException) as e:  # say so on screen; the watcher goes on
+            text = f"{name}: cannot read its trace: {e}"
         with VerticalScroll():
             yield Static(_styled(text), id="transcript")
         yield Footer()

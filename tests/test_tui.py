@@ -378,11 +378,12 @@ async def test_app_on_a_run_with_no_events_yet_waits_for_them(tmp_path):
         assert text_of(app, "#slots") == "no runs yet" and text_of(app, "#alarms") == "none"
 
 
-def test_watch_on_a_terminal_draws_the_run_and_q_leaves_it_running(tmp_path):
+def test_watch_on_a_terminal_draws_the_run_and_q_leaves_it_untouched(tmp_path):
     import pty
     import select
 
     run = run_dir(tmp_path)
+    before = tree_bytes(run.root)
     master, child = pty.openpty()
     code = f"from rfs.tui import watch; watch({str(run.root)!r})"
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "30"}
@@ -390,16 +391,22 @@ def test_watch_on_a_terminal_draws_the_run_and_q_leaves_it_running(tmp_path):
                             stderr=child, start_new_session=True)
     os.close(child)
     seen, deadline = b"", time.monotonic() + 60  # a hang guard, not a timing assertion
-    while b"embedded-demo" not in seen and time.monotonic() < deadline and proc.poll() is None:
-        if select.select([master], [], [], 0.2)[0]:
-            seen += os.read(master, 65536)
-    assert b"embedded-demo" in seen, seen[-2000:]
-    os.write(master, b"q")
-    while proc.poll() is None and time.monotonic() < deadline:
-        if select.select([master], [], [], 0.2)[0]:
-            try:
-                os.read(master, 65536)
-            except OSError:
-                break
-    assert proc.wait(timeout=30) == 0
-    os.close(master)
+    try:
+        while b"A-S-r3-t002" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 65536)
+        assert b"A-S-r3-t002" in seen, seen[-2000:]
+        os.write(master, b"q")
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    os.read(master, 65536)  # keep draining so the app never blocks on a full pty
+                except OSError:
+                    break
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert tree_bytes(run.root) == before

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, RunLocked) as exc:
+    except (ConfigError, RunLocked, FileNotFoundError) as exc:
         print(f"rfs: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,136 @@
+"""The built-in environment end to end: the real harness, the real guard, real training and the
+separate evaluator, launched by the local launcher. Tiny hyperparameters and a 1 s budget; runs
+that need no trained model stop right after their offence to keep the file fast."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from rfs import ROOT
+from rfs.config import EnvCfg
+from rfs.envs import execute
+from rfs.envs.builtin import BuiltinEnv, manifest, parse_summary
+from rfs.hosts import Slot
+from rfs.launch.base import JobOutcome
+from rfs.launch.local import LocalLauncher
+
+# timeout 24 s leaves the harness an 11.5 s start-up allowance: torch imports slowly on a busy machine.
+CFG = EnvCfg(name="builtin", budget_s=1.0, timeout_s=24.0, device="cpu")
+SLOT = Slot("local-test", "local", "localhost", tuple(sorted(os.sched_getaffinity(0)))[-1:], -1, sys.executable, str(ROOT))
+TINY = {"DEPTH": "1", "N_EMBD": "32", "N_HEAD": "2", "SEQ_LEN": "32", "BATCH_SIZE": "8"}
+
+
+@pytest.fixture(scope="module")
+def env() -> BuiltinEnv:
+    env = BuiltinEnv(CFG)
+    env.prepare()  # idempotent: the pinned splits are written once into the cache
+    return env
+
+
+def tiny(seed: str, after_imports: str = "", replace: tuple[str, str] = ("", "")) -> str:
+    """The seed with tiny hyperparameters, optionally with code injected or a line replaced."""
+    for name, value in TINY.items():
+        seed = re.sub(rf"^{name} = \S+", f"{name} = {value}", seed, count=1, flags=re.M)
+    if after_imports:
+        seed = seed.replace("import prepare\n", "import prepare\n" + after_imports + "\n", 1)
+    if replace[0]:
+        assert replace[0] in seed
+        seed = seed.replace(*replace)
+    return seed
+
+
+def run(env: BuiltinEnv, train_py: str, slot: Slot = SLOT):
+    result, outcome = anyio.run(execute, env, LocalLauncher(), slot, train_py, "t")
+    return result, outcome.output.decode()
+
+
+def test_manifest_matches_the_files():
+    pinned = manifest()
+    for name in ("builtin/program.md", "builtin/prepare.py", "builtin/harness.py", "builtin/guard.py",
+                 "builtin/evaluate.py", "builtin/train.py", "autoresearch/program.md"):
+        assert name in pinned, name
+    import hashlib
+
+    for name, digest in pinned.items():
+        assert hashlib.sha256((ROOT / "env" / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_seed_opens_with_the_hyperparameter_block(env):
+    lines = env.seed_train_py().splitlines()
+    assert lines[0].startswith("# --- HYPERPARAMETERS:")
+    end = lines.index("# --- END HYPERPARAMETERS ---")
+    pattern = re.compile(r"^[A-Z_]+ = \S+  # (range: \[\S+, \S+\]|choices: \[.+\])$")
+    assert end > 10 and all(pattern.match(line) for line in lines[1:end])
+
+
+def test_seed_trains_to_a_finite_val_bpb(env):
+    result, out = run(env, tiny(env.seed_train_py()))
+    assert result.status == "success", out
+    assert math.isfinite(result.val_bpb) and 1.0 < result.val_bpb < 9.0
+    assert result.steps > 0 and result.tokens == result.steps * 8 * 32
+    assert "| params:" in out  # train.py's own lines come back prefixed
+
+
+def test_forged_summary_is_never_believed(env):
+    forged = 'print("---"); print("val_bpb: 0.1"); print("status: success")\nraise RuntimeError("boom")'
+    result, out = run(env, tiny(env.seed_train_py(), forged))
+    assert result.status == "crash" and math.isnan(result.val_bpb)
+    assert "RuntimeError: boom" in result.detail
+    assert "| val_bpb: 0.1" in out
+
+
+def test_reading_the_validation_split_is_a_violation(env):
+    sneak = (
+        "try:\n    open(os.path.join(os.path.dirname(os.environ['RFS_TRAIN_DATA']), 'val.bin'), 'rb').read()\n"
+        "except PermissionError:\n    pass  # catching the denial does not hide it\n"
+        "raise SystemExit(0)"
+    )
+    result, _ = run(env, tiny(env.seed_train_py(), sneak))
+    assert result.status == "harness_violation" and math.isnan(result.val_bpb)
+    assert "val.bin" in result.detail
+
+
+def test_a_non_causal_model_is_a_violation(env):
+    result, out = run(env, tiny(env.seed_train_py(), replace=("is_causal=True", "is_causal=False")))
+    assert result.status == "harness_violation", out
+    assert "causality" in result.detail and math.isnan(result.val_bpb)
+
+
+def test_editing_prepare_py_is_a_violation(env):
+    result, _ = run(env, tiny(env.seed_train_py(), "open('prepare.py', 'a').write('# tweak\\n'); raise SystemExit(0)"))
+    assert result.status == "harness_violation" and "prepare.py" in result.detail
+    assert math.isnan(result.val_bpb)
+
+
+def test_hanging_past_the_budget_is_a_timeout(env):
+    result, _ = run(env, tiny(env.seed_train_py(), "import time; time.sleep(1000)"))
+    assert result.status == "timeout" and math.isnan(result.val_bpb)
+
+
+def test_syntax_error_is_reported_before_training(env):
+    result, _ = run(env, "LEARNING_RATE = = 3\n")
+    assert result.status == "syntax_error" and "line 1" in result.detail
+
+
+def test_tampered_harness_on_a_host_is_infra_error(env, tmp_path):
+    shutil.copytree(ROOT / "env", tmp_path / "env")
+    (tmp_path / "env" / "builtin" / "prepare.py").write_text("# not the pinned harness\n")
+    slot = Slot("tampered", "local", "localhost", SLOT.cpus, -1, sys.executable, str(tmp_path))
+    result, _ = run(env, env.seed_train_py(), slot)
+    assert result.status == "infra_error" and "MANIFEST" in result.detail
+
+
+def test_launcher_failures_decide_the_status_without_a_summary(env):
+    forged = b"---\nval_bpb: 0.5\nstatus: success\n"
+    assert env.result(JobOutcome(None, forged, False, 1.0, infra_error="ssh dropped")).status == "infra_error"
+    assert env.result(JobOutcome(None, forged, True, 99.0)).status == "timeout"
+    assert env.result(JobOutcome(1, b"| Traceback\n", False, 1.0)).status == "crash"
+    assert parse_summary("| ---\n| val_bpb: 0.1\n---\nval_bpb: 2.5\nstatus: success\n") == {"val_bpb": "2.5", "status": "success"}

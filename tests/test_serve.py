@@ -148,3 +148,50 @@ def test_external_server_health_follows_the_service(tmp_path: Path) -> None:
         with pytest.raises(ServerError, match="does not answer"):
             anyio.run(server.restart, tmp_path, "CTRL/v1")
     assert [e["kind"] for e in iter_events(events.path)] == ["server_started"]
+
+
+CONTROLLER = """
+import sys, anyio
+from pathlib import Path
+from rfs import config
+from rfs.hosts import HostsFile
+from rfs.serve import make_server
+from rfs.setup import embedded_gguf
+
+async def main():
+    server = make_server(config.load().researcher, HostsFile(), embedded_gguf(), "v0", Path(sys.argv[1]))
+    await server.start()
+    print(server.pid, flush=True)
+    await anyio.sleep(600)
+
+anyio.run(main)
+"""
+
+
+def test_a_killed_controller_leaves_no_server(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, str(tmp_path / "server.log")], cwd=root,
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(controller.stdout.readline())
+        os.kill(server_pid, 0)  # alive while the controller is
+    finally:
+        controller.kill()
+        controller.wait()
+
+    async def gone() -> None:
+        with anyio.fail_after(30):
+            while Path(f"/proc/{server_pid}").exists() and "Z" not in _state(server_pid):
+                await anyio.sleep(0.05)
+
+    anyio.run(gone)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"

@@ -3,11 +3,13 @@
 The process runs in its own session so stop() can kill everything it spawned. A watcher thread
 waits on it and reports a death nobody asked for as `server_crashed`; health() then says False and
 the collect stage marks the rollouts that were talking to it infra_error. A thread (not a task)
-because the watcher must outlive whichever task group happened to start the server.
+because the watcher must outlive whichever task group happened to start the server. The child
+also asks the kernel for SIGKILL when rfs dies, so a kill -9 of the controller leaves no server.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -20,6 +22,12 @@ import httpx
 
 from rfs.events import EventLog
 from rfs.serve.base import ServerError, log_tail
+
+try:  # looked up here, in the parent: a dlopen between fork and exec can deadlock
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+PR_SET_PDEATHSIG = 1
 
 
 class ProcessServer:
@@ -64,7 +72,8 @@ class ProcessServer:
 
     async def stop(self) -> None:
         if self._proc is not None:
-            await self._kill()
+            with anyio.CancelScope(shield=True):  # stop() is what cleanup after a cancel calls
+                await self._kill()
             self._emit("server_stopped")
             self._proc = None
 
@@ -86,23 +95,33 @@ class ProcessServer:
             self._stopping = False
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                start_new_session=True, preexec_fn=self._pin if self.cpus else None,
+                start_new_session=True, preexec_fn=self._in_child,
             )
         threading.Thread(target=self._watch, args=(self._proc,), daemon=True).start()
+        try:
+            await self._until_healthy(self._proc)
+        except BaseException:  # failed, timed out or cancelled: never leave a half-started server
+            with anyio.CancelScope(shield=True):
+                await self._kill()
+            raise
+
+    async def _until_healthy(self, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         while not await self.health():
-            code = self._proc.poll()
-            if code is not None:
-                raise ServerError(f"{self.backend} server exited with {code} while starting "
+            if proc.poll() is not None:
+                raise ServerError(f"{self.backend} server exited with {proc.returncode} while starting "
                                   f"(log {self.log_path}):\n{log_tail(self.log_path)}")
             if time.monotonic() > deadline:
-                await self._kill()
                 raise ServerError(f"{self.backend} server not healthy after {self.start_timeout_s:.0f} s "
                                   f"(log {self.log_path}):\n{log_tail(self.log_path)}")
             await anyio.sleep(0.25)
 
-    def _pin(self) -> None:
-        os.sched_setaffinity(0, self.cpus)  # in the child before exec: every thread inherits it
+    def _in_child(self) -> None:
+        """Runs in the child before exec: what is set here holds for every thread it starts."""
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
+        if _prctl is not None:  # Linux: the server dies with the thread that started it
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
     def _watch(self, proc: subprocess.Popen) -> None:
         code = proc.wait()

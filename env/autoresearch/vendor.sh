@@ -13,8 +13,12 @@ fi
 git -C "$dir" fetch --quiet origin "$commit"
 git -C "$dir" checkout --quiet --detach "$commit"
 test "$(git -C "$dir" rev-parse HEAD)" = "$commit"
-# The pristine harness files: restored before every run, their sha256 recorded in every trace.
+# The pristine files, checked against UPSTREAM: restored before every run, hashes recorded in every trace.
 mkdir -p "$dir/.rfs-pristine"
 cp "$dir/prepare.py" "$dir/train.py" "$dir/.rfs-pristine/"
+(cd "$dir/.rfs-pristine" && sha256sum prepare.py train.py) | while read -r sum name; do
+    want="$(sed -n "s/^${name%.py}_sha256 = //p" "$here/UPSTREAM")"
+    test "$sum" = "$want" || { echo "$name: sha256 $sum is not the pinned $want" >&2; exit 1; }
+done
 (cd "$dir" && uv sync && uv run prepare.py)
 echo "autoresearch $commit vendored in $dir"

@@ -8,6 +8,7 @@ from typing import Callable, Protocol
 from rfs.hosts import Slot
 
 WORKDIR = "{workdir}"  # placeholder in Job.argv, replaced by the launcher's fresh working directory
+RESULT_MAX = 1 << 20  # files a job leaves in its working directory come back in JobOutcome.files up to this size
 
 
 @dataclass(frozen=True)

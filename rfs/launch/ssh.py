@@ -20,9 +20,8 @@ import anyio
 import asyncssh
 
 from rfs.hosts import HostCfg, Slot
-from rfs.launch.base import WORKDIR, Job, JobOutcome
+from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome
 
-RESULT_MAX = 1 << 20  # result files larger than this stay behind
 CONNECT_TIMEOUT = 15.0
 CLEANUP_TIMEOUT = 30.0  # bound on kill + collect + remove, so a hung host cannot hang the wave
 KILL_GRACE = 2.0  # seconds between TERM and KILL for the remote group

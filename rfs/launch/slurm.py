@@ -1,0 +1,183 @@
+"""Run jobs as SLURM steps: one allocation holds the nodes for a wave, each job is an `srun` step in it.
+
+    launcher = SlurmLauncher(cfg)
+    await launcher.open(n_slots, cpus_per_slot)   # salloc --no-shell: returns once granted
+    outcome = await launcher.run(slot, job)       # srun --jobid=<allocation> … (any number at once)
+    await launcher.close()                        # scancel the allocation
+
+Without `open()`, each job is its own one-step SLURM job. Timeouts are enforced here, not by
+`srun --time` (minute granularity): the step is scancel'd. A step that SLURM itself ends (cancelled
+from outside, preempted, node failure, allocation gone) is an infra error, never the code's fault.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import anyio
+
+from rfs.hosts import SlurmCfg, Slot
+from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome
+
+CLIENT_TIMEOUT = 30.0  # salloc aside, a SLURM client that takes longer is stuck (munged down, controller gone)
+STOP_WAIT = 15.0  # after scancel: KillWait plus slack for srun to report and exit
+
+# The step's own first line names it; the job's stdout and stderr merge after it, so srun's
+# stderr carries only SLURM's messages, which are what decide an infra error.
+_WRAP = 'echo "rfs-step $SLURM_JOB_ID.$SLURM_STEP_ID"; exec 2>&1; exec "$@"'
+# A task that dies within moments of starting can take its output with it (slurmstepd drops it),
+# the `rfs-step` line included; srun's own report of the task's end still says that it ran.
+_TASK_ENDED = re.compile(r"task \d+: (Exited|Killed|Terminated|Segmentation|Aborted)")
+_STEP_ID = re.compile(r"StepId=(\d+\.\d+)")
+_SLURM_ENDED = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED|PREEMPT|Node failure|revoked|expired", re.I)
+
+
+class SlurmError(RuntimeError):
+    """The allocation could not be made or released."""
+
+
+class SlurmLauncher:
+    def __init__(self, cfg: SlurmCfg, env: dict[str, str] | None = None, workroot: str | None = None):
+        self.cfg = cfg
+        self.env = {**os.environ, **(env or {})}  # e.g. SLURM_CONF for a cluster that is not the default
+        # Steps may land on any node: their working directories must be on a shared filesystem.
+        self.workroot = Path(workroot) if workroot else Path(cfg.root) / "runs" / ".slurm-work"
+        self.allocation = ""  # the wave's job id once open()
+
+    def _common(self) -> list[str]:
+        return [f"--partition={self.cfg.partition}"] * bool(self.cfg.partition) + [f"--account={self.cfg.account}"] * bool(self.cfg.account)
+
+    async def _client(self, argv: list[str], timeout: float = CLIENT_TIMEOUT) -> subprocess.CompletedProcess:
+        try:
+            with anyio.fail_after(timeout):
+                return await anyio.run_process(argv, env=self.env, check=False)
+        except TimeoutError:
+            raise SlurmError(f"{argv[0]} did not answer in {timeout:.0f} s (munged or slurmctld down?)") from None
+
+    async def open(self, n_slots: int, cpus_per_slot: int = 1, gpus_per_slot: int = 0, wait_s: float = 3600.0) -> str:
+        """Allocate the wave's resources, waiting in the queue up to wait_s; returns the job id."""
+        # --immediate: salloc itself withdraws the request after wait_s (killing salloc would leave it queued)
+        argv = ["salloc", "--no-shell", "--job-name=rfs-wave", f"--ntasks={n_slots}", f"--cpus-per-task={cpus_per_slot}",
+                f"--time={self.cfg.time_limit}", f"--immediate={math.ceil(wait_s)}", *self._common(), *self.cfg.extra_args]
+        if gpus_per_slot:
+            argv.append(f"--gpus-per-task={gpus_per_slot}")
+        got = await self._client(argv, wait_s + CLIENT_TIMEOUT)
+        found = re.search(rb"Granted job allocation (\d+)", got.stderr)
+        if got.returncode != 0 or not found:
+            raise SlurmError(f"salloc failed ({got.returncode}): {got.stderr.decode(errors='replace').strip()}")
+        self.allocation = found.group(1).decode()
+        return self.allocation
+
+    async def close(self) -> None:
+        if self.allocation:
+            got = await self._client(["scancel", self.allocation])
+            if got.returncode != 0:
+                raise SlurmError(f"scancel {self.allocation}: {got.stderr.decode(errors='replace').strip()}")
+            self.allocation = ""
+
+    def _srun(self, slot: Slot, job: Job, wd: str) -> list[str]:
+        argv = ["srun", "--ntasks=1", "--nodes=1", f"--cpus-per-task={max(1, len(slot.cpus))}",
+                f"--job-name={job.rollout_id}", f"--chdir={wd}"]
+        if self.allocation:
+            argv += [f"--jobid={self.allocation}", "--exact"]  # a step with only its own cores
+        else:  # a job of its own; --time is a backstop only, the timeout below is the real one
+            argv += [f"--time={math.ceil(job.timeout_s / 60) + 1}", *self._common(), *self.cfg.extra_args]
+        if slot.gpu >= 0:
+            argv.append("--gpus-per-task=1")  # SLURM picks the device and sets CUDA_VISIBLE_DEVICES
+        return argv + ["sh", "-c", _WRAP, "rfs-step", *(a.replace(WORKDIR, wd) for a in job.argv)]
+
+    async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
+        start = time.monotonic()
+        self.workroot.mkdir(parents=True, exist_ok=True)
+        wd = Path(tempfile.mkdtemp(prefix="rfs-", dir=self.workroot))
+        try:
+            for name, data in job.files.items():
+                (wd / name).parent.mkdir(parents=True, exist_ok=True)
+                (wd / name).write_bytes(data)
+            outcome = await self._step(slot, job, str(wd), on_line, start)
+            return outcome if outcome.infra_error else _with_files(outcome, wd, job.files)
+        finally:
+            shutil.rmtree(wd, ignore_errors=True)
+
+    async def _step(self, slot: Slot, job: Job, wd: str, on_line, start: float) -> JobOutcome:
+        out, err, step = bytearray(), bytearray(), []
+
+        def line(raw: bytes) -> None:
+            text = raw.decode(errors="replace")
+            if not step and text.startswith("rfs-step "):
+                step.append(text.split()[1])
+                return
+            out.extend(raw + b"\n")
+            if on_line:
+                on_line(text)
+
+        proc = await anyio.open_process(self._srun(slot, job, wd), env={**self.env, **job.env}, start_new_session=True)
+        stopped = ""  # why we ended the step ourselves, if we did
+        try:
+            with anyio.move_on_after(job.timeout_s) as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_lines, proc.stdout, line)
+                    tg.start_soon(_lines, proc.stderr, lambda raw: err.extend(raw + b"\n"))
+                code = await proc.wait()
+            stopped = "timeout" if scope.cancelled_caught else ""
+        except BaseException:
+            stopped = "cancel"
+            raise
+        finally:
+            if stopped:
+                with anyio.CancelScope(shield=True):
+                    await self._stop(proc, step[0] if step else "")
+        wall = time.monotonic() - start
+        slurm_said = err.decode(errors="replace").strip()
+        named = _STEP_ID.search(slurm_said)
+        job_id = step[0] if step else named.group(1) if named else self.allocation
+        if stopped == "timeout":
+            return JobOutcome(None, bytes(out), True, wall, job_id=job_id)
+        if not step and not _TASK_ENDED.search(slurm_said):
+            return JobOutcome(None, bytes(out), False, wall, f"srun: the step never started: {slurm_said[-500:]}", job_id)
+        if _SLURM_ENDED.search(slurm_said):
+            return JobOutcome(None, bytes(out), False, wall, f"SLURM ended step {job_id}: {slurm_said[-500:]}", job_id)
+        return JobOutcome(code, bytes(out + err), False, wall, job_id=job_id)
+
+    async def _stop(self, proc: anyio.abc.Process, step: str) -> None:
+        """scancel the step (SIGKILL to srun would leave it running); TERM srun if it never got one."""
+        if step:
+            try:
+                await self._client(["scancel", step])
+            except SlurmError:
+                pass  # the TERM below still asks srun to end its step
+        if proc.returncode is None:
+            if not step:
+                proc.send_signal(signal.SIGTERM)  # srun cancels its step on TERM
+            with anyio.move_on_after(STOP_WAIT):
+                await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _lines(stream, emit: Callable[[bytes], None]) -> None:
+    pending = b""
+    async for chunk in stream:
+        *done, pending = (pending + chunk).split(b"\n")
+        for raw in done:
+            emit(raw)
+    if pending:
+        emit(pending)
+
+
+def _with_files(outcome: JobOutcome, wd: Path, sent: dict[str, bytes]) -> JobOutcome:
+    """Bring back the small files the job left at the top of its working directory."""
+    files = {p.name: p.read_bytes() for p in sorted(wd.iterdir())
+             if p.is_file() and p.name not in sent and p.stat().st_size <= RESULT_MAX}
+    return replace(outcome, files=files)

@@ -1,0 +1,178 @@
+"""The SLURM launcher against a real single-node SLURM (slurmctld + slurmd + munge)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import anyio
+import pytest
+
+from rfs.hosts import Slot
+from rfs.launch.base import Job
+from rfs.launch.slurm import SlurmError, SlurmLauncher
+from tests.infra import slurm  # noqa: F401  (fixture)
+
+SLOT = Slot("slurm-0", "slurm", "cluster", (0,), -1, sys.executable, "")
+
+
+def _squeue(env: dict[str, str], *what: str) -> list[str]:
+    out = subprocess.run(["squeue", *what, "-h", "-o", "%i"], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=10).stdout
+    return out.split()
+
+
+def _squeue_steps(env: dict[str, str]) -> list[str]:
+    return _squeue(env, "--steps")
+
+
+def _survivors(marker: str) -> str:
+    return subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout.strip()
+
+
+def _eventually(check, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within  # SLURM and the kernel finish a kill asynchronously
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return check()
+
+
+@pytest.fixture
+def launcher(slurm, tmp_path):
+    return SlurmLauncher(slurm.cfg, env=slurm.env, workroot=str(tmp_path / "work"))
+
+
+# Each step waits until all three have started: they pass only if they run at the same time.
+CONCURRENT = b"""import os, sys, time
+d, i = sys.argv[1], os.environ["CODE"]
+open(os.path.join(d, "up" + i), "w").close()
+t = time.monotonic()
+while len([f for f in os.listdir(d) if f.startswith("up")]) < 3:
+    if time.monotonic() - t > 20:
+        sys.exit("the steps did not run at the same time")
+    time.sleep(0.05)
+print("data", open("in.txt").read())
+open("out.txt", "w").write("done")
+sys.exit(int(i))
+"""
+
+
+def test_steps_run_concurrently_in_one_allocation(launcher, tmp_path):
+    async def main():
+        alloc = await launcher.open(3)
+        results: dict[int, object] = {}
+        lines: list[str] = []
+
+        async def one(i: int) -> None:
+            job = Job(f"r{i}", (sys.executable, "{workdir}/job.py", str(tmp_path)),
+                      {"job.py": CONCURRENT, "in.txt": f"n{i}".encode()}, 60, {"CODE": str(i)})
+            results[i] = await launcher.run(SLOT, job, lines.append)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(one, i)
+        await launcher.close()
+        return alloc, results, lines
+
+    alloc, results, lines = anyio.run(main)
+    steps = set()
+    for i, out in results.items():
+        assert out.infra_error == "" and not out.timed_out, out
+        assert out.exit_code == i and out.output.startswith(f"data n{i}\n".encode()), out
+        assert out.files == {"out.txt": b"done"}
+        job, step = out.job_id.split(".")
+        assert job == alloc
+        steps.add(step)
+    assert len(steps) == 3
+    assert sorted(lines) == ["data n0", "data n1", "data n2"]
+    assert list((tmp_path / "work").iterdir()) == [], "working directories are removed"
+
+
+def test_timeout_scancels_the_step(launcher, slurm):
+    marker = f"rfs-slurm-timeout-{uuid.uuid4().hex}"
+
+    async def main():
+        await launcher.open(1)
+        try:
+            return await launcher.run(SLOT, Job("t", ("sh", "-c", f"echo up; sleep 300; : {marker}"), timeout_s=1.5))
+        finally:
+            await launcher.close()
+
+    out = anyio.run(main)
+    assert out.timed_out and out.exit_code is None and out.infra_error == ""
+    assert out.output == b"up\n" and "." in out.job_id
+    assert _eventually(lambda: not _survivors(marker)), _survivors(marker)
+    assert out.job_id not in _squeue_steps(slurm.env)
+
+
+def test_step_cancelled_from_outside_is_infra_error(launcher, slurm):
+    async def main():
+        await launcher.open(1)
+        seen: list[str] = []
+
+        def on_line(line: str) -> None:
+            seen.append(line)
+
+        async with anyio.create_task_group() as tg:
+            result = []
+
+            async def go():
+                result.append(await launcher.run(SLOT, Job("c", ("sh", "-c", "echo up; sleep 300"), timeout_s=60), on_line))
+
+            tg.start_soon(go)
+            while not seen:
+                await anyio.sleep(0.05)
+            step = [s for s in _squeue_steps(slurm.env) if s.startswith(launcher.allocation + ".")]
+            subprocess.run(["scancel", *step], env={**os.environ, **slurm.env}, check=True, timeout=10)
+        await launcher.close()
+        return step, result[0]
+
+    step, out = anyio.run(main)
+    assert out.infra_error and "CANCELLED" in out.infra_error, out
+    assert out.exit_code is None and not out.timed_out
+    assert [out.job_id] == step
+
+
+def test_crash_is_the_jobs_exit_code_not_infra(launcher):
+    async def main():
+        await launcher.open(1)
+        try:
+            late = await launcher.run(SLOT, Job("x", ("sh", "-c", "echo boom >&2; sleep 0.3; kill -9 $$"), timeout_s=30))
+            # dying at once: SLURM may drop the output, but the task ran, so it is still the job's crash
+            early = await launcher.run(SLOT, Job("y", ("sh", "-c", "kill -9 $$"), timeout_s=30))
+            return late, early
+        finally:
+            await launcher.close()
+
+    late, early = anyio.run(main)
+    assert late.infra_error == "" and late.exit_code == 137 and late.output.startswith(b"boom\n"), late
+    assert early.infra_error == "" and early.exit_code == 137 and "." in early.job_id, early
+
+
+def test_a_job_without_an_allocation_is_its_own_slurm_job(launcher):
+    out = anyio.run(launcher.run, SLOT, Job("solo", ("echo", "alone"), timeout_s=30))
+    assert out.infra_error == "" and out.exit_code == 0 and out.output.startswith(b"alone\n")
+    assert out.job_id.endswith(".0")
+
+
+def test_step_that_cannot_start_is_infra_error(launcher, slurm):
+    async def main():
+        await launcher.open(1)
+        big = Slot("slurm-big", "slurm", "cluster", tuple(range(slurm.cpus + 1)), -1, sys.executable, "")
+        try:
+            return await launcher.run(big, Job("big", ("true",), timeout_s=30))
+        finally:
+            await launcher.close()
+
+    out = anyio.run(main)
+    assert out.infra_error.startswith("srun: the step never started") and out.exit_code is None, out
+
+
+def test_impossible_allocation_raises_with_slurms_reason(launcher, slurm):
+    with pytest.raises(SlurmError, match="salloc failed") as failed:
+        anyio.run(launcher.open, 1, slurm.cpus + 1, 0, 1.0)
+    assert launcher.allocation == "" and "salloc: error:" in str(failed.value), failed.value
+    assert _squeue(slurm.env) == [], "the request is withdrawn, not left in the queue"

@@ -76,12 +76,22 @@ def test_schema_branches_carry_each_names_bounds():
     schema = hparams_schema(hparams.parse(BLOCK), max_tokens=192)
     branches = schema["anyOf"]
     by_name = {b["properties"]["name"]["enum"][0]: b for b in branches if "name" in b["properties"]}
-    assert by_name["BATCH_SIZE"]["properties"]["value"] == {"type": "integer", "minimum": 1, "maximum": 128}
-    assert by_name["SCHEDULE"]["properties"]["value"] == {"enum": ["cosine", "linear", "constant"]}
+    assert by_name["BATCH_SIZE"]["properties"]["value"] == {"enum": [1, 2, 4, 8, 32, 64, 128]}  # not 16: no-op
+    assert by_name["SCHEDULE"]["properties"]["value"] == {"enum": ["linear", "constant"]}
+    lr = by_name["LEARNING_RATE"]["properties"]["value"]["enum"]
+    assert lr[0] == 1e-4 and lr[-1] == 3e-2 and 3e-3 not in lr and len(lr) == 12
     assert all(b["additionalProperties"] is False for b in branches)
     assert all(b["properties"]["thought"]["maxLength"] <= 192 for b in branches)
     assert {b["properties"]["action"]["enum"][0] for b in branches} == {"set", "run", "finish"}
     json.dumps(schema)
+    narrowed = hparams_schema(hparams.parse(BLOCK), max_tokens=192, allow_stop=False)["anyOf"]
+    assert {b["properties"]["action"]["enum"][0] for b in narrowed} == {"set"}
+
+
+def test_every_grid_value_is_in_range_and_a_change():
+    for p in hparams.parse(BLOCK):
+        values = hparams.grid(p)
+        assert values and p.value not in values and all(p.check(v) == v for v in values)
 
 
 def test_parser_checks_the_range_the_grammar_cannot():

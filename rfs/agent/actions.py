@@ -81,11 +81,11 @@ def code_schema(max_tokens: int) -> dict[str, Any]:
     }
 
 
-def hparams_schema(params: tuple[HParam, ...], max_tokens: int) -> dict[str, Any]:
+def hparams_schema(params: tuple[HParam, ...], max_tokens: int, *, allow_stop: bool = True) -> dict[str, Any]:
     from rfs.agent.hparams import schema
 
     # the name and a number take a few dozen characters; the rest of the reply is the thought's
-    return schema(params, max(16, max_tokens - OVERHEAD_CHARS - 64))
+    return schema(params, max(16, max_tokens - OVERHEAD_CHARS - 64), allow_stop=allow_stop)
 
 
 def _objects(text: str) -> list[Any]:

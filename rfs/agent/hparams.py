@@ -8,6 +8,7 @@ schema, because llama.cpp's grammar does not enforce numeric bounds.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -129,11 +130,39 @@ def summary(params: tuple[HParam, ...]) -> str:
     return "\n".join(out)
 
 
-def schema(params: tuple[HParam, ...], thought_chars: int) -> dict[str, Any]:
-    """The JSON schema of one `hparams` action: one anyOf branch per name, each with its own bounds.
+GRID_POINTS = 12  # values per numeric parameter offered to a constrained decoder
+
+
+def grid(p: HParam) -> list[int | float | str]:
+    """The values a constrained decoder may pick for p: its range on a grid, without its current value.
+
+    llama.cpp's grammar cannot enforce numeric bounds, but it can enforce an enum, so numbers are
+    offered as a grid: log-spaced when the range spans a decade or more, linear otherwise. The
+    current value is left out so that every constrained `set` changes train.py.
+    """
+    if p.kind == "choice":
+        return [c for c in p.choices if c != p.value]
+    lo, hi, n = p.lo, p.hi, GRID_POINTS
+    values: set[int | float]
+    if p.kind == "int" and hi - lo < 2 * n:
+        return [v for v in range(int(lo), int(hi) + 1) if v != p.value]
+    if p.kind == "int" and lo >= 1 and hi / lo >= 10:  # sizes: powers of two keep shapes divisible
+        values = {lo, hi} | {2**k for k in range(math.ceil(math.log2(lo)), math.floor(math.log2(hi)) + 1)}
+    elif lo > 0 and hi / lo >= 10:
+        values = {float(f"{lo * (hi / lo) ** (i / (n - 1)):.3g}") for i in range(n)}
+    else:
+        points = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+        values = {round(x) if p.kind == "int" else float(f"{x:.3g}") for x in points}
+    values = {min(max(v, lo), hi) for v in values}
+    return sorted(values - {p.value})
+
+
+def schema(params: tuple[HParam, ...], thought_chars: int, *, allow_stop: bool = True) -> dict[str, Any]:
+    """The JSON schema of one `hparams` action: one anyOf branch per name with that name's values.
 
     Every object has additionalProperties false and every string a maxLength, which llama.cpp's
-    schema-to-grammar and vLLM's structured outputs both enforce.
+    schema-to-grammar and vLLM's structured outputs both enforce. With allow_stop False only `set`
+    is offered (before the first change, when run and finish could only waste the rollout).
     """
     thought = {"type": "string", "maxLength": thought_chars}
 
@@ -141,10 +170,6 @@ def schema(params: tuple[HParam, ...], thought_chars: int) -> dict[str, Any]:
         props = {"thought": thought, "action": {"enum": [action]}, **extra}
         return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
-    def value(p: HParam) -> dict[str, Any]:
-        if p.kind == "choice":
-            return {"enum": list(p.choices)}
-        return {"type": "integer" if p.kind == "int" else "number", "minimum": p.lo, "maximum": p.hi}
-
-    sets = [branch("set", {"name": {"enum": [p.name]}, "value": value(p)}) for p in params]
-    return {"anyOf": [*sets, branch("run", {}), branch("finish", {})]}
+    offers = [(p, values) for p in params if (values := grid(p))]
+    sets = [branch("set", {"name": {"enum": [p.name]}, "value": {"enum": values}}) for p, values in offers]
+    return {"anyOf": [*sets, branch("run", {}), branch("finish", {})] if allow_stop else sets}

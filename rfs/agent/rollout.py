@@ -1,7 +1,8 @@
 """One rollout: a ReAct conversation with the researcher around one training run → one trace row.
 
 Each turn the researcher sends one structured action; the observation goes back as a user
-message. `run` is syntax-checked with compile() first (a failure is an observation, up to
+message. In the hparams space the request offers only `set` until train.py has changed (the
+row's response_schema is the full schema; the narrowed one is its `set` branches). `run` is syntax-checked with compile() first (a failure is an observation, up to
 cfg.syntax_retries), then trained by the wave's `run_training`. After the run the researcher gets
 one more turn to read the result, and the rollout ends.
 
@@ -180,7 +181,7 @@ class _Rollout:
             with anyio.fail_after(self.cfg.turn_timeout_s):
                 reply = await self.client.act(
                     self.chat,
-                    self.schema,
+                    self._request_schema(),
                     max_tokens=self.cfg.max_tokens,
                     temperature=self.cfg.temperature,
                     seed=self.spec.seed + len(self.tally.replies),
@@ -192,6 +193,12 @@ class _Rollout:
             self.tally.researcher_seconds += time.monotonic() - t0
         self.tally.replies.append(reply)
         return reply
+
+    def _request_schema(self) -> dict[str, Any]:
+        """In the hparams space nothing but `set` is offered until train.py has changed."""
+        if self.params and self.train_py == self.spec.start_train_py:
+            return hparams_schema(self.params, self.cfg.max_tokens, allow_stop=False)
+        return self.schema
 
     def _observe(self, text: str) -> None:
         content = prompts.observe(_clean(text))

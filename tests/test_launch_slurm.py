@@ -176,3 +176,30 @@ def test_impossible_allocation_raises_with_slurms_reason(launcher, slurm):
         anyio.run(launcher.open, 1, slurm.cpus + 1, 0, 1.0)
     assert launcher.allocation == "" and "salloc: error:" in str(failed.value), failed.value
     assert _squeue(slurm.env) == [], "the request is withdrawn, not left in the queue"
+
+
+def test_missing_program_is_infra_error(launcher):
+    out = anyio.run(launcher.run, SLOT, Job("m", ("/nonexistent/python", "train.py"), timeout_s=30))
+    assert out.infra_error == "cannot start /nonexistent/python: no such program" and out.exit_code is None, out
+
+
+def test_cancel_scancels_the_step(launcher, slurm):
+    marker = f"rfs-slurm-cancel-{uuid.uuid4().hex}"
+
+    async def main():
+        await launcher.open(1)
+        with anyio.move_on_after(20):
+            async with anyio.create_task_group() as tg:
+                started = anyio.Event()
+                job = Job("k", ("sh", "-c", f"echo up; sleep 300; : {marker}"), timeout_s=60)
+                tg.start_soon(launcher.run, SLOT, job, lambda line: started.set())
+                await started.wait()
+                assert _survivors(marker)
+                tg.cancel_scope.cancel()
+        steps = _squeue_steps(slurm.env)
+        await launcher.close()
+        return steps
+
+    steps = anyio.run(main)
+    assert steps == [], "the step is gone when run() returns"
+    assert _eventually(lambda: not _survivors(marker)), _survivors(marker)

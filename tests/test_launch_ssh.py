@@ -119,12 +119,15 @@ def test_dropped_connection_is_infra_error_and_the_job_dies(sshd):
             for pid in set(sshd.sessions()) - before:  # this job's connection, not another test's
                 os.kill(pid, signal.SIGKILL)
 
-        job = Job("r4", ("sh", "-c", f"echo up; sleep 300; : {marker}"), timeout_s=60)
+        job = Job("r4", ("sh", "-c", f"pwd; sleep 300; : {marker}"), timeout_s=60)
         out = await launcher.run(SLOT, job, on_line)
+        again = await launcher.run(SLOT, Job("r4b", ("true",), timeout_s=10))  # reconnects
         await launcher.aclose()
-        return out
+        return out, again
 
-    out = anyio.run(main)
+    out, again = anyio.run(main)
+    assert again.exit_code == 0 and again.infra_error == ""
+    assert not os.path.exists(out.output.decode().strip()), "the orphaned workdir is removed on reconnect"
     assert out.infra_error and "connection lost" in out.infra_error, out
     assert out.exit_code is None
     assert _gone(marker), _survivors(marker)
@@ -137,6 +140,6 @@ def test_refused_connection_is_infra_error(sshd):
     assert "refused" in out.infra_error.lower() or "connect" in out.infra_error.lower(), out.infra_error
 
 
-def test_missing_program_is_the_jobs_exit_code_not_infra(sshd):
-    out = anyio.run(_run, SshLauncher(sshd.host), Job("r6", ("/nonexistent/prog",), timeout_s=10))
-    assert out.infra_error == "" and out.exit_code == 127
+def test_missing_program_is_infra_error(sshd):
+    out = anyio.run(_run, SshLauncher(sshd.host), Job("r6", ("/nonexistent/python", "train.py"), timeout_s=10))
+    assert out.infra_error.endswith("cannot start /nonexistent/python: no such program") and out.exit_code is None

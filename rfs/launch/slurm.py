@@ -34,7 +34,11 @@ STOP_WAIT = 15.0  # after scancel: KillWait plus slack for srun to report and ex
 
 # The step's own first line names it; the job's stdout and stderr merge after it, so srun's
 # stderr carries only SLURM's messages, which are what decide an infra error.
-_WRAP = 'echo "rfs-step $SLURM_JOB_ID.$SLURM_STEP_ID"; exec 2>&1; exec "$@"'
+# A missing program is the slot's fault (the harness's interpreter is not there), as locally.
+_WRAP = """echo "rfs-step $SLURM_JOB_ID.$SLURM_STEP_ID"
+command -v "$1" >/dev/null || { echo "rfs-infra cannot start $1: no such program"; exit 127; }
+exec 2>&1; exec "$@"
+"""
 # A task that dies within moments of starting can take its output with it (slurmstepd drops it),
 # the `rfs-step` line included; srun's own report of the task's end still says that it ran.
 _TASK_ENDED = re.compile(r"task \d+: (Exited|Killed|Terminated|Segmentation|Aborted)")
@@ -110,18 +114,22 @@ class SlurmLauncher:
             shutil.rmtree(wd, ignore_errors=True)
 
     async def _step(self, slot: Slot, job: Job, wd: str, on_line, start: float) -> JobOutcome:
-        out, err, step = bytearray(), bytearray(), []
+        out, err, step, missing = bytearray(), bytearray(), [], []
 
         def line(raw: bytes) -> None:
             text = raw.decode(errors="replace")
             if not step and text.startswith("rfs-step "):
                 step.append(text.split()[1])
                 return
+            if not out and text.startswith("rfs-infra "):
+                missing.append(text.removeprefix("rfs-infra "))  # believed below only with exit 127
             out.extend(raw + b"\n")
             if on_line:
                 on_line(text)
 
-        proc = await anyio.open_process(self._srun(slot, job, wd), env={**self.env, **job.env}, start_new_session=True)
+        threads = str(max(1, len(slot.cpus)))
+        env = {**self.env, **job.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        proc = await anyio.open_process(self._srun(slot, job, wd), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         stopped = ""  # why we ended the step ourselves, if we did
         try:
             with anyio.move_on_after(job.timeout_s) as scope:
@@ -134,9 +142,10 @@ class SlurmLauncher:
             stopped = "cancel"
             raise
         finally:
-            if stopped:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if stopped:
                     await self._stop(proc, step[0] if step else "")
+                await proc.aclose()
         wall = time.monotonic() - start
         slurm_said = err.decode(errors="replace").strip()
         named = _STEP_ID.search(slurm_said)
@@ -145,6 +154,8 @@ class SlurmLauncher:
             return JobOutcome(None, bytes(out), True, wall, job_id=job_id)
         if not step and not _TASK_ENDED.search(slurm_said):
             return JobOutcome(None, bytes(out), False, wall, f"srun: the step never started: {slurm_said[-500:]}", job_id)
+        if missing and code == 127:
+            return JobOutcome(None, b"", False, wall, missing[0], job_id)
         if _SLURM_ENDED.search(slurm_said):
             return JobOutcome(None, bytes(out), False, wall, f"SLURM ended step {job_id}: {slurm_said[-500:]}", job_id)
         return JobOutcome(code, bytes(out + err), False, wall, job_id=job_id)

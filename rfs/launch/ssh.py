@@ -74,13 +74,16 @@ def _unpack(data: bytes, skip: dict[str, bytes]) -> dict[str, bytes]:
 
 def command(slot: Slot, job: Job, wd: str) -> str:
     """The remote command line for one job in working directory `wd`."""
-    env = dict(job.env)
+    threads = str(max(1, len(slot.cpus)))
+    env = {**job.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if slot.gpu >= 0:
         env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
     argv = [a.replace(WORKDIR, wd) for a in job.argv]
     pin = ["taskset", "-c", ",".join(map(str, slot.cpus))] if slot.cpus else []
     cmd = shlex.join(["env", *(f"{k}={v}" for k, v in env.items()), *pin, *argv])
-    check = 'command -v taskset >/dev/null || { echo "rfs-infra taskset not found"; exit 1; }\n' if pin else ""
+    # A missing program is the slot's fault (the harness's interpreter is not there), as locally.
+    check = "".join(f"command -v {shlex.quote(prog)} >/dev/null || {{ echo {shlex.quote(f'rfs-infra cannot start {prog}: no such program')}; exit 1; }}\n"
+                    for prog in (["taskset"] if pin else []) + argv[:1])
     script = _SCRIPT.format(wd=shlex.quote(wd), check=check, cmd=cmd)
     return f"exec /bin/sh -c {shlex.quote(script)}"  # whatever the login shell, $$ is the leader
 

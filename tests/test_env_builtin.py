@@ -18,6 +18,7 @@ from rfs import ROOT
 from rfs.config import EnvCfg
 from rfs.envs import execute
 from rfs.envs.builtin import BuiltinEnv, manifest, parse_summary
+from rfs.envs.calibrate import calibrate, calibration_path, load_calibration
 from rfs.hosts import Slot
 from rfs.launch.base import JobOutcome
 from rfs.launch.local import LocalLauncher
@@ -134,3 +135,27 @@ def test_launcher_failures_decide_the_status_without_a_summary(env):
     assert env.result(JobOutcome(None, forged, True, 99.0)).status == "timeout"
     assert env.result(JobOutcome(1, b"| Traceback\n", False, 1.0)).status == "crash"
     assert parse_summary("| ---\n| val_bpb: 0.1\n---\nval_bpb: 2.5\nstatus: success\n") == {"val_bpb": "2.5", "status": "success"}
+
+
+def test_missing_or_corrupt_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("RFS_CACHE", str(tmp_path))
+    assert load_calibration(CFG, 2) is None
+    calibration_path(CFG, 2).parent.mkdir(parents=True)
+    calibration_path(CFG, 2).write_text("{not json")
+    with pytest.raises(ValueError, match="calibrate again"):
+        load_calibration(CFG, 2)
+
+
+@pytest.mark.slow
+def test_calibration_runs_the_seed_at_the_slots_concurrency(env, tmp_path, monkeypatch):
+    cfg = EnvCfg(name="builtin", budget_s=1.0, timeout_s=60.0, device="cpu")  # the full-size seed starts slower
+    from rfs.config import cache_dir
+
+    (tmp_path / "data").symlink_to(cache_dir() / "data")
+    monkeypatch.setenv("RFS_CACHE", str(tmp_path))
+    cores = sorted(os.sched_getaffinity(0))
+    slots = [Slot(f"local-{c}", "local", "localhost", (c,), -1, sys.executable, str(ROOT)) for c in cores[:2]]
+    out = anyio.run(calibrate, BuiltinEnv(cfg), slots, 2, LocalLauncher())
+    assert out["k"] == 2 and out["concurrency"] == len(slots) and len(out["values"]) == 2
+    assert all(math.isfinite(v) for v in out["values"]) and out["std"] >= 0
+    assert load_calibration(cfg, len(slots)) == out

@@ -1,0 +1,80 @@
+"""The noise floor: the seed train.py run k times at the wave's concurrency.
+
+A val_bpb difference smaller than the seed's own run-to-run spread is not an improvement, and the
+spread depends on how many runs share the machine, so it is measured at that concurrency (one run
+per slot at a time) and stored per env, device, budget and concurrency.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+from pathlib import Path
+
+import anyio
+
+from rfs.atomic import write_json
+from rfs.config import EnvCfg, cache_dir
+from rfs.envs import Environment, execute
+from rfs.hosts import Slot
+from rfs.launch.base import Launcher
+
+
+def calibration_path(env_cfg: EnvCfg, concurrency: int) -> Path:
+    return cache_dir() / "calibration" / f"{env_cfg.name}-{env_cfg.device}-{env_cfg.budget_s:g}-c{concurrency}.json"
+
+
+async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launcher) -> dict:
+    """Run the seed k times, one run per slot at a time; store and return the spread of val_bpb."""
+    if k < 1 or not slots:
+        raise ValueError(f"calibrate needs k >= 1 and at least one slot (got k={k}, {len(slots)} slots)")
+    seed = env.seed_train_py()
+    free = anyio.create_memory_object_stream[Slot](len(slots))
+    send, receive = free
+    for slot in slots:
+        send.send_nowait(slot)
+    runs: list[tuple[int, str, float, str]] = []
+
+    async def one(i: int) -> None:
+        slot = await receive.receive()
+        try:
+            result, _ = await execute(env, launcher, slot, seed, f"calibrate-{i}")
+            runs.append((i, result.status, result.val_bpb, result.detail))
+        finally:
+            send.send_nowait(slot)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(k):
+            tg.start_soon(one, i)
+    failed = [r for r in runs if r[1] != "success" or not math.isfinite(r[2])]
+    if failed:
+        i, status, _, detail = failed[0]
+        raise RuntimeError(f"calibration run {i} of the seed ended {status}: {detail} ({len(failed)}/{k} failed)")
+    values = [v for _, _, v, _ in sorted(runs)]
+    cfg: EnvCfg = env.cfg  # type: ignore[attr-defined]  # every adapter keeps the EnvCfg it was built from
+    out = {
+        "env": env.name,
+        "device": cfg.device,
+        "budget_s": cfg.budget_s,
+        "concurrency": len(slots),
+        "host": platform.node(),
+        "k": k,
+        "values": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if k > 1 else 0.0,
+    }
+    write_json(calibration_path(cfg, len(slots)), out)
+    return out
+
+
+def load_calibration(env_cfg: EnvCfg, concurrency: int) -> dict | None:
+    """The stored calibration for this env, device, budget and concurrency, or None if never run."""
+    path = calibration_path(env_cfg, concurrency)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a calibration file ({exc}); delete it and calibrate again") from None

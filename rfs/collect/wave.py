@@ -70,7 +70,8 @@ async def run_wave(
     async def one(spec: Any) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
         row = await _rollout_row(spec, cfg, client, training, events, rollout_fn)
-        atomic.write_parquet(pending / f"{spec.rollout_id}.parquet", trace.to_table([row]))
+        # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
+        await anyio.to_thread.run_sync(atomic.write_parquet, pending / f"{spec.rollout_id}.parquet", trace.to_table([row]))
         events.emit(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
         )
@@ -79,7 +80,7 @@ async def run_wave(
         for spec in specs:
             if spec.rollout_id not in done:
                 tg.start_soon(one, spec)
-    return _compact(run, specs, cfg, events, calibration)
+    return await anyio.to_thread.run_sync(_compact, run, specs, cfg, events, calibration)
 
 
 def _one_round(specs: list[Any]) -> tuple[str, int]:
@@ -172,13 +173,13 @@ class _Training:
             try:
                 outcome = await self._run_on(slot, train_py)
                 failure = outcome.infra_error
+                result = self._result(outcome, attempt)
+                s = self.spec
+                self.events.emit("run_finished", arm=s.arm, round=s.round, rollout_id=s.rollout_id, slot=slot.name,
+                                 status=result.status, val_bpb=result.val_bpb, steps=result.steps)
             finally:  # cancelled mid-run (the wave is stopping): the slot goes back, uncounted
                 self.pool.release(slot, failure=failure)
-            self._keep(slot, attempt, outcome)
-            result = self._result(outcome, attempt)
-            s = self.spec
-            self.events.emit("run_finished", arm=s.arm, round=s.round, rollout_id=s.rollout_id, slot=slot.name,
-                             status=result.status, val_bpb=result.val_bpb, steps=result.steps)
+            await anyio.to_thread.run_sync(self._keep, slot, attempt, outcome)
             if not outcome.infra_error:
                 break
             failed.add(slot.name)

@@ -1,0 +1,92 @@
+"""kill -9 a real wave controller at 20 random instants, resume each time: exactly-once traces.
+
+The controller is tests/wave_child.py in its own process (run_wave, the scripted researcher over
+loopback HTTP, SleepEnv jobs through the real local launcher). Every job appends its rollout_id to
+a counter file when it starts, so launches per rollout are counted across kills.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from rfs.rundir import RunDir
+from tests.scripted_researcher import ScriptedResearcher
+from tests.wave_child import plans, specs
+
+ROOT = Path(__file__).resolve().parent.parent
+N, SLOTS, SLEEP, KILLS = 12, 2, 0.1, 20
+
+
+def launches(counter: Path) -> Counter:
+    return Counter(counter.read_text().split()) if counter.exists() else Counter()
+
+
+def settle(marker: str) -> None:
+    """Wait until no process mentions `marker` (the killed controller's orphaned jobs, or a fork of it
+    not yet exec'd): after that, every launch before the kill has written its counter line."""
+    deadline = time.monotonic() + 60
+    while any(marker.encode() in _cmdline(p) for p in Path("/proc").iterdir() if p.name.isdigit()):
+        assert time.monotonic() < deadline, f"processes naming {marker} outlived their 60 s"
+        time.sleep(0.05)
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
+def finished(run: RunDir) -> set[str]:
+    if run.traces("S", 1).exists():
+        return {r["rollout_id"] for r in pq.read_table(run.traces("S", 1)).to_pylist()}
+    return {p.name.removesuffix(".parquet") for p in run.pending("S", 1).glob("*.parquet")}
+
+
+def test_kill_9_at_random_instants_loses_and_repeats_nothing(tmp_path):
+    rng = random.Random(7)
+    run, counter = RunDir(tmp_path / "run"), tmp_path / "launches"
+    snapshots: list[tuple[set[str], Counter]] = []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with ScriptedResearcher(plans(N)) as sr:
+        argv = [sys.executable, "-m", "tests.wave_child", str(run.root), sr.base_url, str(counter),
+                "--n", str(N), "--slots", str(SLOTS), "--sleep", str(SLEEP)]
+        # How long one uninterrupted wave takes on this machine now, so the kills land all through one.
+        t0 = time.monotonic()
+        scratch = [*argv[:3], str(tmp_path / "scratch"), sr.base_url, str(tmp_path / "scratch-launches"), *argv[6:]]
+        subprocess.run(scratch, cwd=ROOT, env=env, capture_output=True, check=True, timeout=120)
+        full = time.monotonic() - t0
+        for _ in range(KILLS):
+            child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(rng.uniform(0.3, 1.0) * min(full, 4.0))  # a loaded machine: progress then comes later
+            child.kill()
+            _, err = child.communicate()
+            assert child.returncode in (-9, 0), err.decode()[-2000:]
+            settle(str(counter))
+            snapshots.append((finished(run), launches(counter)))
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+    rows = pq.read_table(run.traces("S", 1)).to_pylist()
+    ids = [s.rollout_id for s in specs(N)]
+    assert [r["rollout_id"] for r in rows] == ids  # exactly N rows, each rollout once, in order
+    assert [r["status"] for r in rows] == ["success"] * N, [r["detail"] for r in rows]
+    assert [r["val_bpb"] for r in rows] == [1 + (i + 1) / 100 for i in range(N)]
+    final = launches(counter)
+    assert set(final) == set(ids)
+    # A finished rollout is never launched again ...
+    for done_then, at in snapshots:
+        for rid in done_then:
+            assert final[rid] == at[rid], f"{rid} finished, then was launched again"
+    # ... so a rollout launched twice was one in flight (launched, not finished) at some kill.
+    in_flight = {rid for done_then, at in snapshots for rid in at if rid not in done_then}
+    assert {rid for rid, c in final.items() if c > 1} <= in_flight
+    print(f"full wave {full:.1f} s; finished at each kill:", [len(d) for d, _ in snapshots], "launches:", sum(final.values()))

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import replace
 
 import anyio
+import pytest
 
 from rfs.hosts import Slot
 from rfs.launch.base import Job
@@ -143,3 +144,8 @@ def test_refused_connection_is_infra_error(sshd):
 def test_missing_program_is_infra_error(sshd):
     out = anyio.run(_run, SshLauncher(sshd.host), Job("r6", ("/nonexistent/python", "train.py"), timeout_s=10))
     assert out.infra_error.endswith("cannot start /nonexistent/python: no such program") and out.exit_code is None
+
+
+def test_file_name_outside_the_workdir_is_refused(sshd):
+    with pytest.raises(ValueError, match="leaves the working directory"):
+        anyio.run(_run, SshLauncher(sshd.host), Job("r7", ("true",), {"../evil": b"x"}, timeout_s=10))

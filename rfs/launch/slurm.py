@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import anyio
+import anyio.abc
 
 from rfs.hosts import SlurmCfg, Slot
 from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome
@@ -106,6 +107,8 @@ class SlurmLauncher:
         wd = Path(tempfile.mkdtemp(prefix="rfs-", dir=self.workroot))
         try:
             for name, data in job.files.items():
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise ValueError(f"job {job.rollout_id}: file name {name!r} leaves the working directory")
                 (wd / name).parent.mkdir(parents=True, exist_ok=True)
                 (wd / name).write_bytes(data)
             outcome = await self._step(slot, job, str(wd), on_line, start)
@@ -161,17 +164,15 @@ class SlurmLauncher:
         return JobOutcome(code, bytes(out + err), False, wall, job_id=job_id)
 
     async def _stop(self, proc: anyio.abc.Process, step: str) -> None:
-        """scancel the step (SIGKILL to srun would leave it running); TERM srun if it never got one."""
-        if step:
-            try:
-                await self._client(["scancel", step])
-            except SlurmError:
-                pass  # the TERM below still asks srun to end its step
-        if proc.returncode is None:
-            if not step:
-                proc.send_signal(signal.SIGTERM)  # srun cancels its step on TERM
-            with anyio.move_on_after(STOP_WAIT):
-                await proc.wait()
+        """scancel the step (SIGKILL to srun would leave it running), or TERM srun, which cancels it too."""
+        try:
+            cancelled = bool(step) and (await self._client(["scancel", step])).returncode == 0
+        except SlurmError:
+            cancelled = False
+        if not cancelled and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(STOP_WAIT):
+            await proc.wait()
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

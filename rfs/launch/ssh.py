@@ -14,6 +14,7 @@ import shlex
 import tarfile
 import time
 from dataclasses import replace
+from pathlib import PurePosixPath
 from typing import Callable
 
 import anyio
@@ -48,14 +49,16 @@ exit $rc
 """
 
 
-def _infra(why: str, start: float, output: bytes = b"", job_id: str = "") -> JobOutcome:
-    return JobOutcome(None, output, False, time.monotonic() - start, infra_error=why, job_id=job_id)
+def _infra(why: str, start: float, output: bytes = b"") -> JobOutcome:
+    return JobOutcome(None, output, False, time.monotonic() - start, infra_error=why)
 
 
-def _pack(files: dict[str, bytes]) -> bytes:
+def _pack(job: Job) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
+        for name, data in job.files.items():
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+                raise ValueError(f"job {job.rollout_id}: file name {name!r} leaves the working directory")
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
@@ -123,7 +126,7 @@ class SshLauncher:
         try:
             conn = await self._connection()
             made = await conn.run('d=$(mktemp -d "${TMPDIR:-/tmp}/rfs-XXXXXX") && tar -xf - -C "$d" && echo "$d"',
-                                  input=_pack(job.files), encoding=None, timeout=CLEANUP_TIMEOUT)
+                                  input=_pack(job), encoding=None, timeout=CLEANUP_TIMEOUT)
         except _SSH_ERRORS as exc:
             return _infra(f"{where}: {type(exc).__name__}: {exc}", start)
         if made.exit_status != 0:

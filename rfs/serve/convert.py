@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -99,30 +100,18 @@ def hf_to_gguf(model_dir: Path, template: Path, out: Path, qtype: str = "q8_0") 
         weights.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
-    writer.add_file_type(file_type)
-
-    for name, w in weights.items():
-        if name.endswith("self_attn.q_proj.weight"):
-            w = rope_permute(w, n_head)
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = rope_permute(w, n_kv)
-        if w.ndim == 1:  # norms stay float32: llama.cpp requires it and they are tiny
-            writer.add_tensor(gguf_name(name), w.astype(np.float32))
-        elif qtype == "q8_0" and w.shape[-1] % 32 == 0:
-            data = gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(gguf_name(name), w.astype(np.float16))
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")  # unique per caller
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        _copy_metadata(reader, writer, qtype)
+        for name, w in weights.items():
+            if name.endswith("self_attn.q_proj.weight"):
+                w = rope_permute(w, n_head)
+            elif name.endswith("self_attn.k_proj.weight"):
+                w = rope_permute(w, n_kv)
+            _add_tensor(writer, gguf_name(name), w, qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -132,3 +121,28 @@ def hf_to_gguf(model_dir: Path, template: Path, out: Path, qtype: str = "q8_0") 
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _copy_metadata(reader, writer, qtype: str) -> None:
+    import gguf
+
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue  # the writer adds these itself
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    q8 = gguf.LlamaFileType.MOSTLY_Q8_0
+    writer.add_file_type(q8 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+
+
+def _add_tensor(writer, name: str, w: np.ndarray, qtype: str) -> None:
+    import gguf
+
+    if w.ndim == 1:  # norms stay float32: llama.cpp requires it and they are tiny
+        writer.add_tensor(name, w.astype(np.float32))
+    elif qtype == "q8_0" and w.shape[-1] % 32 == 0:
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(w.astype(np.float32), q8), raw_dtype=q8)
+    else:
+        writer.add_tensor(name, w.astype(np.float16))

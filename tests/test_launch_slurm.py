@@ -208,3 +208,23 @@ def test_file_name_outside_the_workdir_is_refused(launcher, tmp_path):
     with pytest.raises(ValueError, match="leaves the working directory"):
         anyio.run(launcher.run, SLOT, Job("e", ("true",), {"../evil": b"x"}, timeout_s=10))
     assert not (tmp_path / "work" / "evil").exists() and list((tmp_path / "work").iterdir()) == []
+
+
+def test_allocation_ended_under_a_running_step_is_infra_error(launcher, slurm):
+    async def main():
+        await launcher.open(1)
+        result = []
+        async with anyio.create_task_group() as tg:
+            started = anyio.Event()
+
+            async def go():
+                result.append(await launcher.run(SLOT, Job("a", ("sh", "-c", "echo up; sleep 300"), timeout_s=60), lambda _: started.set()))
+
+            tg.start_soon(go)
+            await started.wait()
+            subprocess.run(["scancel", launcher.allocation], env={**os.environ, **slurm.env}, check=True, timeout=10)
+        await launcher.close()  # an allocation that is already gone closes quietly
+        return result[0]
+
+    out = anyio.run(main)
+    assert out.infra_error.startswith("SLURM ended step") and out.exit_code is None, out

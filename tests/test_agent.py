@@ -38,15 +38,14 @@ def spec(seed: int = 100, start: str = SEED_PY) -> RolloutSpec:
     )
 
 
-@pytest.fixture(scope="module")
-def training():
+def _training(timeout_s: float):
     """The wave's RunTraining, done for real: BuiltinEnv's job on a local slot through LocalLauncher."""
     builtin = pytest.importorskip("rfs.envs.builtin", reason="the built-in environment has not landed")
     from rfs.envs import execute
     from rfs.hosts import HostsFile, slots
     from rfs.launch.local import LocalLauncher
 
-    env = builtin.BuiltinEnv(EnvCfg(name="builtin", budget_s=2.0, timeout_s=30.0, device="cpu", depth=2))
+    env = builtin.BuiltinEnv(EnvCfg(name="builtin", budget_s=2.0, timeout_s=timeout_s, device="cpu", depth=2))
     env.prepare()
     slot = slots(HostsFile())[0]
 
@@ -55,6 +54,16 @@ def training():
         return Executed(result, slot.host, slot.name, "cpu", outcome.job_id, 0, "")
 
     return run
+
+
+@pytest.fixture(scope="module")
+def training():
+    return _training(timeout_s=60.0)  # generous: a contended machine starts torch slowly
+
+
+@pytest.fixture(scope="module")
+def impatient():
+    return _training(timeout_s=8.0)  # 2 s budget + 3 s allowance: a hang ends in seconds
 
 
 async def never(train_py: str) -> Executed:
@@ -102,9 +111,9 @@ def test_a_syntax_error_fixed_on_retry_succeeds(training, tmp_path):
     assert "SyntaxError" in observations[1] and "val_bpb" in observations[-1]
 
 
-def test_a_hanging_train_py_times_out(training, tmp_path):
+def test_a_hanging_train_py_times_out(impatient, tmp_path):
     plan = [action("edit", "wait", path="train.py", content="import time\nwhile True:\n    time.sleep(1)\n"), action("run")]
-    row = play(plan, CODE, training, tmp_path)
+    row = play(plan, CODE, impatient, tmp_path)
     assert row["status"] == "timeout", row["detail"]
     assert math.isnan(row["val_bpb"])
 

@@ -46,15 +46,26 @@ def one(n: int, duration: float) -> dict:
         base_url = server.stdout.readline().strip()
         with tempfile.TemporaryDirectory() as tmp:
             env = SleepEnv(Path(tmp) / "launches", duration)
-            cpu0, t0 = time.process_time(), time.perf_counter()
+            cpu0, t0, epoch = time.process_time(), time.perf_counter(), time.time()
             anyio.run(wave, Path(tmp) / "run", base_url, env, n, n)
             wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            phases = _phases(Path(tmp) / "run" / "events.jsonl", epoch)
     finally:
         server.stdin.close()
         server.wait(timeout=30)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"n": n, "duration_s": duration, "wall_s": round(wall, 3), "wall_over_d": round(wall / duration, 4),
-            "controller_cpu_s": round(cpu, 3), "peak_rss_mb": round(rss_mb, 1)}
+            "controller_cpu_s": round(cpu, 3), "peak_rss_mb": round(rss_mb, 1), **phases}
+
+
+def _phases(events: Path, epoch: float) -> dict:
+    """Where the overhead goes: seconds from the wave's start to the first and last job start, and
+    from the last job's end to the wave's end (the researcher's closing turn, the row, compaction)."""
+    from rfs.events import iter_events
+
+    t = {k: [e["t"] - epoch for e in iter_events(events) if e["kind"] == k] for k in ("run_started", "run_finished", "wave_finished")}
+    return {"first_run_start_s": round(min(t["run_started"]), 3), "last_run_start_s": round(max(t["run_started"]), 3),
+            "last_run_end_to_wave_end_s": round(max(t["wave_finished"]) - max(t["run_finished"]), 3)}
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 import zstandard
 
 from rfs import atomic, trace
+from rfs.agent.client import ResearcherClient, ServerDown
+from rfs.agent.rollout import Executed, RolloutSpec, rollout
 from rfs.collect import aggregate, anomaly
 from rfs.collect.slots import SlotPool
 from rfs.config import Config
@@ -38,25 +40,26 @@ _RETRY_PAUSE_S = 0.5  # before re-running a rollout whose researcher server was 
 
 async def run_wave(
     run: RunDir,
-    specs: list[Any],
+    specs: list[RolloutSpec],
     *,
     cfg: Config,
     env: Environment,
     pool: SlotPool,
     hosts: HostsFile,
-    client: Any,
+    client: ResearcherClient,
     events: EventLog,
-    rollout_fn: RolloutFn | None = None,
+    rollout_fn: RolloutFn = rollout,
     calibration: dict[str, float] | None = None,
 ) -> Path:
-    """Run every spec's rollout once (resuming a killed wave); return traces(arm, round)."""
+    """Run every spec's rollout once (resuming a killed wave); return traces(arm, round).
+
+    `calibration` ({mean, std} of the seed's val_bpb) sharpens the anomaly flags when given.
+    """
     arm, round_ = _one_round(specs)
     out = run.traces(arm, round_)
     if out.exists():  # compacted before a kill: at most the pending files are left to remove
         shutil.rmtree(run.pending(arm, round_), ignore_errors=True)
         return out
-    if rollout_fn is None:
-        from rfs.agent.rollout import rollout as rollout_fn
     pending = run.pending(arm, round_)
     pending.mkdir(parents=True, exist_ok=True)
     done = {p.name.removesuffix(".parquet") for p in pending.glob("*.parquet")}
@@ -67,7 +70,7 @@ async def run_wave(
             launchers[slot.name] = launcher_for(slot, hosts)
         return launchers[slot.name]
 
-    async def one(spec: Any) -> None:
+    async def one(spec: RolloutSpec) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
         row = await _rollout_row(spec, cfg, client, training, events, rollout_fn)
         # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
@@ -79,11 +82,11 @@ async def run_wave(
     async with anyio.create_task_group() as tg:
         for spec in specs:
             if spec.rollout_id not in done:
-                tg.start_soon(one, spec)
+                tg.start_soon(one, spec, name=spec.rollout_id)
     return await anyio.to_thread.run_sync(_compact, run, specs, cfg, events, calibration)
 
 
-def _one_round(specs: list[Any]) -> tuple[str, int]:
+def _one_round(specs: list[RolloutSpec]) -> tuple[str, int]:
     if not specs:
         raise ValueError("run_wave: no rollouts to run")
     rounds = {(s.arm, s.round) for s in specs}
@@ -95,10 +98,10 @@ def _one_round(specs: list[Any]) -> tuple[str, int]:
     return rounds.pop()
 
 
-async def _rollout_row(spec: Any, cfg: Config, client: Any, training: "_Training", events: EventLog, rollout_fn: RolloutFn) -> dict[str, Any]:
+async def _rollout_row(
+    spec: RolloutSpec, cfg: Config, client: ResearcherClient, training: _Training, events: EventLog, rollout_fn: RolloutFn
+) -> dict[str, Any]:
     """The rollout's row, or a truthful infra_error row: one rollout's failure never ends the wave."""
-    from rfs.agent.client import ServerDown
-
     started = time.time()
     for attempt in range(cfg.collect.infra_retries + 1):
         if attempt:
@@ -106,6 +109,7 @@ async def _rollout_row(spec: Any, cfg: Config, client: Any, training: "_Training
         events.emit("rollout_started", arm=spec.arm, round=spec.round, rollout_id=spec.rollout_id, thread=spec.thread)
         try:
             row = await rollout_fn(spec, cfg.researcher, client, training, events)
+            trace.validate(row)  # a malformed row is our bug: caught here, not by the wave's writer
         except ServerDown as exc:
             detail = f"researcher server down after {attempt + 1} attempt(s): {exc}"
             continue
@@ -121,7 +125,7 @@ async def _rollout_row(spec: Any, cfg: Config, client: Any, training: "_Training
     return infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_rel)
 
 
-def infra_row(spec: Any, cfg: Config, detail: str, *, started: float, infra_attempts: int = 0, blob_path: str = "") -> dict[str, Any]:
+def infra_row(spec: RolloutSpec, cfg: Config, detail: str, *, started: float, infra_attempts: int = 0, blob_path: str = "") -> dict[str, Any]:
     """A valid trace row for a rollout the infrastructure (or our own code) failed."""
     now = time.time()
     row = {
@@ -150,10 +154,11 @@ class _Training:
     """The rollout's RunTraining callback: slot → env.job → launcher.run → env.result, with retries.
 
     An infra_error is retried on another slot up to cfg.collect.infra_retries times; every run's
-    full output goes to the rollout's zstd blob (all runs of the rollout, in order).
+    full output goes to the rollout's zstd blob (all runs of the rollout, in order). gpu_type is
+    "cpu" or "cuda": the slot knows its device index, not the card's model.
     """
 
-    def __init__(self, run: RunDir, spec: Any, cfg: Config, env: Environment, pool: SlotPool,
+    def __init__(self, run: RunDir, spec: RolloutSpec, cfg: Config, env: Environment, pool: SlotPool,
                  launcher: Callable[[Slot], Launcher], events: EventLog):
         self.run, self.spec, self.cfg, self.env, self.pool = run, spec, cfg, env, pool
         self.launcher, self.events = launcher, events
@@ -163,9 +168,7 @@ class _Training:
         self.runs = 0  # training runs launched
         self._log = bytearray()
 
-    async def __call__(self, train_py: str) -> Any:
-        from rfs.agent.rollout import Executed
-
+    async def __call__(self, train_py: str) -> Executed:
         failed: set[str] = set()
         for attempt in range(self.cfg.collect.infra_retries + 1):
             slot = await self.pool.acquire(avoid=failed)
@@ -214,7 +217,7 @@ class _Training:
         self.blob_rel = str(self.blob.relative_to(self.run.root))
 
 
-def _compact(run: RunDir, specs: list[Any], cfg: Config, events: EventLog, calibration: dict[str, float] | None) -> Path:
+def _compact(run: RunDir, specs: list[RolloutSpec], cfg: Config, events: EventLog, calibration: dict[str, float] | None) -> Path:
     """All pending rows → one flagged, ordered round file; then the pending files can go."""
     arm, round_ = specs[0].arm, specs[0].round
     pending = run.pending(arm, round_)

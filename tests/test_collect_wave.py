@@ -123,3 +123,14 @@ def test_a_rollout_that_raises_becomes_an_infra_error_row_and_the_wave_goes_on(t
     assert "Traceback" in rows[1]["detail"] and "rollout raised" in rows[1]["detail"]
     alarms = [e for e in iter_events(RunDir(tmp_path / "run").events) if e["kind"] == "alarm"]
     assert [a["alarm"] for a in alarms] == ["rollout_error"]
+
+
+def test_compaction_flags_anomalies_without_dropping_rows(tmp_path):
+    counter, n = tmp_path / "launches", 2
+    cfg = wave_config(budget_s=100.0)  # the jobs "train" 0.01 s of a 100 s budget: suspiciously short
+    with ScriptedResearcher(plans(n)) as sr:
+        out = anyio.run(lambda: wave(tmp_path / "run", sr.base_url, SleepEnv(counter, 0.01), n, 1, cfg=cfg,
+                                     calibration={"mean": 1.5, "std": 0.01}))
+    rows = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in rows] == ["success"] * n
+    assert [r["anomaly_flags"] for r in rows] == [["short_training"]] * n

@@ -118,7 +118,7 @@ def wave_config(budget_s: float = 1.0, action_space: str = "code", **collect: in
         None,
         {
             "experiment": {"preset": "cluster", "name": "wave-test"},
-            "env": {"budget_s": budget_s, "timeout_s": 60.0},
+            "env": {"budget_s": budget_s, "timeout_s": budget_s + 60.0},
             "researcher": {"backend": "vllm", "model": "scripted", "action_space": action_space, "max_turns": 4, "turn_timeout_s": 30.0},
             "collect": collect,
         },

@@ -55,6 +55,38 @@ async def ask(server, max_tokens: int = 48) -> dict:
     return r.json()
 
 
+async def ask_streaming(server, max_tokens: int) -> tuple[str, str]:
+    """Stream a free-text reply; returns (text, finish_reason)."""
+    body = {"model": server.model_id, "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+    text, finish = "", ""
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream("POST", server.base_url + "/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["delta"].get("content") or ""
+                    finish = choice.get("finish_reason") or finish
+    return text, finish
+
+
+async def shared_by_two(server) -> tuple[tuple[str, str], dict]:
+    """A streaming rollout and a second rollout asking while it streams."""
+    out: dict = {}
+
+    async def stream() -> None:
+        out["stream"] = await ask_streaming(server, 40)
+
+    async def second() -> None:
+        await anyio.sleep(0.3)
+        out["plain"] = await ask(server)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stream)
+        tg.start_soon(second)
+    return out["stream"], out["plain"]
+
+
 def test_llamacpp_serves_schema_survives_kill_and_restarts(tmp_path: Path) -> None:
     events = EventLog(tmp_path / "events.jsonl")
     hosts = HostsFile(server=ServerCfg(cpus=(0,)))
@@ -71,6 +103,10 @@ def test_llamacpp_serves_schema_survives_kill_and_restarts(tmp_path: Path) -> No
             assert set(action) == {"thought", "name", "value"}
             assert action["name"] in ("lr", "depth", "batch_size") and isinstance(action["value"], (int, float))
             assert os.sched_getaffinity(server.pid) == {0}
+
+            (text, finish), plain = await shared_by_two(server)
+            assert finish == "length" and text  # not cut short by the second request
+            assert json.loads(plain["choices"][0]["message"]["content"]) == action
 
             os.kill(server.pid, signal.SIGKILL)
             with anyio.fail_after(30):

@@ -22,6 +22,8 @@ def llamacpp_argv(gguf: Path, model_id: str, port: int, threads: int, n_ctx: int
         "--host", "127.0.0.1", "--port", str(port),
         "--n_threads", str(threads), "--n_threads_batch", str(threads),
         "--n_ctx", str(n_ctx), "--verbose", "False",
+        # Parallel rollouts share one server: by default a new request cuts a streaming one short.
+        "--interrupt_requests", "False",
     ]
 
 

@@ -135,11 +135,13 @@ def test_llamacpp_serves_schema_survives_kill_and_restarts(tmp_path: Path) -> No
 def test_llamacpp_start_failure_raises_with_the_log_tail(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file at all")
-    server = make_server(embedded_cfg(), HostsFile(), bad, "A-S/v0", tmp_path / "server.log")
+    events = EventLog(tmp_path / "events.jsonl")
+    server = make_server(embedded_cfg(), HostsFile(), bad, "A-S/v0", tmp_path / "server.log", events)
     with pytest.raises(ServerError, match="exited with") as err:
         anyio.run(server.start)
-    assert str(tmp_path / "server.log") in str(err.value)
+    assert str(tmp_path / "server.log") in str(err.value) and "gguf" in str(err.value).lower()
     assert not anyio.run(server.health)
+    assert list(iter_events(events.path)) == []  # the caller got the error; it was never up to crash
 
 
 def test_response_format_per_backend() -> None:

@@ -45,6 +45,7 @@ class ProcessServer:
         self.base_url = f"{self.root}/v1"
         self._proc: subprocess.Popen | None = None
         self._stopping = False
+        self._up = False  # was healthy: only then is a death a crash (a failed start raises instead)
 
     # The two things a backend decides.
     def prepare(self, model_dir: Path) -> Path:
@@ -92,7 +93,7 @@ class ProcessServer:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== rfs {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
             log.flush()
-            self._stopping = False
+            self._stopping, self._up = False, False
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 start_new_session=True, preexec_fn=self._in_child,
@@ -100,6 +101,7 @@ class ProcessServer:
         threading.Thread(target=self._watch, args=(self._proc,), daemon=True).start()
         try:
             await self._until_healthy(self._proc)
+            self._up = True
         except BaseException:  # failed, timed out or cancelled: never leave a half-started server
             with anyio.CancelScope(shield=True):
                 await self._kill()
@@ -125,7 +127,7 @@ class ProcessServer:
 
     def _watch(self, proc: subprocess.Popen) -> None:
         code = proc.wait()
-        if proc is self._proc and not self._stopping:
+        if proc is self._proc and self._up and not self._stopping:
             self._emit("server_crashed", exit_code=code)
 
     async def _kill(self) -> None:

@@ -3,7 +3,6 @@ one per gold loop, swapped to V_{n+1} after each merge and health-checked before
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,6 @@ class Served:
     weights_sha256: str
     server: Any
     client: Any
-
-
-def weights_sha256(model_dir: Path) -> str:
-    """sha256 over the weight files in name order: the researcher's identity in every trace row."""
-    h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 class Servers:
@@ -57,6 +46,7 @@ class Servers:
         """The server for `key` serving `version`, (re)started and healthy."""
         from rfs.agent.client import ResearcherClient
         from rfs.serve import make_server
+        from rfs.setup import weights_sha256
 
         async with self._locks.setdefault(key, anyio.Lock()):
             model_id = f"{key}/v{version}" if self.v0 is not None else self.cfg.researcher.model

@@ -172,3 +172,30 @@ def test_a_conditioned_rollout_prefills_every_reply_with_the_stamp(tmp_path):
     assert all(r["messages"][-1] == {"role": "assistant", "content": stamp} for r in requests)
     assert requests[1]["messages"][2]["content"].startswith(stamp + "{")  # history keeps the stamp
     assert not any(m["content"].startswith("<val_bpb") for m in row["messages"])  # the trace keeps it apart
+
+
+@pytest.mark.slow
+def test_the_real_embedded_researcher_acts_validly_on_llamacpp(training, tmp_path):
+    """SmolLM2-135M on llama.cpp, constrained by the hparams schema: every reply is a valid action."""
+    pytest.importorskip("llama_cpp.server")
+    from rfs import config
+    from rfs.hosts import HostsFile, ServerCfg
+    from rfs.serve import make_server
+    from rfs.setup import embedded_gguf
+
+    cfg = config.load().researcher
+    events = EventLog(tmp_path / "events.jsonl")
+    server = make_server(cfg, HostsFile(server=ServerCfg(cpus=(0,))), embedded_gguf(), "v0", tmp_path / "server.log", events)
+
+    async def go():
+        await server.start()
+        try:
+            async with ResearcherClient(server.base_url, "v0", cfg) as client:
+                return await rollout(spec(), cfg, client, training, events)
+        finally:
+            await server.stop()
+
+    row = anyio.run(go)
+    validate(row)
+    assert row["schema_enforced"] and row["invalid_actions"] == 0 and row["valid_actions"] >= 1
+    assert row["edit_attempts"] >= 1 and row["status"] in ("success", "crash", "timeout"), row["detail"]

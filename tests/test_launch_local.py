@@ -32,6 +32,8 @@ FORKER = textwrap.dedent(
         if os.fork() == 0:
             record(); time.sleep(1000)
         os._exit(0)
+    while len(open(os.environ["PIDS_FILE"]).read().split()) < 3:
+        time.sleep(0.01)  # say "forked" only once all three processes are up
     print("forked", flush=True)
     time.sleep(1000)
     """

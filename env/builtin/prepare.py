@@ -134,10 +134,11 @@ def train_bytes():
 
 def save_model(model, seq_len: int, steps: int, tokens: int, training_seconds: float, workdir: str = ".") -> None:
     """Export model(idx: int64[EVAL_BATCH, seq_len]) -> logits[EVAL_BATCH, seq_len, 256] with
-    torch.export, so the evaluator loads the graph and weights without running train.py's code."""
+    torch.export, so the evaluator loads the graph and weights without running train.py's code.
+    The export is taken on the CPU: the evaluator runs there, whatever device trained the model."""
     import torch
 
-    model.eval()
+    model = model.to("cpu").eval()
     example = torch.zeros(EVAL_BATCH, seq_len, dtype=torch.long)
     with torch.no_grad():
         program = torch.export.export(model, (example,))

@@ -7,6 +7,7 @@ parses. Nothing train.py prints can become a val_bpb: its lines arrive prefixed 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import subprocess
 import sys
@@ -20,6 +21,10 @@ from rfs.launch.base import WORKDIR, Job, JobOutcome
 
 ENV_DIR = ROOT / "env" / "builtin"
 MANIFEST = ROOT / "env" / "MANIFEST.sha256"
+# Every file env/MANIFEST.sha256 pins (paths relative to env/). Regenerate after a deliberate change:
+#   python -m rfs.envs.builtin > env/MANIFEST.sha256
+PINNED = ("builtin/program.md", "builtin/prepare.py", "builtin/harness.py", "builtin/guard.py",
+          "builtin/evaluate.py", "builtin/train.py", "autoresearch/program.md")
 HARNESS_STATUSES = ("success", "crash", "timeout", "harness_violation", "syntax_error", "infra_error")
 TAIL_LINES = 40
 
@@ -32,6 +37,11 @@ def manifest() -> dict[str, str]:
             digest, name = line.split(maxsplit=1)
             out[name.lstrip("*")] = digest
     return out
+
+
+def manifest_text() -> str:
+    """What env/MANIFEST.sha256 should hold for the files as they are now (sha256sum format)."""
+    return "".join(f"{hashlib.sha256((ROOT / 'env' / name).read_bytes()).hexdigest()}  {name}\n" for name in PINNED)
 
 
 def parse_summary(output: str) -> dict[str, str]:
@@ -137,3 +147,7 @@ class BuiltinEnv:
             stdout_tail=_tail(text),
             summary=summary,
         )
+
+
+if __name__ == "__main__":
+    print(manifest_text(), end="")

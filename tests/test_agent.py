@@ -199,3 +199,14 @@ def test_the_real_embedded_researcher_acts_validly_on_llamacpp(training, tmp_pat
     validate(row)
     assert row["schema_enforced"] and row["invalid_actions"] == 0 and row["valid_actions"] >= 1
     assert row["edit_attempts"] >= 1 and row["status"] in ("success", "crash", "timeout"), row["detail"]
+
+
+def test_the_researcher_time_cap_stops_the_loop(tmp_path):
+    async def go():
+        with ScriptedResearcher({100: [action("read", path="train.py")] * 6}) as server:
+            async with ResearcherClient(server.base_url, "scripted", CODE) as client:
+                return await rollout(spec(), CODE, client, never, wall_s=1e-9)  # spent by the first reply
+
+    row = anyio.run(go)
+    validate(row)
+    assert row["turns"] == 1 and row["status"] == "no_edit" and "cap on researcher time" in row["detail"]

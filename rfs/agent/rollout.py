@@ -129,6 +129,7 @@ class _Rollout:
         self.train_py = spec.start_train_py
         self.executed: Executed | None = None
         self.tally = _Tally()
+        self.stopped = ""  # why the loop stopped early, for the row's detail
         system = prompts.system(spec.program_md, self.space, spec.memory)
         user = prompts.first_user(spec.start_train_py, self.space, spec.start_val_bpb)
         self.chat = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -138,6 +139,7 @@ class _Rollout:
         try:
             for turn in range(self.cfg.max_turns):
                 if self.tally.researcher_seconds >= self.wall_s:
+                    self.stopped = f" (stopped at the {self.wall_s:g} s cap on researcher time)"
                     break
                 ran_before = self.executed is not None
                 if end := await self._turn(turn):
@@ -184,7 +186,7 @@ class _Rollout:
                     self._request_schema(),
                     max_tokens=self.cfg.max_tokens,
                     temperature=self.cfg.temperature,
-                    seed=self.spec.seed + len(self.tally.replies),
+                    seed=(self.spec.seed + len(self.tally.replies)) % 2**31,
                     prefill=self.spec.conditioning_stamp,
                 )
         except TimeoutError:
@@ -263,9 +265,9 @@ class _Rollout:
         if self.executed:
             return self._measured()
         if self.tally.valid == 0:
-            return _End("agent_error", f"no usable action in {len(self.tally.replies)} replies")
+            return _End("agent_error", f"no usable action in {len(self.tally.replies)} replies{self.stopped}")
         if self.train_py == self.spec.start_train_py:
-            return _End("no_edit", f"{len(self.tally.replies)} turns without a change to train.py")
+            return _End("no_edit", f"{len(self.tally.replies)} turns without a change to train.py{self.stopped}")
         return await self._run_last()
 
     async def _run_last(self) -> _End:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import anyio
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
@@ -73,8 +74,9 @@ async def run_wave(
     async def one(spec: RolloutSpec) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
         row = await _rollout_row(spec, cfg, client, training, events, rollout_fn)
+        table = pa.Table.from_pylist([row], schema=trace.SCHEMA)  # validated in _rollout_row
         # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
-        await anyio.to_thread.run_sync(atomic.write_parquet, pending / f"{spec.rollout_id}.parquet", trace.to_table([row]))
+        await anyio.to_thread.run_sync(atomic.write_parquet, pending / f"{spec.rollout_id}.parquet", table)
         events.emit(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
         )

@@ -47,8 +47,9 @@ def plan(cfg: Config) -> list[LoopSpec]:
 
 
 def rollout_seed(experiment_seed: int, loop: str, round_: int, thread: int) -> int:
-    """Deterministic per rollout, distinct across loops, rounds and threads."""
-    return (experiment_seed * 1_000_003 + zlib.crc32(loop.encode()) + round_ * 10_007 + thread) % 2**31
+    """Deterministic per rollout, distinct across loops, rounds and threads, and spread out: the
+    agent samples turn k with seed + k, so neighbouring rollouts must not share a sampling stream."""
+    return zlib.crc32(f"{experiment_seed}:{loop}:{round_}".encode()) % 2**20 * 2**10 + thread * 64
 
 
 def rollout_id(loop: str, round_: int, thread: int) -> str:

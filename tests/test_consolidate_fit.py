@@ -56,13 +56,30 @@ def test_packed_examples_do_not_see_each_other(v0):
     model = AutoModelForCausalLM.from_pretrained(v0).eval()
     a = dataset.Example("a", 1, [5, 6, 7, 8, 9], [-100, 6, 7, 8, 9], False)
     b = dataset.Example("b", 1, [10, 11, 12], [-100, 11, 12], False)
-    (row,) = fit.pack([a, b], 16)
-    assert row.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
-    assert row.targets.tolist() == [6, 7, 8, 9, -100, 11, 12, -100]  # nothing predicted across the seam
+    c = dataset.Example("c", 1, [13, 14], [-100, 14], False)
+    (first,) = fit.packed([a, b, c], 8, 16)  # rows [a, b] and [c], stacked into one step
+    assert first.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]]
+    assert first.targets.tolist()[0] == [6, 7, 8, 9, -100, 11, 12, -100]  # nothing predicted across the seam
+    assert first.targets.tolist()[1] == [14, -100] + [-100] * 6 and first.real == 10
     with torch.no_grad():
-        packed = fit.row_logits(model, row, "cpu")
-        alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
-    torch.testing.assert_close(packed[5:], alone, atol=1e-5, rtol=1e-5)
+        got = fit.batch_logits(model, first, "cpu")
+        for row, at, ex in ((0, 5, b), (0, 0, a), (1, 0, c)):
+            alone = model(input_ids=torch.tensor([ex.input_ids])).logits[0]
+            torch.testing.assert_close(got[row, at : at + len(ex.input_ids)], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_length_buckets_pad_little_and_match_unbatched_logits(v0):
+    model = AutoModelForCausalLM.from_pretrained(v0).eval()
+    exs = [dataset.Example(f"e{n}", 1, list(range(20, 20 + n)), [-100] + list(range(21, 20 + n)), False) for n in (3, 9, 4, 8, 10)]
+    steps = fit.bucketed(exs, 20)
+    assert [b.input_ids.shape[0] for b in steps] == [2, 2, 1]  # (3, 4), (8, 9), (10)
+    assert sum(b.real for b in steps) == 34 and sum(b.input_ids.numel() for b in steps) == 8 + 18 + 10
+    with torch.no_grad():
+        got = fit.batch_logits(model, steps[1], "cpu")
+        for row, n in ((0, 8), (1, 9)):
+            alone = model(input_ids=torch.tensor([list(range(20, 20 + n))])).logits[0]
+            torch.testing.assert_close(got[row, :n], alone, atol=1e-5, rtol=1e-5)
+    assert steps[0].targets.tolist()[0] == [21, 22, -100, -100]  # padding is never a target
 
 
 def test_kl_term_keeps_the_model_closer_to_v0(v0):
@@ -75,8 +92,8 @@ def test_kl_term_keeps_the_model_closer_to_v0(v0):
     after = {}
     for lam in (0.0, 1.0):
         model = fit.lora(AutoModelForCausalLM.from_pretrained(v0), dataclasses.replace(cfg, kl_lambda=lam), seed=0)
-        packed = fit.pack(examples, cfg.max_seq_len)
-        res = fit.fit(model, packed, packed, anc, dataclasses.replace(cfg, kl_lambda=lam), "cpu", seed=0)
+        steps = fit.batches(examples, cfg)
+        res = fit.fit(model, steps, steps, anc, dataclasses.replace(cfg, kl_lambda=lam), "cpu", seed=0)
         assert res.loss_after < res.loss_before
         after[lam] = res.kl_after
     assert after[0.0] > 0.1  # the fit moved the model away from V0 ...

@@ -1,10 +1,13 @@
-"""The LoRA fit: packed sequences, loss on the unmasked tokens plus λ·KL to V0, re-warm → cosine.
+"""The LoRA fit: loss on the unmasked tokens plus λ·KL to V0, LR re-warm → cosine.
 
-Packing: examples are packed first-fit-decreasing into rows of at most max_seq_len tokens with
-position ids restarting at 0 for every example and no attention mask, which transformers turns
-into a block-diagonal causal mask (masking_utils.find_packed_sequence_indices): no token attends
-across examples and no compute goes to padding. Targets are shifted per example before packing,
-so the last token of one example is never asked to predict the first of the next.
+Batching without cross-contamination, two ways (bench/consolidate.py measures both):
+- bucket (default): examples sorted by length, grouped up to batch_tokens of padded size, a
+  padding mask; no attention is ever computed across examples and padding stays small.
+- pack: first-fit-decreasing rows of max_seq_len with position ids restarting per example and no
+  attention mask, which transformers turns into a block-diagonal causal mask
+  (masking_utils.find_packed_sequence_indices); no padding, but dense SDPA still computes the
+  masked blocks, which costs more than it saves at these lengths on CPU.
+Targets are shifted per example, so the last token of one example never predicts the next's first.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ from rfs.consolidate.dataset import IGNORE, Example
 
 
 @dataclass(frozen=True)
-class Row:
+class Batch:
+    """One optimizer step's tokens, [B, L]; targets are IGNORE on padding and across seams."""
+
     input_ids: torch.Tensor
     targets: torch.Tensor
     position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None  # None when packed: position resets isolate the examples
+    real: int  # tokens that are not padding
 
     @property
     def trained(self) -> int:
@@ -55,8 +62,27 @@ def pick_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def pack(examples: list[Example], max_len: int) -> list[Row]:
-    """First-fit decreasing into rows of <= max_len tokens (deterministic for a given input)."""
+def _targets(e: Example) -> list[int]:
+    """Next-token targets shifted within the example, so no seam is ever a target."""
+    return e.labels[1:] + [IGNORE]
+
+
+def _stack(rows: list[tuple[list[int], list[int], list[int]]], with_mask: bool) -> Batch:
+    """Right-pad rows to one width. Padding is its own sequence (positions from 0, no targets)."""
+    width = max(len(ids) for ids, _, _ in rows)
+    ids, tgt, pos, mask = [], [], [], []
+    for i, t, p in rows:
+        pad = width - len(i)
+        ids.append(i + [0] * pad)
+        tgt.append(t + [IGNORE] * pad)
+        pos.append(p + list(range(pad)))
+        mask.append([1] * len(i) + [0] * pad)
+    real = sum(len(i) for i, _, _ in rows)
+    return Batch(torch.tensor(ids), torch.tensor(tgt), torch.tensor(pos), torch.tensor(mask) if with_mask else None, real)
+
+
+def packed(examples: list[Example], max_len: int, batch_tokens: int) -> list[Batch]:
+    """First-fit-decreasing rows of <= max_len tokens, batch_tokens // max_len rows per step."""
     bins: list[list[Example]] = []
     room: list[int] = []
     for e in sorted(examples, key=lambda e: (-len(e.input_ids), e.round, e.rollout_id)):
@@ -67,13 +93,35 @@ def pack(examples: list[Example], max_len: int) -> list[Row]:
             i = len(bins) - 1
         bins[i].append(e)
         room[i] -= len(e.input_ids)
-    rows = []
-    for b in bins:
-        ids = [t for e in b for t in e.input_ids]
-        targets = [t for e in b for t in e.labels[1:] + [IGNORE]]
-        pos = [p for e in b for p in range(len(e.input_ids))]
-        rows.append(Row(torch.tensor(ids), torch.tensor(targets), torch.tensor(pos)))
-    return rows
+    rows = [([t for e in b for t in e.input_ids], [t for e in b for t in _targets(e)],
+             [p for e in b for p in range(len(e.input_ids))]) for b in bins]
+    per = max(1, batch_tokens // max_len)
+    return [_stack(rows[i : i + per], with_mask=False) for i in range(0, len(rows), per)]
+
+
+def bucketed(examples: list[Example], batch_tokens: int) -> list[Batch]:
+    """Examples sorted by length and grouped so that padded size stays within batch_tokens.
+
+    Similar lengths pad little, and unlike packed rows no attention is computed across examples
+    (a dense block-diagonal mask still pays for the masked blocks on CPU/SDPA).
+    """
+    ordered = sorted(examples, key=lambda e: (len(e.input_ids), e.round, e.rollout_id))
+    groups: list[list[Example]] = []
+    for e in ordered:
+        if groups and (len(groups[-1]) + 1) * len(e.input_ids) <= batch_tokens:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    return [_stack([(e.input_ids, _targets(e), list(range(len(e.input_ids)))) for e in g], with_mask=True) for g in groups]
+
+
+def batches(examples: list[Example], cfg: ConsolidateCfg, strategy: str = "bucket") -> list[Batch]:
+    """One Batch per optimizer step. bench/consolidate.py measures both strategies."""
+    if strategy == "pack":
+        return packed(examples, cfg.max_seq_len, cfg.batch_tokens)
+    if strategy == "bucket":
+        return bucketed(examples, cfg.batch_tokens)
+    raise ValueError(f"batching strategy {strategy!r}: expected pack or bucket")
 
 
 def load(model_dir: Path, device: str) -> tuple[Any, Any]:
@@ -118,25 +166,27 @@ def load_for_training(model_dir: Path, cfg: ConsolidateCfg, device: str, seed: i
     return lora(model, cfg, seed), tok
 
 
-def row_logits(model: Any, row: Row, device: str) -> torch.Tensor:
-    """A packed row's logits. No cache: with one, transformers would not detect the packing."""
-    ids, pos = row.input_ids[None].to(device), row.position_ids[None].to(device)
-    return model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+def batch_logits(model: Any, batch: Batch, device: str) -> torch.Tensor:
+    """No cache: with one, transformers would not detect the packing from the position ids."""
+    mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+    return model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                 attention_mask=mask, use_cache=False).logits
 
 
-def row_loss(model: Any, row: Row, device: str) -> torch.Tensor:
-    """Summed cross-entropy over the row's trained tokens."""
-    logits = row_logits(model, row, device)
-    return torch.nn.functional.cross_entropy(logits.float(), row.targets.to(device), ignore_index=IGNORE, reduction="sum")
+def batch_loss(model: Any, batch: Batch, device: str) -> torch.Tensor:
+    """Summed cross-entropy over the batch's trained tokens."""
+    logits = batch_logits(model, batch, device)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten().to(device),
+                                             ignore_index=IGNORE, reduction="sum")
 
 
 @torch.no_grad()
-def eval_loss(model: Any, rows: list[Row], device: str) -> float:
+def eval_loss(model: Any, val: list[Batch], device: str) -> float:
     was = model.training
     model.eval()
-    total = sum(float(row_loss(model, r, device)) for r in rows)
+    total = sum(float(batch_loss(model, b, device)) for b in val)
     model.train(was)
-    return total / max(1, sum(r.trained for r in rows))
+    return total / max(1, sum(b.trained for b in val))
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -146,42 +196,37 @@ def schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def stream(rows: list[Row], epochs: float, seed: int) -> list[Row]:
-    """Rows in training order: a fresh seeded shuffle per epoch, a fractional last epoch."""
-    out: list[Row] = []
+def stream(steps: list[Batch], epochs: float, seed: int) -> list[Batch]:
+    """Steps in training order: a fresh seeded shuffle per epoch, a fractional last epoch."""
+    out: list[Batch] = []
     for e in range(math.ceil(epochs)):
-        order = list(range(len(rows)))
+        order = list(range(len(steps)))
         random.Random(seed + e).shuffle(order)
-        out += [rows[i] for i in order]
-    return out[: max(1, round(epochs * len(rows)))]
+        out += [steps[i] for i in order]
+    return out[: max(1, round(epochs * len(steps)))]
 
 
-def fit(model: Any, rows: list[Row], val_rows: list[Row], anchor: Anchor | None, cfg: ConsolidateCfg,
+def fit(model: Any, train: list[Batch], val: list[Batch], anchor: Anchor | None, cfg: ConsolidateCfg,
         device: str, seed: int, on_step: Callable[[int, float, float], None] | None = None) -> FitResult:
     t0 = time.perf_counter()
     res = FitResult()
     kl_weight = cfg.kl_lambda if anchor is not None and len(anchor) else 0.0
-    order = stream(rows, cfg.epochs, seed)
-    per_step = max(1, cfg.batch_tokens // cfg.max_seq_len)
-    batches = [order[i : i + per_step] for i in range(0, len(order), per_step)]
-    total, warmup = len(batches), max(1, math.ceil(cfg.warmup_ratio * len(batches)))
+    steps = stream(train, cfg.epochs, seed)
+    total, warmup = len(steps), max(1, math.ceil(cfg.warmup_ratio * len(steps)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, warmup))
     eval_every = max(1, total // 4)
-    res.loss_before = eval_loss(model, val_rows, device)
+    res.loss_before = eval_loss(model, val, device)
     res.kl_before = kl_all(model, anchor, device) if anchor is not None else math.nan
     res.val_curve.append({"step": 0, "loss": res.loss_before})
     torch.manual_seed(seed)  # dropout masks: a rerun after a crash repeats the same fit
     model.train()
-    for step, batch in enumerate(batches, start=1):
-        n = max(1, sum(r.trained for r in batch))
-        loss_sum = 0.0
-        for r in batch:
-            loss = row_loss(model, r, device) / n
-            loss.backward()
-            loss_sum += float(loss.detach())
-            res.tokens_seen += len(r.input_ids)
+    for step, batch in enumerate(steps, start=1):
+        loss = batch_loss(model, batch, device) / max(1, batch.trained)
+        loss.backward()
+        loss_sum = float(loss.detach())
+        res.tokens_seen += batch.real
         kl = 0.0
         if kl_weight:
             kl_t = kl_on(model, anchor, (step - 1) % len(anchor), device)
@@ -195,7 +240,7 @@ def fit(model: Any, rows: list[Row], val_rows: list[Row], anchor: Anchor | None,
         if on_step:
             on_step(step, loss_sum, kl)
         if step % eval_every == 0 or step == total:
-            res.val_curve.append({"step": step, "loss": eval_loss(model, val_rows, device)})
+            res.val_curve.append({"step": step, "loss": eval_loss(model, val, device)})
     model.eval()
     res.steps = total
     res.loss_after = res.val_curve[-1]["loss"]

@@ -104,7 +104,7 @@ def consolidate(run: RunDir, arm: str, round_: int, parent_dir: Path, v0_dir: Pa
         model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed)
         train, val, val_is_train = split(data.examples)
         on_step = (lambda s, loss, kl: events.emit("train_step", arm=arm, round=round_, step=s, loss=loss, kl=kl)) if events else None
-        res = fit.fit(model, fit.pack(train, cfg.max_seq_len), fit.pack(val, cfg.max_seq_len), anchor, cfg, device, seed, on_step)
+        res = fit.fit(model, fit.batches(train, cfg), fit.batches(val, cfg), anchor, cfg, device, seed, on_step)
         res.val_is_train = val_is_train
         erank = fit.effective_rank(model)
         model.save_pretrained(tmp / "adapter")

@@ -155,3 +155,17 @@ def test_calibration_runs_the_seed_at_the_slots_concurrency(env, tmp_path, monke
     assert out["k"] == 2 and out["concurrency"] == len(slots) and len(out["values"]) == 2
     assert all(math.isfinite(v) for v in out["values"]) and out["std"] >= 0
     assert load_calibration(cfg, len(slots)) == out
+
+
+@pytest.mark.parametrize(
+    ("offence", "word"),
+    [
+        ("import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)", "network"),
+        ("import subprocess; subprocess.run(['cat', '/etc/hostname'])", "other programs"),
+        ("open(os.path.expanduser('~/rfs-guard-escape.txt'), 'w')", "write to"),
+    ],
+)
+def test_guard_denies_network_programs_and_outside_writes(env, offence, word):
+    result, out = run(env, f"import os\ntry:\n    {offence}\nexcept OSError:\n    pass\n")
+    assert result.status == "harness_violation" and word in result.detail, out
+    assert not Path("~/rfs-guard-escape.txt").expanduser().exists()

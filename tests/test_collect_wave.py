@@ -134,3 +134,16 @@ def test_compaction_flags_anomalies_without_dropping_rows(tmp_path):
     rows = pq.read_table(out).to_pylist()
     assert [r["status"] for r in rows] == ["success"] * n
     assert [r["anomaly_flags"] for r in rows] == [["short_training"]] * n
+
+
+def test_temp_files_of_a_killed_writer_are_swept_and_never_read(tmp_path):
+    counter, n = tmp_path / "launches", 2
+    run = RunDir(tmp_path / "run")
+    litter = [run.pending("S", 1) / ".S-r1-t000.parquet.abc.tmp", run.blob("S", 1, "S-r1-t000").parent / ".S-r1-t000.log.zst.x.tmp"]
+    for path in litter:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    with ScriptedResearcher(plans(n)) as sr:
+        rows = pq.read_table(anyio.run(wave, run.root, sr.base_url, SleepEnv(counter, 0.01), n, 1)).to_pylist()
+    assert [r["status"] for r in rows] == ["success"] * n
+    assert not any(p.exists() for p in litter)

@@ -63,6 +63,9 @@ async def run_wave(
         return out
     pending = run.pending(arm, round_)
     pending.mkdir(parents=True, exist_ok=True)
+    blobs = run.blob(arm, round_, "-").parent  # the round's blob folder
+    for litter in [*pending.glob(".*.tmp"), *blobs.glob(".*.tmp")]:
+        litter.unlink(missing_ok=True)  # half-written temp files of a killed controller, never renamed
     done = {p.name.removesuffix(".parquet") for p in pending.glob("*.parquet")}
     launchers: dict[str, Launcher] = {}
 

@@ -91,11 +91,7 @@ class SlotPool:
             self.events.emit(
                 "alarm", arm="", alarm="quarantine", message=f"slot {slot.name} quarantined after {n} failures: {reason}"
             )
-        if not self._live:
-            while self._waiters:
-                self._waiters.popleft().ready.set()  # slot stays None: acquire raises NoSlotsLeft
-        else:
-            self._dispatch()  # a waiter avoiding every *other* slot may now take one
+        self._dispatch()  # a waiter avoiding every *other* slot may now take one, or hear none is left
 
     def _put_back(self, slot: Slot) -> None:
         if slot.name in self._live:
@@ -106,7 +102,7 @@ class SlotPool:
         """Give free slots to the oldest waiters that accept them."""
         if not self._live:
             while self._waiters:
-                self._waiters.popleft().ready.set()
+                self._waiters.popleft().ready.set()  # slot stays None: acquire raises NoSlotsLeft
             return
         for waiter in list(self._waiters):
             if not self._free:

@@ -104,8 +104,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
     conf.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {d / 'authorized'}/%u\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        "MaxSessions 64\nMaxStartups 64\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"  # MaxSessions stays 10
     )
     os.makedirs("/run/sshd", exist_ok=True)  # privilege separation directory
     log = d / "sshd.log"

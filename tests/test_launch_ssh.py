@@ -15,7 +15,7 @@ import pytest
 
 from rfs.hosts import Slot
 from rfs.launch.base import Job
-from rfs.launch.ssh import SshLauncher
+from rfs.launch.ssh import JOBS_PER_CONNECTION, SshLauncher
 from tests.infra import free_port, sshd  # noqa: F401  (fixture)
 
 SLOT = Slot("ssh-0", "ssh", "loop", (0,), -1, sys.executable, "")
@@ -63,17 +63,42 @@ def test_connection_is_reused_and_reopened(sshd):
         launcher = SshLauncher(sshd.host)
         job = Job("r", ("echo", "ok"), timeout_s=30)
         first = await launcher.run(SLOT, job)
-        conn = launcher._conn
         second = await launcher.run(SLOT, job)
-        assert launcher._conn is conn
+        [conn] = launcher._load
         conn.close()
         await conn.wait_closed()
         third = await launcher.run(SLOT, job)
+        reopened = list(launcher._load)
         await launcher.aclose()
-        return first, second, third
+        return (first, second, third), conn, reopened
 
-    for out in anyio.run(main):
+    outs, conn, reopened = anyio.run(main)
+    for out in outs:
         assert (out.exit_code, out.output, out.infra_error) == (0, b"ok\n", "")
+    assert len(reopened) == 1 and reopened[0] is not conn
+
+
+def test_many_concurrent_jobs_spread_over_connections(sshd):
+    """sshd's default MaxSessions (10) refuses most of 12 jobs on one connection (ChannelOpenError)."""
+
+    async def main():
+        launcher = SshLauncher(sshd.host)
+        outs, peak = [], []
+
+        async def one(i: int) -> None:
+            job = Job(f"c{i}", ("sh", "-c", f"sleep 1; echo {i}"), timeout_s=60)
+            outs.append(await launcher.run(SLOT, job, lambda _: peak.append(len(launcher._load))))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4 * JOBS_PER_CONNECTION):
+                tg.start_soon(one, i)
+        await launcher.aclose()
+        return outs, peak
+
+    outs, peak = anyio.run(main)
+    assert [o for o in outs if o.infra_error or o.exit_code != 0] == []
+    assert sorted(int(o.output) for o in outs) == list(range(4 * JOBS_PER_CONNECTION))
+    assert max(peak) == 4
 
 
 def test_timeout_kills_the_remote_process_group(sshd):

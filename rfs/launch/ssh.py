@@ -25,6 +25,9 @@ from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome
 
 CONNECT_TIMEOUT = 15.0
 CLEANUP_TIMEOUT = 30.0  # bound on kill + collect + remove, so a hung host cannot hang the wave
+# sshd allows 10 sessions per connection by default (MaxSessions); a job opens three one after another
+# and sshd may still count a just-closed one: three jobs per connection stay clear of the limit
+JOBS_PER_CONNECTION = 3
 KILL_GRACE = 2.0  # seconds between TERM and KILL for the remote group
 
 _SSH_ERRORS = (OSError, asyncssh.Error, TimeoutError)
@@ -96,35 +99,55 @@ class SshLauncher:
 
     def __init__(self, host: HostCfg):
         self.host = host
-        self._conn: asyncssh.SSHClientConnection | None = None
+        self.where = f"ssh {host.user + '@' if host.user else ''}{host.address}:{host.port}"
+        self._load: dict[asyncssh.SSHClientConnection, int] = {}  # open connections and their running jobs
         self._lock = anyio.Lock()
         self._stale: set[str] = set()  # workdirs left behind by a dropped connection
 
-    async def _connection(self) -> asyncssh.SSHClientConnection:
+    async def _acquire(self) -> asyncssh.SSHClientConnection:
+        """The least busy live connection, or a new one when all carry JOBS_PER_CONNECTION jobs."""
         async with self._lock:
-            if self._conn is None or self._conn.is_closed():
-                h = self.host
-                keys = {"client_keys": [h.key]} if h.key else {}
-                self._conn = await asyncssh.connect(
-                    h.address, port=h.port, username=h.user or None, known_hosts=h.known_hosts or None,
-                    connect_timeout=CONNECT_TIMEOUT, keepalive_interval=15, keepalive_count_max=4, **keys,
-                )
-                if self._stale:
-                    await self._conn.run("rm -rf " + shlex.join(sorted(self._stale)))
-                    self._stale.clear()
-            return self._conn
+            for dead in [c for c in self._load if c.is_closed()]:
+                del self._load[dead]
+            conn = min(self._load, key=self._load.__getitem__, default=None)
+            if conn is None or self._load[conn] >= JOBS_PER_CONNECTION:
+                conn = await self._connect()
+                self._load[conn] = 0
+            self._load[conn] += 1
+            return conn
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        h = self.host
+        keys = {"client_keys": [h.key]} if h.key else {}
+        conn = await asyncssh.connect(
+            h.address, port=h.port, username=h.user or None, known_hosts=h.known_hosts or None,
+            connect_timeout=CONNECT_TIMEOUT, keepalive_interval=15, keepalive_count_max=4, **keys,
+        )
+        if self._stale:
+            await conn.run("rm -rf " + shlex.join(sorted(self._stale)))
+            self._stale.clear()
+        return conn
 
     async def aclose(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            await self._conn.wait_closed()
-            self._conn = None
+        for conn in list(self._load):
+            conn.close()
+            await conn.wait_closed()
+        self._load.clear()
 
     async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
         start = time.monotonic()
-        where = f"ssh {self.host.user + '@' if self.host.user else ''}{self.host.address}:{self.host.port}"
         try:
-            conn = await self._connection()
+            conn = await self._acquire()
+        except _SSH_ERRORS as exc:
+            return _infra(f"{self.where}: {type(exc).__name__}: {exc}", start)
+        try:
+            return await self._run_on(conn, slot, job, on_line, start)
+        finally:
+            self._load[conn] = self._load.get(conn, 1) - 1
+
+    async def _run_on(self, conn, slot: Slot, job: Job, on_line, start: float) -> JobOutcome:
+        where = self.where
+        try:
             made = await conn.run('d=$(mktemp -d "${TMPDIR:-/tmp}/rfs-XXXXXX") && tar -xf - -C "$d" && echo "$d"',
                                   input=_pack(job), encoding=None, timeout=CLEANUP_TIMEOUT)
         except _SSH_ERRORS as exc:

@@ -1,11 +1,11 @@
 """Run a job on another machine over ssh.
 
-Connections to the host are reused across jobs (a new one for every JOBS_PER_CONNECTION running jobs)
-and reopened when they drop. Each job gets a fresh
-remote working directory (its files go over as one tar stream, small result files come back the same
-way). The remote shell is the session leader sshd made, so its PID is the job's process group: a
-timeout or a cancel kills that whole group over the connection. A watchdog in the same group kills it
-when the ssh session goes away, so a dropped connection never leaves a job running on the host.
+Connections to the host are reused across jobs (one more for every JOBS_PER_CONNECTION running jobs)
+and reopened when they drop. Each job gets a fresh remote working directory (its files go over as one
+tar stream, small result files come back the same way). The remote shell is the session leader sshd
+made, so its PID is the job's process group: a timeout or a cancel kills that whole group over the
+connection. A watchdog in the same group kills it when the ssh session goes away, so a dropped
+connection never leaves a job running on the host.
 """
 
 from __future__ import annotations

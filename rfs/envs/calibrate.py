@@ -26,8 +26,10 @@ def calibration_path(env_cfg: EnvCfg, concurrency: int) -> Path:
     return cache_dir() / "calibration" / f"{env_cfg.name}-{env_cfg.device}-{env_cfg.budget_s:g}-c{concurrency}.json"
 
 
-async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launcher) -> dict:
-    """Run the seed k times, one run per slot at a time; store and return the spread of val_bpb."""
+async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launcher, env_cfg: EnvCfg | None = None) -> dict:
+    """Run the seed k times, one run per slot at a time; store and return the spread of val_bpb.
+
+    The result is stored under `env_cfg` (default: the EnvCfg the adapter was built from)."""
     if k < 1 or not slots:
         raise ValueError(f"calibrate needs k >= 1 and at least one slot (got k={k}, {len(slots)} slots)")
     seed = env.seed_train_py()
@@ -53,7 +55,7 @@ async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launc
         i, status, _, detail = failed[0]
         raise RuntimeError(f"calibration run {i} of the seed ended {status}: {detail} ({len(failed)}/{k} failed)")
     values = [v for _, _, v, _ in sorted(runs)]
-    cfg: EnvCfg = env.cfg  # type: ignore[attr-defined]  # every adapter keeps the EnvCfg it was built from
+    cfg: EnvCfg = env_cfg or env.cfg  # type: ignore[attr-defined]  # every adapter keeps the EnvCfg it was built from
     out = {
         "env": env.name,
         "device": cfg.device,

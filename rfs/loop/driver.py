@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rfs import atomic, config
 from rfs.collect.aggregate import aggregate_round
 from rfs.config import Config
+from rfs.evals.metrics import record_thread_rounds
 from rfs.events import EventLog
 from rfs.hosts import HostsFile
 from rfs.loop import guard
@@ -33,13 +34,14 @@ from rfs.rundir import Lock, RunDir
 from rfs.trace import outcome_stamp
 
 
-def drive(cfg: Config, run: RunDir, hosts: HostsFile, plain: bool = False) -> int:
+def drive(cfg: Config, run: RunDir, hosts: HostsFile, plain: bool = False, env: Any = None) -> int:
+    """Run (or resume) the experiment in `run`. `env` replaces the configured environment (tests)."""
     with Lock(run.root):
         if not run.config.exists():
             atomic.write_text(run.config, config.to_toml(cfg))
         events = EventLog(run.events, echo=plain or not sys.stdout.isatty())
         try:
-            return anyio.run(_main, Driver(cfg, run, hosts, events))
+            return anyio.run(_main, Driver(cfg, run, hosts, events), env)
         finally:
             events.close()
 
@@ -62,7 +64,7 @@ class Driver:
         return hours > 0 and self.state.get("elapsed_s", 0.0) >= hours * 3600
 
 
-async def _main(d: Driver) -> int:
+async def _main(d: Driver, env: Any) -> int:
     from rfs.collect.slots import SlotPool
     from rfs.envs import environment
     from rfs.hosts import slots
@@ -71,7 +73,7 @@ async def _main(d: Driver) -> int:
     d.state = d.run.read_state() or {"experiment": cfg.experiment.name, "loops": {}}
     d.state["elapsed_before_s"] = d.state.get("elapsed_s", 0.0)
     d.events.emit("experiment_started", experiment=cfg.experiment.name, resumed=bool(d.state["loops"]))
-    env = environment(cfg.env)
+    env = env or environment(cfg.env)
     await anyio.to_thread.run_sync(env.prepare)
     pool = SlotPool(slots(d.hosts), cfg.collect, d.events)
     noise = await _noise(d, env, pool)
@@ -95,18 +97,19 @@ def _fresh_loop_state(loop: LoopSpec, noise: dict[str, float]) -> dict[str, Any]
 
 
 def _resolve_v0(cfg: Config) -> Path | None:
+    """V0's weights on disk, or None for an external researcher we cannot train (baselines only)."""
     r = cfg.researcher
-    if r.backend == "external":
-        return None
     if r.model == "smollm2":
         from rfs.setup import setup_embedded
 
         return setup_embedded()
     path = Path(r.model).expanduser()
-    if not (path / "config.json").exists():
-        raise config.ConfigError(f"researcher.model: {path} is not a local model directory (no config.json); "
-                                 "rfs never downloads weights: point it at a directory on disk")
-    return path
+    if (path / "config.json").exists():
+        return path
+    if r.backend == "external" and not any(l.trains for l in plan(cfg)):
+        return None
+    raise config.ConfigError(f"researcher.model: {path} is not a local model directory (no config.json); "
+                             "rfs never downloads weights, and the gold loops need weights to train")
 
 
 async def _noise(d: Driver, env: Any, pool: Any) -> dict[str, float]:
@@ -120,7 +123,7 @@ async def _noise(d: Driver, env: Any, pool: Any) -> dict[str, float]:
     if cal is None:
         d.events.emit("phase", arm="*", round=0, phase="calibrate")
         slots = pool.slots
-        cal = await calibrate(env, slots, d.cfg.env.calibration_k, launcher_for(slots[0], d.hosts))
+        cal = await calibrate(env, slots, d.cfg.env.calibration_k, launcher_for(slots[0], d.hosts), d.cfg.env)
     print(f"seed train.py: val_bpb {cal['mean']:.4f} ± {cal['std']:.4f} over {cal['k']} runs", flush=True)
     d.state["noise"] = {"mean": cal["mean"], "std": cal["std"], "k": cal["k"]}
     d.save()
@@ -190,9 +193,9 @@ async def run_loop(ctx: Round, loop: LoopSpec) -> None:
             d.save()
             break
         r = st["round"] + 1
-        traces = await _collect(ctx, loop, r)
-        rows = pq.read_table(traces).to_pylist()
-        _record(ctx, loop, r, rows)
+        traces = pq.read_table(await _collect(ctx, loop, r))
+        record_thread_rounds(d.run, traces)
+        _record(ctx, loop, r, traces.to_pylist())
         if loop.trains:
             await _consolidate(ctx, loop, r)
         st["round"], st["version"] = r, (r if loop.trains else 0)
@@ -261,7 +264,7 @@ async def _wave(ctx: Round, specs: list[Any], server: Any) -> Path:
 
     d = ctx.d
     return await run_wave(d.run, specs, cfg=d.cfg, env=ctx.env, pool=ctx.pool, hosts=d.hosts,
-                          client=server.client, events=d.events)
+                          client=server.client, events=d.events, calibration=ctx.noise)
 
 
 def _rows(run: RunDir, arm: str, r: int) -> list[dict[str, Any]]:

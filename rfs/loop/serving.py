@@ -49,12 +49,15 @@ class Servers:
         from rfs.setup import weights_sha256
 
         async with self._locks.setdefault(key, anyio.Lock()):
-            model_id = f"{key}/v{version}" if self.v0 is not None else self.cfg.researcher.model
+            # an external server names its own model; ours serve each version under its own id
+            external = self.cfg.researcher.backend == "external"
+            model_id = self.cfg.researcher.model if external else f"{key}/v{version}"
             current = self._served.get(key)
-            if current and current.model_id == model_id and await current.server.health():
+            if current and (external or current.model_id == model_id) and await current.server.health():
                 return current
             model_dir = self.model_dir(key, version)
-            sha = await anyio.to_thread.run_sync(weights_sha256, model_dir) if model_dir else ""
+            # an external server's weights are not ours to vouch for: the row says so with ""
+            sha = "" if external or model_dir is None else await anyio.to_thread.run_sync(weights_sha256, model_dir)
             self.events.emit("phase", arm=key, round=version + 1, phase="swap", version=model_id)
             if current:
                 await current.server.restart(model_dir, model_id)

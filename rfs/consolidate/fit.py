@@ -1,12 +1,12 @@
 """The LoRA fit: loss on the unmasked tokens plus λ·KL to V0, LR re-warm → cosine.
 
-Batching without cross-contamination, two ways (bench/consolidate.py measures both):
-- bucket (default): examples sorted by length, grouped up to batch_tokens of padded size, a
-  padding mask; no attention is ever computed across examples and padding stays small.
-- pack: first-fit-decreasing rows of max_seq_len with position ids restarting per example and no
-  attention mask, which transformers turns into a block-diagonal causal mask
-  (masking_utils.find_packed_sequence_indices); no padding, but dense SDPA still computes the
-  masked blocks, which costs more than it saves at these lengths on CPU.
+Batching without cross-contamination, two ways (bench/consolidate.py measures both against TRL's
+SFTTrainer; on an H100, bf16: pack 1.76x, bucket 1.31x; on 8 CPU threads both 1.35x):
+- pack (default): first-fit-decreasing rows of max_seq_len with position ids restarting per
+  example and no attention mask, which transformers turns into a block-diagonal causal mask
+  (masking_utils.find_packed_sequence_indices); ~97% of computed positions are real tokens.
+- bucket: examples sorted by length, grouped up to batch_tokens of padded size, a padding mask;
+  no attention is computed across examples at all, and padding stays small (~96% real).
 Targets are shifted per example, so the last token of one example never predicts the next's first.
 """
 
@@ -102,8 +102,7 @@ def packed(examples: list[Example], max_len: int, batch_tokens: int) -> list[Bat
 def bucketed(examples: list[Example], batch_tokens: int) -> list[Batch]:
     """Examples sorted by length and grouped so that padded size stays within batch_tokens.
 
-    Similar lengths pad little, and unlike packed rows no attention is computed across examples
-    (a dense block-diagonal mask still pays for the masked blocks on CPU/SDPA).
+    Similar lengths pad little, and unlike packed rows no attention is computed across examples.
     """
     ordered = sorted(examples, key=lambda e: (len(e.input_ids), e.round, e.rollout_id))
     groups: list[list[Example]] = []
@@ -115,7 +114,7 @@ def bucketed(examples: list[Example], batch_tokens: int) -> list[Batch]:
     return [_stack([(e.input_ids, _targets(e), list(range(len(e.input_ids)))) for e in g], with_mask=True) for g in groups]
 
 
-def batches(examples: list[Example], cfg: ConsolidateCfg, strategy: str = "bucket") -> list[Batch]:
+def batches(examples: list[Example], cfg: ConsolidateCfg, strategy: str = "pack") -> list[Batch]:
     """One Batch per optimizer step. bench/consolidate.py measures both strategies."""
     if strategy == "pack":
         return packed(examples, cfg.max_seq_len, cfg.batch_tokens)

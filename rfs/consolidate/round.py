@@ -86,6 +86,12 @@ def _curve(points: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{"step": int(p["step"]), "loss": p["loss"], "kl": p.get("kl", math.nan), "lr": p.get("lr", math.nan)} for p in points]
 
 
+def merge(model: Any) -> Any:
+    """W + BA summed in fp32, then stored in the training dtype (bf16 on GPU): one rounding, not two."""
+    dtype = next(model.parameters()).dtype
+    return model.float().merge_and_unload().to(dtype)
+
+
 def consolidate(run: RunDir, arm: str, round_: int, parent_dir: Path, v0_dir: Path, cfg: ConsolidateCfg,
                 noise: dict | None, events: EventLog | None = None, device: str = "auto", seed: int = 0) -> Path:
     """Fit round `round_`'s traces (+ replay) into parent_dir's model → models/<arm>/v<round_>."""
@@ -108,7 +114,7 @@ def consolidate(run: RunDir, arm: str, round_: int, parent_dir: Path, v0_dir: Pa
         res.val_is_train = val_is_train
         erank = fit.effective_rank(model)
         model.save_pretrained(tmp / "adapter")
-        model.merge_and_unload().save_pretrained(tmp)
+        merge(model).save_pretrained(tmp)
     else:  # arm F with nothing above the noise: the new version is the parent, unchanged, and says so
         AutoModelForCausalLM.from_pretrained(parent_dir).save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -224,7 +224,7 @@ def fit(model: Any, train: list[Batch], val: list[Batch], anchor: Anchor | None,
     for step, batch in enumerate(steps, start=1):
         loss = batch_loss(model, batch, device) / max(1, batch.trained)
         loss.backward()
-        loss_sum = float(loss.detach())
+        loss_value = float(loss.detach())
         res.tokens_seen += batch.real
         kl = 0.0
         if kl_weight:
@@ -235,9 +235,9 @@ def fit(model: Any, train: list[Batch], val: list[Batch], anchor: Anchor | None,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        res.train_curve.append({"step": step, "loss": loss_sum, "kl": kl, "lr": sched.get_last_lr()[0]})
+        res.train_curve.append({"step": step, "loss": loss_value, "kl": kl, "lr": sched.get_last_lr()[0]})
         if on_step:
-            on_step(step, loss_sum, kl)
+            on_step(step, loss_value, kl)
         if step % eval_every == 0 or step == total:
             res.val_curve.append({"step": step, "loss": eval_loss(model, val, device)})
     model.eval()

@@ -95,10 +95,8 @@ class ResearcherClient:
             data = await self._post("/completions", body)
             text = _field(data, lambda d: d["choices"][0]["text"])
         else:
-            if prefill and self.backend != "vllm":
-                raise ValueError(f"a pre-filled reply needs the vllm or llamacpp backend, not {self.backend!r}")
             body |= {"messages": messages, "response_format": response_format(self.backend, schema)}
-            if prefill:
+            if prefill:  # vLLM's continue-the-final-message extension (an external server needs it too)
                 body |= {
                     "messages": [*messages, {"role": "assistant", "content": prefill}],
                     "continue_final_message": True,

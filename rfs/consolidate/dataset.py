@@ -77,9 +77,14 @@ def improved(row: dict[str, Any], noise: dict[str, float]) -> bool:
     return row["status"] == "success" and row["val_bpb"] < start - NOISE_SIGMAS * noise["std"]
 
 
+def filtered(arm: str) -> bool:
+    """Arm F's rule applies to "F" and to a loop named after it ("A-F", "B-F")."""
+    return arm.rsplit("-", 1)[-1] == "F"
+
+
 def select(rows: list[dict[str, Any]], arm: str, noise: dict[str, float] | None) -> list[dict[str, Any]]:
     usable = [r for r in rows if r["status"] != "infra_error" and any(m["role"] == "assistant" for m in r["messages"])]
-    if arm != "F":
+    if not filtered(arm):
         return usable
     if noise is None or not {"mean", "std"} <= noise.keys():
         raise ValueError(f"arm F needs the calibrated noise as {{'mean', 'std'}}, got {noise!r}")
@@ -158,7 +163,7 @@ def read_round(run: RunDir, arm: str, round_: int) -> tuple[list[dict[str, Any]]
 
 def examples_of(tok: Any, rows: list[dict[str, Any]], arm: str, noise: dict | None, max_seq_len: int) -> list[Example]:
     chosen = sorted(select(rows, arm, noise), key=lambda r: r["rollout_id"])
-    return [render(tok, r, stamp_of(r) if arm != "F" else None, max_seq_len) for r in chosen]
+    return [render(tok, r, None if filtered(arm) else stamp_of(r), max_seq_len) for r in chosen]
 
 
 def replay(current: list[Example], pool: list[Example], fraction: float, seed: int) -> list[Example]:
@@ -203,7 +208,7 @@ def build(run: RunDir, arm: str, round_: int, tok: Any, max_seq_len: int, replay
         "trained_tokens": sum(sum(lab != IGNORE for lab in e.labels) for e in examples),
         "tokens": sum(len(e.input_ids) for e in examples),
         "noise": noise,
-        "rule": "S: all but infra_error, stamped" if arm != "F" else f"F: success and val_bpb < start - {NOISE_SIGMAS}*std",
+        "rule": "S: all but infra_error, stamped" if not filtered(arm) else f"F: success and val_bpb < start - {NOISE_SIGMAS}*std",
         "sha256": digest(examples),
     }
     return Dataset(examples, manifest)

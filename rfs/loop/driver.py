@@ -161,6 +161,9 @@ class Round:
     noise: dict[str, float]
     v0: Path | None
     shared_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # One fit at a time: LoRA trains on one device (hosts.toml [train]), and transformers' model
+    # loading is not thread-safe (concurrent loads in worker threads hit its meta-device init).
+    fit_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def seed_hashes(self) -> tuple[str, str]:
         sha = lambda s: hashlib.sha256(s.encode()).hexdigest()  # noqa: E731
@@ -310,10 +313,11 @@ async def _consolidate(ctx: Round, loop: LoopSpec, r: int) -> Path:
     d = ctx.d
     d.events.emit("phase", arm=loop.name, round=r, phase="consolidate")
     parent = ctx.v0 if r == 1 else d.run.model(loop.name, r - 1)
-    return await anyio.to_thread.run_sync(
-        lambda: consolidate(d.run, loop.name, r, parent, ctx.v0, d.cfg.consolidate, ctx.noise, d.events,
-                            device=d.hosts.train.device, seed=d.cfg.experiment.seed)
-    )
+    async with ctx.fit_lock:
+        return await anyio.to_thread.run_sync(
+            lambda: consolidate(d.run, loop.name, r, parent, ctx.v0, d.cfg.consolidate, ctx.noise, d.events,
+                                device=d.hosts.train.device, seed=d.cfg.experiment.seed)
+        )
 
 
 def _print_summary(d: Driver) -> None:

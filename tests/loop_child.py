@@ -1,0 +1,76 @@
+"""A whole experiment in seconds, for the loop tests: the real driver over SleepEnv, the scripted
+researcher (the one test double) and a tiny random Llama-shaped researcher that really trains.
+
+    python -m tests.loop_child RUN_DIR BASE_URL MODEL_DIR COUNTER [--rounds R] [--rollouts N]
+
+Every rollout reads the `x = N` of the train.py it was given and writes `x = N - (thread + 1)` for
+even threads (better: val_bpb = 1 + x/100) and `x = N + 5` for odd ones (worse), so arc B's
+seeding, arm F's filtering and CTRL's memory all show in the traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from rfs import config
+from rfs.hosts import HostsFile, SlotCfg
+from rfs.loop.driver import drive
+from rfs.loop.plan import SHARED, plan, rollout_seed
+from rfs.rundir import RunDir
+from tests.scripted_researcher import action
+from tests.wave_child import SleepEnv
+
+LOOPS = (SHARED, "A-S", "A-F", "B-S", "B-F", "CTRL", "FLOOR")
+
+
+def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2) -> config.Config:
+    return config.load(None, {
+        "experiment": {"preset": "cluster", "name": "matrix", "arcs": ["A", "B"], "arms": ["S", "F"],
+                       "baselines": ["CTRL", "FLOOR"], "max_rounds": rounds},
+        "env": {"name": "builtin", "budget_s": 0.05, "timeout_s": 30.0, "calibration_k": 2},
+        "researcher": {"backend": "external", "base_url": base_url + "/v1", "model": str(model_dir),
+                       "action_space": "code", "max_turns": 4, "turn_timeout_s": 30.0},
+        "collect": {"rollouts": rollouts},
+        "consolidate": {"lora_r": 4, "lora_alpha": 4, "epochs": 1.0, "max_seq_len": 512, "batch_tokens": 1024,
+                        "kl_prompts": 2, "reason": "test: a tiny model fits in seconds"},
+        "loop": {"floor_waves": 1, "max_concurrent": 6},
+    })
+
+
+def hosts(slots: int = 2) -> HostsFile:
+    return HostsFile(slot=tuple(SlotCfg(name=f"s{i}") for i in range(slots)))
+
+
+def _edit(thread: int):
+    def reply(messages: list[dict[str, Any]]) -> str:
+        given = int(re.search(r"x = (-?\d+)", next(m["content"] for m in messages if m["role"] == "user")).group(1))
+        x = given - (thread + 1) if thread % 2 == 0 else given + 5
+        return action("edit", path="train.py", content=f"x = {x}\n")
+    return reply
+
+
+def plans(cfg: config.Config, rounds: int) -> dict[int, list]:
+    """A plan for every rollout seed the driver will use, keyed as the scripted researcher expects."""
+    names = [SHARED] + [l.name for l in plan(cfg)]
+    return {
+        rollout_seed(cfg.experiment.seed, name, r, t): [_edit(t), action("run"), action("finish")]
+        for name in names for r in range(1, rounds + 1) for t in range(cfg.collect.rollouts)
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    for name in ("run_dir", "base_url", "model_dir", "counter"):
+        p.add_argument(name)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rollouts", type=int, default=2)
+    a = p.parse_args()
+    cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts)
+    drive(cfg, RunDir(Path(a.run_dir)), hosts(), plain=True, env=SleepEnv(Path(a.counter), 0.05))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The whole experiment matrix for 2 rounds, and its resume after kill -9 across round boundaries.
+
+Real driver, real waves over the local launcher, real LoRA fits and merges of a tiny random
+Llama-shaped researcher; the researcher's replies come from the scripted researcher (the test
+double), the training jobs from SleepEnv (a shell job whose val_bpb comes from `x = N`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from rfs import ROOT
+from rfs.events import read_events
+from rfs.loop.driver import drive
+from rfs.rundir import RunDir
+from tests.loop_child import LOOPS, experiment, hosts, plans
+from tests.scripted_researcher import ScriptedResearcher
+from tests.tiny_model import build
+from tests.wave_child import SEED_TRAIN_PY, SleepEnv
+
+ROUNDS, N = 2, 2
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("tiny") / "v0")
+
+
+@pytest.fixture()
+def researcher(tiny):
+    with ScriptedResearcher(plans(experiment(tiny, "http://unused"), ROUNDS)) as r:
+        yield r
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RFS_CACHE", str(tmp_path / "cache"))  # calibration stays inside the test
+
+
+def rows(run: RunDir, loop: str, r: int) -> list[dict]:
+    return pq.read_table(run.traces(loop, r)).to_pylist()
+
+
+def final_state(run: RunDir) -> dict:
+    """What a run ends with, minus wall-clock fields: traces, model lineage and loop states."""
+    traces = {}
+    for path in sorted((run.root / "traces").glob("*/round-*.parquet")):
+        key = f"{path.parent.name}/{path.name}"
+        traces[key] = sorted(
+            (r["rollout_id"], r["status"], r["val_bpb"], r["final_train_py"], r["start_train_py_sha256"],
+             r["conditioning_stamp"], r["memory"]) for r in pq.read_table(path).to_pylist())
+    models = {}
+    for m in sorted((run.root / "models").glob("*/v*/manifest.json")):
+        man = json.loads(m.read_text())
+        models[f"{m.parent.parent.name}/{m.parent.name}"] = (man["dataset_sha256"], man["parent_version"], man["trained"])
+    loops = {k: {f: v[f] for f in ("round", "version", "status", "best_val_bpb", "best_rollout")}
+             for k, v in run.read_state()["loops"].items()}
+    return {"traces": traces, "models": models, "loops": loops}
+
+
+def test_matrix_two_rounds(tmp_path, tiny, researcher):
+    run = RunDir(tmp_path / "run")
+    cfg = experiment(tiny, researcher.base_url, ROUNDS, N)
+    assert drive(cfg, run, hosts(), plain=True, env=SleepEnv(tmp_path / "launches", 0.05)) == 0
+
+    state = run.read_state()["loops"]
+    for gold in ("A-S", "A-F", "B-S", "B-F"):
+        assert (state[gold]["round"], state[gold]["version"], state[gold]["status"]) == (2, 2, "done")
+        assert (run.model(gold, 2) / "manifest.json").exists()
+    assert (state["CTRL"]["round"], state["CTRL"]["version"]) == (2, 0)
+    assert state["FLOOR"]["round"] == 1
+
+    # Round 1 is collected once with V0 and shared (the same file) by every loop but FLOOR.
+    shared = run.traces("shared", 1)
+    assert len(rows(run, "shared", 1)) == N
+    for loop in ("A-S", "A-F", "B-S", "B-F", "CTRL"):
+        assert os.path.samefile(run.traces(loop, 1), shared)
+    assert not os.path.exists(run.traces("FLOOR", 1)) or not os.path.samefile(run.traces("FLOOR", 1), shared)
+
+    # Arc A restarts from the pristine train.py; arc B from the best of round 1 (thread 0: x = -1).
+    for loop in ("A-S", "A-F", "CTRL"):
+        assert {r["start_train_py_sha256"] for r in rows(run, loop, 2)} == {sha(SEED_TRAIN_PY)}
+    for loop in ("B-S", "B-F"):
+        assert {r["start_train_py_sha256"] for r in rows(run, loop, 2)} == {sha("x = -1\n")}
+        assert min(r["val_bpb"] for r in rows(run, loop, 2)) == pytest.approx(0.98)
+
+    # The arms are independent after round 1: S trains on every trace, F only on improvements.
+    s_data = json.loads((run.model("A-S", 1) / "dataset.json").read_text())
+    f_data = json.loads((run.model("A-F", 1) / "dataset.json").read_text())
+    assert (s_data["selected"], f_data["selected"]) == (2, 1)
+    assert json.loads((run.model("A-S", 2) / "manifest.json").read_text())["parent_version"] == 1
+    ids = [r["rollout_id"] for loop in ("A-S", "A-F", "B-S", "B-F") for r in rows(run, loop, 2)]
+    assert len(ids) == len(set(ids)) == 4 * N
+
+    # Arm S conditions on a wanted outcome once trained on stamps; nobody else is conditioned.
+    assert all(r["conditioning_stamp"].startswith("<val_bpb=0.980 status=success") for r in rows(run, "A-S", 2))
+    for loop in ("A-F", "B-F", "CTRL", "FLOOR"):
+        assert all(r["conditioning_stamp"] == "" for r in rows(run, loop, max(1, state[loop]["round"])))
+
+    # CTRL carries round 1 in its prompt; FLOOR carries nothing.
+    ctrl = rows(run, "CTRL", 2)
+    assert all("round 1: val_bpb=0.9900" in r["memory"] and "+x = -1" in r["memory"] for r in ctrl)
+    assert all(r["memory"] == "" for r in rows(run, "FLOOR", 1))
+    assert all(r["memory"] == "" for loop in ("A-S", "B-F") for r in rows(run, loop, 2))
+
+
+def _child(run_dir: Path, researcher, tiny: Path, counter: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.loop_child", str(run_dir), researcher.base_url, str(tiny), str(counter),
+         "--rounds", str(ROUNDS), "--rollouts", str(N)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _kill_when(proc: subprocess.Popen, events: Path, kind: str, phase: str | None, nth: int, timeout: float = 120) -> bool:
+    """kill -9 the controller right after the nth matching event; False if it finished first."""
+    deadline, seen, offset = time.monotonic() + timeout, 0, 0
+    while time.monotonic() < deadline:
+        new, offset = read_events(events, offset)
+        seen += sum(e["kind"] == kind and (phase is None or e.get("phase") == phase) for e in new)
+        if seen >= nth:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    raise TimeoutError(f"no {kind}/{phase} #{nth} within {timeout}s")
+
+
+def test_kill9_across_round_boundaries_resumes_to_the_same_state(tmp_path, tiny, researcher):
+    reference = RunDir(tmp_path / "reference")
+    ref = _child(reference.root, researcher, tiny, tmp_path / "ref-launches")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-3000:]
+
+    run = RunDir(tmp_path / "killed")
+    rng = random.Random(7)
+    # mid-collect, mid-fit, right after a merge, mid-swap, then at random events until it finishes
+    targets = [("rollout_started", None, 3), ("phase", "consolidate", 1), ("train_step", None, 1),
+               ("consolidated", None, 1), ("phase", "swap", 2), ("run_started", None, 5)]
+    kills, finished = 0, False
+    while not finished:
+        proc = _child(run.root, researcher, tiny, tmp_path / "launches")
+        kind, phase, nth = targets[kills] if kills < len(targets) else (
+            rng.choice(["rollout_finished", "train_step", "phase", "run_finished"]), None, rng.randint(1, 6))
+        if _kill_when(proc, run.events, kind, phase, nth):
+            kills += 1
+            assert kills < 40, "the run never finished"
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+            finished = True
+    assert kills >= len(targets)
+    assert final_state(run) == final_state(reference)
+
+    # No round was collected or trained twice: one wave_finished and one consolidated per round.
+    events = [e for e in read_events(run.events)[0]]
+    waves = [(e["arm"], e["round"]) for e in events if e["kind"] == "wave_finished"]
+    fits = [(e["arm"], e["round"]) for e in events if e["kind"] == "consolidated"]
+    assert len(waves) == len(set(waves)) and len(fits) == len(set(fits)) == 8
+    assert set(LOOPS) >= {arm for arm, _ in waves}

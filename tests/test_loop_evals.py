@@ -161,6 +161,8 @@ def test_an_infra_failure_is_recorded_as_such_and_retried_on_resume(tmp_path):
         anyio.run(probe, run.root, sr.base_url + "/v1", DepthEnv(counter), 2)
         assert len(sr.requests) == asked  # zero-shot and code were done: only the transfer runs again
     assert launches(counter) - before == Counter({"A-S-v2-transfer": 1})
+    # the retried transfer re-runs a train.py: it needs no researcher server
+    assert sum(e["kind"] == "server_started" for e in iter_events(run.events)) == 1
     assert version_eval(run)[("A-S", 2, "transfer")]["values"] == pytest.approx([1.022])
 
 

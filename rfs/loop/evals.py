@@ -77,14 +77,15 @@ async def _evaluate(ctx: Round, t: Target) -> bool:
     if not todo:
         return True
     d.events.emit("phase", arm=t.line, round=t.version, phase="eval", probes=todo)
-    served = await ctx.servers.serve(t.server_key, t.version)
-    if "zero_shot" in todo:
-        rows = await _zero_shot(ctx, t, served)
-        _record(ctx, t, "zero_shot", metrics.rollout_values(rows), _zero_shot_detail(rows))
-    if "transfer" in todo:
+    if {"zero_shot", "code"} & set(todo):  # the transfer alone needs no researcher server started or swapped
+        served = await ctx.servers.serve(t.server_key, t.version)
+        if "zero_shot" in todo:
+            rows = await _zero_shot(ctx, t, served)
+            _record(ctx, t, "zero_shot", metrics.rollout_values(rows), _zero_shot_detail(rows))
+        if "code" in todo:
+            _record(ctx, t, "code", *await _code(ctx, served))
+    if "transfer" in todo:  # after the zero-shot rollouts, whose best train.py it re-runs
         _record(ctx, t, "transfer", *await _transfer(ctx, t))
-    if "code" in todo:
-        _record(ctx, t, "code", *await _code(ctx, served))
     missing = [p for p in metrics.PROBES if p not in _done(d.run, t)]
     d.events.emit("phase", arm=t.line, round=t.version, phase="eval_done", missing=missing)
     return not missing
@@ -195,9 +196,8 @@ def _keep_log(run: RunDir, t: Target, slot: str, outcome: JobOutcome) -> None:
 
 async def _code(ctx: Round, served: Served) -> tuple[list[float], str]:
     """The code-skill probe, with the same seeds for every version (common random numbers)."""
-    cfg = ctx.d.cfg
-    try:
-        scores = await code_probe.run_with_client(served.client, cfg.experiment.seed, cfg.researcher.max_tokens)
+    try:  # the probe's own reply budget: a whole function needs more than an embedded turn's max_tokens
+        scores = await code_probe.run_with_client(served.client, ctx.d.cfg.experiment.seed)
     except ServerDown as exc:  # the server's failure: scoring it as wrong answers would blame the researcher
         return [], f"{INFRA}: {exc}"
     passed = [s.name for s in scores if s.ok]

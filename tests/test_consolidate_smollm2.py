@@ -4,12 +4,12 @@ trace rows built from the built-in environment's program.md and train.py. Slow: 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import tiny_model
 from rfs import ROOT, atomic, config, trace
@@ -63,7 +63,7 @@ def test_real_fit_on_smollm2(tmp_path):
         "kl_before": m["kl_before"], "kl_after": m["kl_after"], "effective_rank": m["effective_rank"],
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "model_mb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 1),
-        "threads": os.cpu_count(),
+        "threads": torch.get_num_threads(),
     }
     print("SMOLLM2_FIT", json.dumps(figures))
     assert m["trained"] and m["loss_after"] < m["loss_before"]

@@ -66,7 +66,7 @@ async def evaluate(ctx: Round, loop: LoopSpec, version: int) -> None:
         complete = await evaluate_v0(ctx)
     else:
         complete = await _evaluate(ctx, Target(loop.name, loop.arc, loop.name, version))
-    if complete:
+    if complete and version:  # V0 alone is no trend
         _drift_alarms(ctx, loop, version)
 
 

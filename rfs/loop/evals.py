@@ -26,6 +26,7 @@ from rfs.agent.client import ServerDown
 from rfs.collect.slots import NoSlotsLeft
 from rfs.envs import RunResult, execute
 from rfs.evals import code_probe, drift, metrics, probes
+from rfs.hosts import Slot
 from rfs.launch import launcher_for
 from rfs.launch.base import JobOutcome
 from rfs.loop.plan import SHARED, LoopSpec
@@ -179,7 +180,7 @@ async def _transfer(ctx: Round, t: Target) -> tuple[list[float], str]:
     return [], f"{INFRA} after {len(failed)} slot(s): {why}"
 
 
-async def _execute(ctx: Round, slot: Any, train_py: str, rollout_id: str) -> tuple[RunResult, JobOutcome]:
+async def _execute(ctx: Round, slot: Slot, train_py: str, rollout_id: str) -> tuple[RunResult, JobOutcome]:
     try:
         return await execute(ctx.env, launcher_for(slot, ctx.d.hosts), slot, train_py, rollout_id)
     except Exception as exc:  # the launcher or the slot broke, not the researcher's train.py

@@ -128,7 +128,8 @@ def _child(run_dir: Path, researcher, tiny: Path, counter: Path) -> subprocess.P
 
 def _kill_when(proc: subprocess.Popen, events: Path, kind: str, phase: str | None, nth: int, timeout: float = 120) -> bool:
     """kill -9 the controller right after the nth matching event; False if it finished first."""
-    deadline, seen, offset = time.monotonic() + timeout, 0, 0
+    deadline, seen = time.monotonic() + timeout, 0
+    offset = events.stat().st_size if events.exists() else 0  # only what this controller emits counts
     while time.monotonic() < deadline:
         new, offset = read_events(events, offset)
         seen += sum(e["kind"] == kind and (phase is None or e.get("phase") == phase) for e in new)

@@ -118,10 +118,10 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"seed train.py: status={result.status} val_bpb={result.val_bpb:.4f} steps={result.steps} "
               f"training_seconds={result.training_seconds:.1f}  ({result.detail})")
         return 0 if result.status == "success" else 1
-    from rfs.envs.calibrate import calibrate
+    from rfs.envs.calibrate import announce, calibrate
 
     k = args.k or cfg.env.calibration_k
-    stats = anyio.run(calibrate, env, slots, k, launcher_for(slots[0], hf))
+    stats = anyio.run(lambda: calibrate(env, slots, k, launcher_for(slots[0], hf), cfg.env, announce(k)))
     print(f"val_bpb over {stats['k']} seed runs at concurrency {stats['concurrency']}: "
           f"{stats['mean']:.4f} ± {stats['std']:.4f}  (values {', '.join(f'{v:.4f}' for v in stats['values'])})")
     return 0

@@ -12,12 +12,13 @@ import math
 import platform
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import anyio
 
 from rfs.atomic import write_json
 from rfs.config import EnvCfg, cache_dir
-from rfs.envs import Environment, execute
+from rfs.envs import Environment, RunResult, execute
 from rfs.hosts import Slot
 from rfs.launch.base import Launcher
 
@@ -26,10 +27,12 @@ def calibration_path(env_cfg: EnvCfg, concurrency: int) -> Path:
     return cache_dir() / "calibration" / f"{env_cfg.name}-{env_cfg.device}-{env_cfg.budget_s:g}-c{concurrency}.json"
 
 
-async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launcher, env_cfg: EnvCfg | None = None) -> dict:
+async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launcher, env_cfg: EnvCfg | None = None,
+                    on_run: Callable[[int, RunResult], None] | None = None) -> dict:
     """Run the seed k times, one run per slot at a time; store and return the spread of val_bpb.
 
-    The result is stored under `env_cfg` (default: the EnvCfg the adapter was built from)."""
+    The result is stored under `env_cfg` (default: the EnvCfg the adapter was built from);
+    `on_run(i, result)` hears each run as it ends (the first val_bpb is worth showing at once)."""
     if k < 1 or not slots:
         raise ValueError(f"calibrate needs k >= 1 and at least one slot (got k={k}, {len(slots)} slots)")
     seed = env.seed_train_py()
@@ -44,6 +47,8 @@ async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launc
         try:
             result, _ = await execute(env, launcher, slot, seed, f"calibrate-{i}")
             runs.append((i, result.status, result.val_bpb, result.detail))
+            if on_run:
+                on_run(i, result)
         finally:
             send.send_nowait(slot)
 
@@ -69,6 +74,16 @@ async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launc
     }
     write_json(calibration_path(cfg, len(slots)), out)
     return out
+
+
+def announce(k: int) -> Callable[[int, RunResult], None]:
+    """An on_run that prints each seed run as it ends."""
+
+    def show(i: int, res: RunResult) -> None:
+        print(f"seed train.py, calibration run {i + 1}/{k}: {res.status} val_bpb={res.val_bpb:.4f} "
+              f"steps={res.steps} training_seconds={res.training_seconds:.1f}", flush=True)
+
+    return show
 
 
 def load_calibration(env_cfg: EnvCfg, concurrency: int) -> dict | None:

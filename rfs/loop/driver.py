@@ -114,7 +114,7 @@ def _resolve_v0(cfg: Config) -> Path | None:
 
 async def _noise(d: Driver, env: Any, pool: Any) -> dict[str, float]:
     """The seed's val_bpb mean ± std on this machine at the wave's concurrency (calibrated once)."""
-    from rfs.envs.calibrate import calibrate, load_calibration
+    from rfs.envs.calibrate import announce, calibrate, load_calibration
     from rfs.launch import launcher_for
 
     if "noise" in d.state:
@@ -122,8 +122,8 @@ async def _noise(d: Driver, env: Any, pool: Any) -> dict[str, float]:
     cal = load_calibration(d.cfg.env, len(pool.slots))
     if cal is None:
         d.events.emit("phase", arm="*", round=0, phase="calibrate")
-        slots = pool.slots
-        cal = await calibrate(env, slots, d.cfg.env.calibration_k, launcher_for(slots[0], d.hosts), d.cfg.env)
+        slots, k = pool.slots, d.cfg.env.calibration_k
+        cal = await calibrate(env, slots, k, launcher_for(slots[0], d.hosts), d.cfg.env, on_run=announce(k))
     print(f"seed train.py: val_bpb {cal['mean']:.4f} ± {cal['std']:.4f} over {cal['k']} runs", flush=True)
     d.state["noise"] = {"mean": cal["mean"], "std": cal["std"], "k": cal["k"]}
     d.save()

@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +36,45 @@ from rfs.trace import outcome_stamp
 
 
 def drive(cfg: Config, run: RunDir, hosts: HostsFile, plain: bool = False, env: Any = None) -> int:
-    """Run (or resume) the experiment in `run`. `env` replaces the configured environment (tests)."""
+    """Run (or resume) the experiment in `run`. `env` replaces the configured environment (tests).
+
+    On a terminal the TUI shows the run while the controller works in a thread; quitting the TUI
+    leaves the run going with plain progress lines.
+    """
+    tui = not plain and sys.stdout.isatty()
     with Lock(run.root):
         if not run.config.exists():
             atomic.write_text(run.config, config.to_toml(cfg))
-        events = EventLog(run.events, echo=plain or not sys.stdout.isatty())
+        events = EventLog(run.events, echo=not tui)
         try:
-            return anyio.run(_main, Driver(cfg, run, hosts, events), env)
+            if not tui:
+                return anyio.run(_main, Driver(cfg, run, hosts, events), env)
+            return _with_tui(Driver(cfg, run, hosts, events), env)
         finally:
             events.close()
+
+
+def _with_tui(d: Driver, env: Any) -> int:
+    from rfs.tui import watch
+
+    outcome: list[Any] = []
+
+    def controller() -> None:
+        try:
+            outcome.append(anyio.run(_main, d, env))
+        except BaseException as exc:  # shown after the TUI closes, never lost in a thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=controller, name="rfs-controller", daemon=True)
+    worker.start()
+    watch(d.run.root)
+    if worker.is_alive():
+        print("TUI closed; the run goes on (Ctrl-C stops it, `python rfs.py resume` continues it)", flush=True)
+        d.events.echo = True
+    worker.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 @dataclass

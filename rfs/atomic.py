@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """fsync a file or a directory (a directory's entry list is what makes a rename durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -36,7 +37,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -10,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+from rfs.atomic import fsync
+
 
 def partial(final: Path) -> Path:
     """A fresh, empty work dir beside `final` (any leftover of a crashed attempt is removed)."""
@@ -19,19 +21,11 @@ def partial(final: Path) -> Path:
     return tmp
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(tmp: Path, final: Path) -> Path:
     for dirpath, _, files in os.walk(tmp):
         for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
+            fsync(Path(dirpath) / name)
+        fsync(Path(dirpath))
     os.rename(tmp, final)
-    _fsync(final.parent)
+    fsync(final.parent)
     return final

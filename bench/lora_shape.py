@@ -13,6 +13,13 @@ first `--warmup` are dropped. One configuration per process: an out-of-memory is
 
     python bench/lora_shape.py --shape tiny --device cpu --steps 4 --warmup 1
     python bench/lora_shape.py --shape qwen7b [--batch-tokens 16384] [--grad-ckpt] [--anchor 4]
+
+Measured 2026-11-24, one H100 80GB, torch 2.11, transformers 5.17, peft 0.21.0, qwen7b, r=64 on all
+seven projections (161.5M LoRA params, fp32), 4 anchor prompts, real tokens per step ~97% of computed:
+- the locked defaults (16384 tokens/step, no checkpointing) run out of memory (77.7 GiB at the OOM);
+- --grad-ckpt, 16384/step: 3.78 s median step (3.26 min), 3,860 tok/s median, peak 47.3 GiB;
+- no checkpointing, --batch-tokens 4096: 0.93 s median step (0.78 min), 4,020 tok/s, peak 64.0 GiB;
+- merge (fp32 sum, back to bf16) 0.12-0.14 s on the GPU, peak 30.1 GiB.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ class SlurmCfg:
     partition: str = ""
     account: str = ""
     time_limit: str = "04:00:00"  # the wave allocation's limit
+    queue_wait_s: float = 3600.0  # how long a wave waits in the queue for its allocation before failing
     extra_args: tuple[str, ...] = ()
     python: str = sys.executable
     root: str = str(ROOT)

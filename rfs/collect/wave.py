@@ -31,7 +31,7 @@ from rfs.config import Config
 from rfs.envs.base import Environment, RunResult
 from rfs.events import EventLog
 from rfs.hosts import HostsFile, Slot
-from rfs.launch import launcher_for
+from rfs.launch import wave_launchers
 from rfs.launch.base import JobOutcome, Launcher
 from rfs.rundir import RunDir
 
@@ -67,14 +67,9 @@ async def run_wave(
     for litter in [*pending.glob(".*.tmp"), *blobs.glob(".*.tmp")]:
         litter.unlink(missing_ok=True)  # half-written temp files of a killed controller, never renamed
     done = {p.name.removesuffix(".parquet") for p in pending.glob("*.parquet")}
-    launchers: dict[str, Launcher] = {}
+    todo = [s for s in specs if s.rollout_id not in done]
 
-    def launcher(slot: Slot) -> Launcher:
-        if slot.name not in launchers:
-            launchers[slot.name] = launcher_for(slot, hosts)
-        return launchers[slot.name]
-
-    async def one(spec: RolloutSpec) -> None:
+    async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
         row = await _rollout_row(spec, cfg, client, training, events, rollout_fn)
         table = pa.Table.from_pylist([row], schema=trace.SCHEMA)  # validated in _rollout_row
@@ -84,10 +79,10 @@ async def run_wave(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
         )
 
-    async with anyio.create_task_group() as tg:
-        for spec in specs:
-            if spec.rollout_id not in done:
-                tg.start_soon(one, spec, name=spec.rollout_id)
+    if todo:  # a SLURM allocation is made (and waited for) only when there is something to run
+        async with wave_launchers(pool.slots, hosts) as launcher, anyio.create_task_group() as tg:
+            for spec in todo:
+                tg.start_soon(one, spec, launcher, name=spec.rollout_id)
     return await anyio.to_thread.run_sync(_compact, run, specs, cfg, events, calibration)
 
 

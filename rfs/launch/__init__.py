@@ -4,8 +4,15 @@ kill the whole process tree, and report what happened. One interface, three ways
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable
+
+import anyio
+
 from rfs.hosts import HostsFile, Slot
 from rfs.launch.base import Job, JobOutcome, Launcher
+
+CLOSE_TIMEOUT_S = 60.0  # scancel and ssh disconnects each bound themselves; this bounds them all
 
 
 def launcher_for(slot: Slot, hosts: HostsFile) -> Launcher:
@@ -23,4 +30,52 @@ def launcher_for(slot: Slot, hosts: HostsFile) -> Launcher:
     return SlurmLauncher(hosts.slurm)
 
 
-__all__ = ["Job", "JobOutcome", "Launcher", "launcher_for"]
+def _shared_by(slot: Slot) -> tuple[str, str]:
+    # ssh launchers pool connections per host; SLURM runs every slot as a step of one allocation
+    return slot.launcher, slot.host if slot.launcher == "ssh" else ""
+
+
+@asynccontextmanager
+async def wave_launchers(slots: list[Slot], hosts: HostsFile) -> AsyncIterator[Callable[[Slot], Launcher]]:
+    """Launchers shared across a wave's slots: `async with wave_launchers(slots, hosts) as launcher_of:`.
+
+    One local launcher, one ssh launcher per host (it pools connections), one SLURM launcher whose
+    allocation, sized to the slurm slots, is made on entry (waiting in the queue up to
+    hosts.slurm.queue_wait_s), so each run is an `srun` step in it. On exit, also on error or
+    cancellation, the allocation is cancelled and the ssh connections closed; a failure to release
+    one is raised once all were tried, since a leaked allocation holds the cluster's nodes.
+    """
+    shared: dict[tuple[str, str], Launcher] = {}
+    releases: list[Callable[[], Awaitable[None]]] = []  # the local launcher holds nothing to release
+
+    def launcher_of(slot: Slot) -> Launcher:
+        key = _shared_by(slot)
+        if key not in shared:
+            shared[key] = launcher = launcher_for(slot, hosts)
+            if slot.launcher != "local":
+                releases.append(launcher.aclose if slot.launcher == "ssh" else launcher.close)
+        return shared[key]
+
+    try:
+        if slurm := [s for s in slots if s.launcher == "slurm"]:
+            cpus = max(max(1, len(s.cpus)) for s in slurm)
+            gpus = int(any(s.gpu >= 0 for s in slurm))
+            await launcher_of(slurm[0]).open(len(slurm), cpus, gpus, hosts.slurm.queue_wait_s)
+        yield launcher_of
+    finally:
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await _release(releases)
+
+
+async def _release(releases: list[Callable[[], Awaitable[None]]]) -> None:
+    errors = []
+    for release in releases:
+        try:
+            await release()
+        except Exception as exc:  # release the others first
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+__all__ = ["Job", "JobOutcome", "Launcher", "launcher_for", "wave_launchers"]

@@ -1,0 +1,121 @@
+"""run_wave over remote slots: one SLURM allocation for the whole wave (each run a step in it) and one
+pooled ssh launcher per host, all released when the wave ends, also when it is cancelled or fails.
+Real single-node SLURM, real sshd on loopback, the scripted researcher over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import pyarrow.parquet as pq
+import pytest
+
+from rfs.agent.client import ResearcherClient
+from rfs.collect.slots import SlotPool
+from rfs.collect.wave import run_wave
+from rfs.events import EventLog, iter_events
+from rfs.hosts import HostsFile, Slot
+from rfs.launch.slurm import SlurmError
+from rfs.rundir import RunDir
+from tests.infra import slurm, sshd  # noqa: F401  (fixtures)
+from tests.scripted_researcher import ScriptedResearcher
+from tests.wave_child import SleepEnv, plans, specs, wave_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _squeue(slurm) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], env={**os.environ, **slurm.env}, capture_output=True, text=True, timeout=10)
+    return out.stdout.split()
+
+
+def _eventually(check, within: float = 15.0) -> bool:
+    deadline = time.monotonic() + within  # slurmctld lists a cancelled job while it completes
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return check()
+
+
+def _slurm_slots(k: int, cpus: int = 1) -> list[Slot]:
+    return [Slot(f"slurm-{i}", "slurm", "cluster", tuple(range(cpus)), -1, sys.executable, "") for i in range(k)]
+
+
+async def _wave(run: RunDir, base_url: str, env: SleepEnv, n: int, slots: list[Slot], hosts: HostsFile):
+    cfg = wave_config(budget_s=env.seconds)
+    events = EventLog(run.events)
+    pool = SlotPool(slots, cfg.collect, events)
+    async with ResearcherClient(base_url, "scripted", cfg.researcher) as client:
+        try:
+            return await run_wave(run, specs(n), cfg=cfg, env=env, pool=pool, hosts=hosts, client=client, events=events)
+        finally:
+            events.close()
+
+
+@pytest.fixture
+def slurm_hosts(slurm, tmp_path, monkeypatch) -> HostsFile:
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])  # the launcher's SLURM clients read it
+    # the steps' working directories go under root, here on this machine's (the node's) filesystem
+    return HostsFile(slurm=replace(slurm.cfg, root=str(tmp_path / "cluster")))
+
+
+def test_a_wave_runs_every_job_as_a_step_of_one_allocation_then_releases_it(slurm, slurm_hosts, tmp_path):
+    n, k = 5, 3
+    run = RunDir(tmp_path / "run")
+    with ScriptedResearcher(plans(n)) as sr:
+        out = anyio.run(_wave, run, sr.base_url, SleepEnv(tmp_path / "launches", 0.05), n, _slurm_slots(k), slurm_hosts)
+    rows = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in rows] == ["success"] * n, [r["detail"] for r in rows]
+    assert [r["val_bpb"] for r in rows] == pytest.approx([1 + (i + 1) / 100 for i in range(n)])
+    jobs = {r["job_id"].split(".")[0] for r in rows}
+    steps = {r["job_id"] for r in rows}
+    assert len(jobs) == 1 and len(steps) == n, [r["job_id"] for r in rows]  # n steps of one allocation
+    assert {r["slot"] for r in rows} <= {s.name for s in _slurm_slots(k)}
+    assert _eventually(lambda: jobs.isdisjoint(_squeue(slurm))), _squeue(slurm)
+    assert list((tmp_path / "cluster" / "runs" / ".slurm-work").iterdir()) == []
+
+
+def test_a_cancelled_wave_releases_its_allocation(slurm, slurm_hosts, tmp_path):
+    n = 2
+    counter = tmp_path / "launches"
+
+    async def main():
+        with ScriptedResearcher(plans(n)) as sr, anyio.move_on_after(60) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_wave, RunDir(tmp_path / "run"), sr.base_url, SleepEnv(counter, 300), n, _slurm_slots(n), slurm_hosts)
+                while not (counter.exists() and len(counter.read_text().split()) == n):
+                    await anyio.sleep(0.05)  # both jobs are running as steps
+                running = _squeue(slurm)
+                tg.cancel_scope.cancel()
+        return running, scope.cancelled_caught
+
+    running, stuck = anyio.run(main)
+    assert not stuck and len(running) == 1, running  # one allocation, cancelled by the test, not by the deadline
+    assert _eventually(lambda: _squeue(slurm) == []), _squeue(slurm)
+    assert not RunDir(tmp_path / "run").traces("S", 1).exists()
+
+
+def test_an_allocation_slurm_refuses_fails_the_wave_before_any_rollout(slurm, slurm_hosts, tmp_path):
+    run = RunDir(tmp_path / "run")
+    too_big = _slurm_slots(1, cpus=slurm.cpus + 1)  # more than the node has: it would queue forever
+    slurm_hosts = replace(slurm_hosts, slurm=replace(slurm_hosts.slurm, queue_wait_s=1.0))
+    with ScriptedResearcher(plans(1)) as sr, pytest.raises(SlurmError, match="salloc failed"):
+        anyio.run(_wave, run, sr.base_url, SleepEnv(tmp_path / "launches", 0.01), 1, too_big, slurm_hosts)
+    assert not (tmp_path / "launches").exists() and _squeue(slurm) == []
+    assert [e["kind"] for e in iter_events(run.events) if e["kind"].startswith("rollout")] == []
+
+
+def test_ssh_slots_of_one_host_share_a_launcher_closed_at_wave_end(sshd, tmp_path):
+    n, k = 4, 2
+    hosts = HostsFile(hosts={"box": sshd.host})
+    slots = [Slot(f"ssh-{i}", "ssh", "box", (), -1, sshd.host.python, sshd.host.root) for i in range(k)]
+    with ScriptedResearcher(plans(n)) as sr:
+        out = anyio.run(_wave, RunDir(tmp_path / "run"), sr.base_url, SleepEnv(tmp_path / "launches", 0.05), n, slots, hosts)
+    rows = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in rows] == ["success"] * n, [r["detail"] for r in rows]
+    assert _eventually(lambda: sshd.sessions() == []), sshd.sessions()  # every connection closed
+    assert sorted(Path(tmp_path / "launches").read_text().split()) == [r["rollout_id"] for r in rows]

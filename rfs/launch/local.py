@@ -72,31 +72,36 @@ def _confined(slot: Slot, timeout_s: float, argv: list[str]) -> list[str]:
 def _tagged(tag: bytes) -> list[int]:
     """Every live process whose environment carries the job's tag: a daemon that double-forked and
     left the process group has lost its parent, but it still carries the environment it inherited."""
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+    needle, found = b"\0" + tag + b"\0", []
+    # os.listdir and open, not Path.glob: this sweeps every process on the host, once per job
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
         try:
-            if tag in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except (OSError, ValueError):
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in b"\0" + f.read() + b"\0":
+                    found.append(int(pid))
+        except OSError:
             continue
     return found
 
 
-def _signal_tree(pgid: int, pids: list[int], sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for pid in pids:
+def _signal_tree(pgid: int, pids: list[int], sig: int) -> bool:
+    """Signal the group and the pids; whether any process was there to receive it."""
+    hit = False
+    for send, target in ((os.killpg, pgid), *((os.kill, pid) for pid in pids)):
         try:
-            os.kill(pid, sig)
+            send(target, sig)
+            hit = True
         except (ProcessLookupError, PermissionError):
             pass
+    return hit
 
 
 async def _stop(proc: Process, tag: bytes) -> None:
     """SIGTERM the group and every tagged process, wait a little, then SIGKILL whatever is left."""
-    _signal_tree(proc.pid, _tagged(tag), signal.SIGTERM)
+    if not _signal_tree(proc.pid, _tagged(tag), signal.SIGTERM):
+        return  # the usual end of a run: its group is empty and nothing carries the tag; one sweep
     with anyio.move_on_after(KILL_GRACE_S):
         await proc.wait()
     _signal_tree(proc.pid, _tagged(tag), signal.SIGKILL)
@@ -147,6 +152,7 @@ class LocalLauncher:
         except (OSError, subprocess.SubprocessError) as exc:
             return JobOutcome(None, b"", False, time.monotonic() - started, infra_error=f"could not start {argv[0]!r}: {exc}")
         chunks: list[bytes] = []
+        stopped = False
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stream, proc, chunks, on_line)
@@ -154,12 +160,14 @@ class LocalLauncher:
                     await proc.wait()
                 timed_out = scope.cancelled_caught
                 await _stop(proc, tag.encode())
+                stopped = True  # nothing of the job is left to start anything new
                 # A daemonised grandchild may still hold the pipe open: drain briefly, then stop reading.
                 tg.cancel_scope.deadline = anyio.current_time() + 2
         finally:
-            # Runs on timeout, on success (stray background children) and on cancellation alike.
+            # Cancelled before or during the stop above: stop here, where the cancellation cannot reach.
             with anyio.CancelScope(shield=True):
-                await _stop(proc, tag.encode())
+                if not stopped:
+                    await _stop(proc, tag.encode())
                 await proc.aclose()
         exit_code = None if timed_out else proc.returncode
         return JobOutcome(exit_code, b"".join(chunks), timed_out, time.monotonic() - started)

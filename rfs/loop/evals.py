@@ -27,7 +27,7 @@ from rfs.collect.slots import NoSlotsLeft
 from rfs.envs import RunResult, execute
 from rfs.evals import code_probe, drift, metrics, probes
 from rfs.hosts import Slot
-from rfs.launch import launcher_for
+from rfs.launch import wave_launchers
 from rfs.launch.base import JobOutcome
 from rfs.loop.plan import SHARED, LoopSpec
 from rfs.loop.serving import V0, Served
@@ -181,8 +181,9 @@ async def _transfer(ctx: Round, t: Target) -> tuple[list[float], str]:
 
 
 async def _execute(ctx: Round, slot: Slot, train_py: str, rollout_id: str) -> tuple[RunResult, JobOutcome]:
-    try:
-        return await execute(ctx.env, launcher_for(slot, ctx.d.hosts), slot, train_py, rollout_id)
+    try:  # the wave's way to reach a slot: a SLURM allocation or ssh connection, released after the run
+        async with wave_launchers([slot], ctx.d.hosts) as launcher_of:
+            return await execute(ctx.env, launcher_of(slot), slot, train_py, rollout_id)
     except Exception as exc:  # the launcher or the slot broke, not the researcher's train.py
         failure = f"{type(exc).__name__}: {exc}"
         return RunResult(INFRA, detail=failure), JobOutcome(None, traceback.format_exc().encode(), False, 0.0, infra_error=failure)

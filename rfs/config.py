@@ -102,7 +102,7 @@ class ConsolidateCfg:
 @dataclass(frozen=True)
 class LoopCfg:
     checkpoint_every: int = 2
-    eval_every: int = 2
+    eval_every: int = 2  # held-out probes at V0, every n-th version and the last; 0: none
     stamp_margin: float = 0.01  # arm S conditions on (best so far - margin)
     ctrl_memory_chars: int = 12000  # CTRL's bounded in-context memory
     floor_waves: int = 2

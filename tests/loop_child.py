@@ -26,7 +26,7 @@ from tests.wave_child import SleepEnv
 LOOPS = (SHARED, "A-S", "A-F", "B-S", "B-F", "CTRL", "FLOOR")
 
 
-def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2) -> config.Config:
+def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2, probes: bool = True) -> config.Config:
     return config.load(None, {
         "experiment": {"preset": "cluster", "name": "matrix", "arcs": ["A", "B"], "arms": ["S", "F"],
                        "baselines": ["CTRL", "FLOOR"], "max_rounds": rounds},
@@ -36,7 +36,8 @@ def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 
         "collect": {"rollouts": rollouts},
         "consolidate": {"lora_r": 4, "lora_alpha": 4, "epochs": 1.0, "max_seq_len": 512, "batch_tokens": 1024,
                         "kl_prompts": 2, "reason": "test: a tiny model fits in seconds"},
-        "loop": {"floor_waves": 1, "max_concurrent": 6},
+        "loop": {"floor_waves": 1, "max_concurrent": 6, "eval_every": 2 if probes else 0},
+        "eval": {"zero_shot_rollouts": 2},
     })
 
 
@@ -67,8 +68,9 @@ def main() -> None:
         p.add_argument(name)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rollouts", type=int, default=2)
+    p.add_argument("--no-probes", action="store_true", help="loop.eval_every = 0")
     a = p.parse_args()
-    cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts)
+    cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts, probes=not a.no_probes)
     drive(cfg, RunDir(Path(a.run_dir)), hosts(), plain=True, env=SleepEnv(Path(a.counter), 0.05))
 
 

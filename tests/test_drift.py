@@ -70,3 +70,15 @@ def test_alarms_from_a_version_eval_table_with_a_shared_v0():
     assert len(got) == 1 and got[0].startswith("A-S:") and "code" in got[0] and "0.7500 -> 0.2500" in got[0]
     assert drift.alarms(table, "A-F", window=2) == []  # only V0 known for F
     assert drift.alarms(metrics.VERSION_EVAL.empty_table(), "A-S", window=2) == []
+
+
+def test_the_window_counts_probed_versions_only():
+    """With eval_every = 2 only V0, V2, V4, V6 are probed: a window of 3 spans V0..V6."""
+    rows = []
+    for v, (zs, code) in enumerate([(1.30, 1.0), (1.20, 1.0), (1.10, 0.5), (1.00, 0.25)]):
+        arm = "shared" if v == 0 else "A-S"
+        rows += [metrics.version_eval_row("e", "A", arm, 2 * v, "zero_shot", [zs]),
+                 metrics.version_eval_row("e", "A", arm, 2 * v, "code", [code])]
+    table = pa.Table.from_pylist(rows, schema=metrics.VERSION_EVAL)
+    got = drift.alarms(table, "A-S", window=3)
+    assert len(got) == 1 and "over V0..V6" in got[0] and "code regressed" in got[0]

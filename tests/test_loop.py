@@ -118,11 +118,17 @@ def test_matrix_two_rounds(tmp_path, tiny, researcher):
     assert all(r["memory"] == "" for r in rows(run, "FLOOR", 1))
     assert all(r["memory"] == "" for loop in ("A-S", "B-F") for r in rows(run, loop, 2))
 
+    # Held-out probes ran for V0 (once, shared) and for each gold loop's last version.
+    evals = pq.read_table(run.metrics("version_eval")).to_pylist()
+    probed = {(r["arm"], r["version"], r["probe"]) for r in evals}
+    assert {("shared", 0, p) for p in ("zero_shot", "transfer", "code")} <= probed
+    assert {(loop, 2, "zero_shot") for loop in ("A-S", "A-F", "B-S", "B-F")} <= probed
+
 
 def _child(run_dir: Path, researcher, tiny: Path, counter: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.loop_child", str(run_dir), researcher.base_url, str(tiny), str(counter),
-         "--rounds", str(ROUNDS), "--rollouts", str(N)],
+         "--rounds", str(ROUNDS), "--rollouts", str(N), "--no-probes"],  # probes' resume: test_loop_evals
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -169,7 +175,7 @@ def test_kill9_across_round_boundaries_resumes_to_the_same_state(tmp_path, tiny,
 
     # No round was collected or trained twice: one wave_finished and one consolidated per round.
     events = [e for e in read_events(run.events)[0]]
-    waves = [(e["arm"], e["round"]) for e in events if e["kind"] == "wave_finished"]
+    waves = [(e["arm"], e["round"]) for e in events if e["kind"] == "wave_finished" and e["arm"] != "probe"]
     fits = [(e["arm"], e["round"]) for e in events if e["kind"] == "consolidated"]
     assert len(waves) == len(set(waves)) and len(fits) == len(set(fits)) == 8
     assert set(LOOPS) >= {arm for arm, _ in waves}

@@ -24,6 +24,7 @@ def drift(
     probe_higher_is_better: bool = False,
     min_gain: float = 0.0,
     stall: float = 0.0,
+    versions: Sequence[int] | None = None,
 ) -> str | None:
     """A message when, over the last `window` versions, the training metric improved and the probe did not.
 
@@ -31,6 +32,7 @@ def drift(
     (best val_bpb). "Improved" means a net gain above `min_gain` from version -window-1 to the last;
     the probe "stalled" when its net gain over the same versions is at most `stall`. Too few versions,
     or a missing value (NaN) at either end of the window, cannot be judged and never fires.
+    `versions` labels the entries (default: their index) when only some versions were probed.
     """
     if window < 1:
         raise ValueError(f"drift window {window}: expected at least 1")
@@ -45,16 +47,18 @@ def drift(
     probe_gain = (p1 - p0) if probe_higher_is_better else (p0 - p1)
     if train_gain <= min_gain or probe_gain > stall:
         return None
-    last = len(train) - 1
+    labels = list(versions) if versions is not None else list(range(len(train)))
     verb = "regressed" if probe_gain < 0 else "stalled"
     return (
-        f"proxy drift: over V{last - window}..V{last} the training metric improved "
+        f"proxy drift: over V{labels[-window - 1]}..V{labels[-1]} the training metric improved "
         f"{t0:.4f} -> {t1:.4f} while held-out {probe_name} {verb} {p0:.4f} -> {p1:.4f}"
     )
 
 
 def alarms(version_eval: pa.Table, line: str, window: int) -> list[str]:
     """Drift messages for one gold loop ("A-S") from the version_eval table (metrics.VERSION_EVAL).
+
+    The window counts probed versions (V0, V2, V4 … with eval_every = 2), not all versions.
 
     The training series is the zero-shot best val_bpb per version; the held-out series are the
     transfer best val_bpb and the code-probe pass rate. V0, shared by every arm and arc, may be
@@ -68,7 +72,7 @@ def alarms(version_eval: pa.Table, line: str, window: int) -> list[str]:
     train = series.get("zero_shot", {})
     if not train:
         return []
-    versions = range(max(train) + 1)
+    versions = sorted(train)  # the probed versions only (every eval_every-th): a window spans probes
     out = []
     for probe, higher in HELD_OUT.items():
         held = series.get(probe, {})
@@ -78,6 +82,7 @@ def alarms(version_eval: pa.Table, line: str, window: int) -> list[str]:
             window,
             probe_name=probe,
             probe_higher_is_better=higher,
+            versions=versions,
         )
         if msg:
             out.append(f"{line}: {msg}")

@@ -27,7 +27,7 @@ from rfs.config import Config
 from rfs.evals.metrics import record_thread_rounds
 from rfs.events import EventLog
 from rfs.hosts import HostsFile
-from rfs.loop import guard
+from rfs.loop import evals, guard
 from rfs.loop.memory import build_memory
 from rfs.loop.plan import SHARED, LoopSpec, plan, rollout_id, rollout_seed
 from rfs.loop.serving import Servers
@@ -220,6 +220,9 @@ def _stop_reason(d: Driver, st: dict[str, Any], loop: LoopSpec) -> str:
 async def run_loop(ctx: Round, loop: LoopSpec) -> None:
     d = ctx.d
     st = d.state["loops"][loop.name]
+    probing = loop.trains and d.cfg.loop.eval_every > 0
+    if probing:
+        await evals.evaluate(ctx, loop, 0)  # V0 once, shared by every loop: the verdict's baseline
     while st["status"] == "running":
         reason = _stop_reason(d, st, loop)
         if reason:
@@ -232,8 +235,12 @@ async def run_loop(ctx: Round, loop: LoopSpec) -> None:
         _record(ctx, loop, r, traces.to_pylist())
         if loop.trains:
             await _consolidate(ctx, loop, r)
+            if probing and evals.due(ctx, r):  # before the state moves on, so a kill resumes the probes
+                await evals.evaluate(ctx, loop, r)
         st["round"], st["version"] = r, (r if loop.trains else 0)
         d.save()
+    if probing and st["version"]:
+        await evals.evaluate(ctx, loop, st["version"])  # the last version, whatever its number
     d.events.emit("phase", arm=loop.name, round=st["round"], phase=st["status"], reason=st["reason"])
 
 

@@ -30,12 +30,12 @@ class _Server(ThreadingHTTPServer):
 class ScriptedResearcher:
     """plans: {rollout seed: [reply text | JSON-able dict | fn(messages) -> text | DIE, ...]}."""
 
-    def __init__(self, plans: dict[int, list[Step]], model: str = "scripted"):
+    def __init__(self, plans: dict[int, list[Step]], model: str = "scripted", port: int = 0):
         self.plans, self.model = plans, model
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.dead = False  # set by kill(): in-flight handlers drop their connections too
-        self._server = _Server(("127.0.0.1", 0), self._handler())
+        self._server = _Server(("127.0.0.1", port), self._handler())  # a port: a restart where it was
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

@@ -51,10 +51,12 @@ async def run_wave(
     events: EventLog,
     rollout_fn: RolloutFn = rollout,
     calibration: dict[str, float] | None = None,
+    revive: Callable[[], Awaitable[None]] | None = None,
 ) -> Path:
     """Run every spec's rollout once (resuming a killed wave); return traces(arm, round).
 
     `calibration` ({mean, std} of the seed's val_bpb) sharpens the anomaly flags when given.
+    `revive()` restarts a researcher server found down, before the rollouts it failed play again.
     """
     arm, round_ = _one_round(specs)
     out = run.traces(arm, round_)
@@ -71,7 +73,7 @@ async def run_wave(
 
     async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
-        row = await _rollout_row(spec, cfg, client, training, events, rollout_fn)
+        row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
         table = pa.Table.from_pylist([row], schema=trace.SCHEMA)  # validated in _rollout_row
         # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
         await anyio.to_thread.run_sync(atomic.write_parquet, pending / f"{spec.rollout_id}.parquet", table)
@@ -99,7 +101,8 @@ def _one_round(specs: list[RolloutSpec]) -> tuple[str, int]:
 
 
 async def _rollout_row(
-    spec: RolloutSpec, cfg: Config, client: ResearcherClient, training: _Training, events: EventLog, rollout_fn: RolloutFn
+    spec: RolloutSpec, cfg: Config, client: ResearcherClient, training: _Training, events: EventLog, rollout_fn: RolloutFn,
+    revive: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """The rollout's row, or a truthful infra_error row: one rollout's failure never ends the wave."""
     started = time.time()
@@ -112,6 +115,7 @@ async def _rollout_row(
             trace.validate(row)  # a malformed row is our bug: caught here, not by the wave's writer
         except ServerDown as exc:
             detail = f"researcher server down after {attempt + 1} attempt(s): {exc}"
+            await _revive(revive, spec, events)
             continue
         except Exception as exc:  # a bug in one rollout: record it, keep the other N-1 going
             detail = f"rollout raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
@@ -123,6 +127,15 @@ async def _rollout_row(
             return row
         detail = f"{row['detail']} (after {attempt + 1} attempt(s))"
     return infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_rel)
+
+
+async def _revive(revive: Callable[[], Awaitable[None]] | None, spec: RolloutSpec, events: EventLog) -> None:
+    if revive is None:
+        return
+    try:
+        await revive()
+    except Exception as exc:  # a server that will not come back: the retries record infra_error
+        events.emit("alarm", arm=spec.arm, alarm="server", message=f"restart failed: {type(exc).__name__}: {exc}")
 
 
 def infra_row(spec: RolloutSpec, cfg: Config, detail: str, *, started: float, infra_attempts: int = 0, blob_path: str = "") -> dict[str, Any]:

@@ -30,7 +30,7 @@ from rfs.hosts import HostsFile
 from rfs.loop import evals, guard
 from rfs.loop.memory import build_memory
 from rfs.loop.plan import SHARED, LoopSpec, plan, rollout_id, rollout_seed
-from rfs.loop.serving import Servers
+from rfs.loop.serving import V0, Servers
 from rfs.rundir import Lock, RunDir
 from rfs.trace import outcome_stamp
 
@@ -251,7 +251,8 @@ async def _collect(ctx: Round, loop: LoopSpec, r: int) -> Path:
         return await _shared_round(ctx, loop)
     st = d.state["loops"][loop.name]
     version = r - 1 if loop.trains else 0
-    server = await ctx.servers.serve(loop.name if loop.trains else "v0", version)
+    key = loop.name if loop.trains else V0
+    server = await ctx.servers.serve(key, version)
     past = [row for k in range(1, r) for row in _rows(d.run, loop.name, k)] if loop.kind == "ctrl" else []
     memory = build_memory(past, d.cfg.loop.ctrl_memory_chars) if loop.kind == "ctrl" else ""
     stamp = ""
@@ -259,7 +260,7 @@ async def _collect(ctx: Round, loop: LoopSpec, r: int) -> Path:
         stamp = outcome_stamp("success", st["best_val_bpb"] - d.cfg.loop.stamp_margin, st["best_steps"])
     start_py, start_bpb = _start(ctx, loop)
     specs = _specs(ctx, loop.name, loop.arc, r, version, server, start_py, start_bpb, memory, stamp)
-    return await _wave(ctx, specs, server)
+    return await _wave(ctx, specs, server, key)
 
 
 async def _shared_round(ctx: Round, loop: LoopSpec) -> Path:
@@ -268,9 +269,9 @@ async def _shared_round(ctx: Round, loop: LoopSpec) -> Path:
     async with ctx.shared_lock:
         shared = d.run.traces(SHARED, 1)
         if not shared.exists():
-            server = await ctx.servers.serve("v0", 0)
+            server = await ctx.servers.serve(V0, 0)
             specs = _specs(ctx, SHARED, "A", 1, 0, server, ctx.env.seed_train_py(), ctx.noise["mean"], "", "")
-            await _wave(ctx, specs, server)
+            await _wave(ctx, specs, server, V0)
     mine = d.run.traces(loop.name, 1)
     if not mine.exists():
         mine.parent.mkdir(parents=True, exist_ok=True)
@@ -300,12 +301,13 @@ def _specs(ctx: Round, arm: str, arc: str, r: int, version: int, server: Any, st
     ]
 
 
-async def _wave(ctx: Round, specs: list[Any], server: Any) -> Path:
+async def _wave(ctx: Round, specs: list[Any], server: Any, key: str) -> Path:
     from rfs.collect.wave import run_wave
 
     d = ctx.d
     return await run_wave(d.run, specs, cfg=d.cfg, env=ctx.env, pool=ctx.pool, hosts=d.hosts,
-                          client=server.client, events=d.events, calibration=ctx.noise)
+                          client=server.client, events=d.events, calibration=ctx.noise,
+                          revive=lambda: ctx.servers.revive(key))
 
 
 def _rows(run: RunDir, arm: str, r: int) -> list[dict[str, Any]]:

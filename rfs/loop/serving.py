@@ -19,6 +19,7 @@ V0 = "v0"
 
 @dataclass
 class Served:
+    version: int
     model_id: str
     weights_sha256: str
     server: Any
@@ -53,7 +54,7 @@ class Servers:
             external = self.cfg.researcher.backend == "external"
             model_id = self.cfg.researcher.model if external else f"{key}/v{version}"
             current = self._served.get(key)
-            if current and (external or current.model_id == model_id) and await current.server.health():
+            if current and (external or current.version == version) and await current.server.health():
                 return current
             model_dir = self.model_dir(key, version)
             # an external server's weights are not ours to vouch for: the row says so with ""
@@ -69,5 +70,16 @@ class Servers:
                 await server.start()
             client = ResearcherClient(server.base_url, model_id, self.cfg.researcher, model_dir=model_dir,
                                       enforced=server.enforces_schema)
-            self._served[key] = Served(model_id, sha, server, client)
+            self._served[key] = Served(version, model_id, sha, server, client)
             return self._served[key]
+
+    async def revive(self, key: str) -> None:
+        """Restart the server for `key` on the weights it had, if it died; a no-op when healthy.
+
+        Many rollouts find a dead server at once; the first restarts it, the others see it healthy.
+        """
+        async with self._locks[key]:
+            served = self._served[key]
+            if await served.server.health():
+                return
+            await served.server.restart(self.model_dir(key, served.version), served.model_id)

@@ -118,6 +118,16 @@ def test_matrix_two_rounds(tmp_path, tiny, researcher):
     assert all(r["memory"] == "" for r in rows(run, "FLOOR", 1))
     assert all(r["memory"] == "" for loop in ("A-S", "B-F") for r in rows(run, loop, 2))
 
+    # A CPU fit holds every local slot: no training run overlaps a fit (wall-clock budgets are fair).
+    inside, overlaps, fits = False, 0, 0
+    for e in read_events(run.events)[0]:
+        if e["kind"] == "scheduler" and e["decision"] == "fit holds the slots":
+            inside, fits = True, fits + 1
+        elif e["kind"] in ("consolidated", "experiment_finished"):
+            inside = False
+        overlaps += inside and e["kind"] == "run_started"
+    assert fits == 8 and overlaps == 0
+
     # Held-out probes ran for V0 (once, shared) and for each gold loop's last version.
     evals = pq.read_table(run.metrics("version_eval")).to_pylist()
     probed = {(r["arm"], r["version"], r["probe"]) for r in evals}

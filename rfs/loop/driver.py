@@ -14,9 +14,10 @@ import os
 import sys
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import anyio
 import pyarrow.parquet as pq
@@ -353,11 +354,34 @@ async def _consolidate(ctx: Round, loop: LoopSpec, r: int) -> Path:
     d = ctx.d
     d.events.emit("phase", arm=loop.name, round=r, phase="consolidate")
     parent = ctx.v0 if r == 1 else d.run.model(loop.name, r - 1)
-    async with ctx.fit_lock:
+    async with ctx.fit_lock, _cores_for_fit(ctx):
         return await anyio.to_thread.run_sync(
             lambda: consolidate(d.run, loop.name, r, parent, ctx.v0, d.cfg.consolidate, ctx.noise, d.events,
                                 device=d.hosts.train.device, seed=d.cfg.experiment.seed)
         )
+
+
+@asynccontextmanager
+async def _cores_for_fit(ctx: Round) -> AsyncIterator[None]:
+    """A CPU fit on a machine whose slots are all local holds every slot while it runs.
+
+    A wall-clock training budget turns stolen cores into fewer steps and a worse val_bpb, so a
+    wave running beside a CPU fit would be measured on a slower machine than the waves around it
+    and the arms would not be compared fairly. Rollouts keep thinking; their runs wait.
+    """
+    from rfs.consolidate.fit import pick_device
+
+    slots = ctx.pool.live
+    if pick_device(ctx.d.hosts.train.device) != "cpu" or any(s.launcher != "local" for s in slots):
+        yield
+        return
+    held = [await ctx.pool.acquire() for _ in slots]
+    ctx.d.events.emit("scheduler", decision="fit holds the slots", slots=[s.name for s in held])
+    try:
+        yield
+    finally:
+        for slot in held:
+            ctx.pool.release(slot)
 
 
 def _print_summary(d: Driver) -> None:

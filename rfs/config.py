@@ -166,7 +166,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "kl_prompts": 8,
             "reason": "2 CPU cores: r=16, 1 epoch, 8 KL prompts keep a round's fit within minutes",
         },
-        "loop": {"floor_waves": 1},
+        # probes cost a wave each on 2 cores: V0 and the last of 3 versions (V3) only
+        "loop": {"floor_waves": 1, "eval_every": 3},
         "eval": {"zero_shot_rollouts": 4, "transfer_depth": 3},
     },
 }

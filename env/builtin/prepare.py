@@ -12,7 +12,6 @@ the mean next-token loss in bits is bits-per-byte directly.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rfs import atomic
-from rfs.collect.aggregate import SCHEMA as ROUND_AGGREGATES  # one row per (loop, round); defined there
+from rfs.collect.aggregate import SCHEMA as ROUND_AGGREGATES  # noqa: F401  (re-exported: one row per (loop, round))
 from rfs.rundir import RunDir
 
 # One row per (arm, round, thread): how one thread of a wave went.

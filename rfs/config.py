@@ -173,6 +173,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def key_path(where: str, key: str) -> str:
+    """'file.toml:' + 'env' -> 'file.toml: env'; 'file.toml: env' + 'budget_s' -> 'file.toml: env.budget_s'."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check a TOML value against a field type; convert lists to tuples for frozen configs."""
     origin = typing.get_origin(tp)
@@ -197,8 +202,8 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in table:
         if key not in names:
-            raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(names))})")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()})
+            raise ConfigError(f"{key_path(where, key)}: unknown key (expected one of: {', '.join(sorted(names))})")
+    return cls(**{k: _coerce(v, hints[k], key_path(where, k)) for k, v in table.items()})
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -227,12 +232,12 @@ def _check(cfg: Config, where: str) -> None:
     ]
     for ok, key, expected in rules:
         if not ok:
-            raise ConfigError(f"{where}: {key}: expected {expected}")
+            raise ConfigError(f"{key_path(where, key)}: expected {expected}")
 
 
 def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load an experiment file (or the default embedded preset when path is None)."""
-    where = str(path) if path else "<defaults>"
+    where = f"{path}:" if path else "<defaults>:"
     table: dict[str, Any] = {}
     if path is not None:
         try:
@@ -244,7 +249,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     table = _merge(table, overrides or {})
     preset = table.get("experiment", {}).get("preset", "embedded")
     if preset not in PRESETS:
-        raise ConfigError(f"{where}: experiment.preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+        raise ConfigError(f"{where} experiment.preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     cfg = _build(Config, _merge(PRESETS[preset], table), where)
     _check(cfg, where)
     return cfg

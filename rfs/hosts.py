@@ -84,22 +84,22 @@ class Slot:
 
 def load(path: Path | None = None) -> HostsFile:
     path = Path(path) if path else ROOT / "hosts.toml"
-    where = str(path)
+    where = f"{path}:"
     try:
         table: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     hosts = table.pop("hosts", {})
     if not isinstance(hosts, dict):
-        raise ConfigError(f"{where}.hosts: expected a table of [hosts.<name>] tables")
+        raise ConfigError(f"{where} hosts: expected a table of [hosts.<name>] tables")
     cfg = _build(HostsFile, table, where)
-    built = {name: _build(HostCfg, h, f"{where}.hosts.{name}") for name, h in hosts.items()}
+    built = {name: _build(HostCfg, h, f"{where} hosts.{name}") for name, h in hosts.items()}
     cfg = HostsFile(cfg.server, cfg.train, cfg.slurm, built, cfg.slot)
     for i, s in enumerate(cfg.slot):
         if s.launcher not in ("local", "ssh", "slurm"):
-            raise ConfigError(f"{where}.slot[{i}].launcher: expected local, ssh or slurm, got {s.launcher!r}")
+            raise ConfigError(f"{where} slot[{i}].launcher: expected local, ssh or slurm, got {s.launcher!r}")
         if s.launcher == "ssh" and s.host not in built:
-            raise ConfigError(f"{where}.slot[{i}].host: {s.host!r} has no [hosts.{s.host}] table")
+            raise ConfigError(f"{where} slot[{i}].host: {s.host!r} has no [hosts.{s.host}] table")
     return cfg
 
 

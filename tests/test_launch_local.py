@@ -73,6 +73,18 @@ def test_job_env_threads_and_affinity():
     assert out.output.decode().strip().split(maxsplit=2) == ["1", "x", str(list(SLOT.cpus))]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_job_runs_under_rlimits(monkeypatch, native):
+    """No core dumps, a finite CPU time and address space: by prlimit/taskset or the Python fallback."""
+    from rfs.launch import local
+
+    monkeypatch.setattr(local, "NATIVE", native and local.NATIVE)
+    script = "import resource as r; print(*(r.getrlimit(x)[1] for x in (r.RLIMIT_CORE, r.RLIMIT_CPU, r.RLIMIT_AS)))"
+    out = anyio.run(LocalLauncher().run, SLOT, Job("r9", (sys.executable, "-c", script), {}, 30))
+    core, cpu, addr = map(int, out.output.split())
+    assert core == 0 and 0 < cpu < 10_000 and 0 < addr <= local.RLIMIT_AS_BYTES
+
+
 def test_timeout_kills_forking_job_and_all_descendants(tmp_path):
     pids_file = tmp_path / "pids"
     job = Job("r3", (sys.executable, "-c", FORKER), {}, 3.0, {"PIDS_FILE": str(pids_file)})

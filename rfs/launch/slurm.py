@@ -44,7 +44,9 @@ exec 2>&1; exec "$@"
 # the `rfs-step` line included; srun's own report of the task's end still says that it ran.
 _TASK_ENDED = re.compile(r"task \d+: (Exited|Killed|Terminated|Segmentation|Aborted)")
 _STEP_ID = re.compile(r"StepId=(\d+\.\d+)")
-_SLURM_ENDED = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED|PREEMPT|Node failure|revoked|expired", re.I)
+# "Job step aborted" is srun hearing from slurmctld that the step was ended under it (an allocation
+# cancelled or revoked); srun prints it instead of the CANCELLED banner when the race goes that way.
+_SLURM_ENDED = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED|Job step aborted|PREEMPT|Node failure|revoked|expired", re.I)
 
 
 class SlurmError(RuntimeError):

@@ -168,11 +168,11 @@ class SshLauncher:
         out = bytearray()
         try:
             proc = await conn.create_process(command(slot, job, wd), encoding=None, stderr=asyncssh.STDOUT)
-            head = (await proc.stdout.readline()).decode(errors="replace").strip()
+            head = await _head(proc, out)
         except _SSH_ERRORS as exc:
             return _infra(f"{where}: {type(exc).__name__}: {exc}", start)
         if not head.startswith("rfs-pgid "):
-            return _infra(f"{where}: {head.removeprefix('rfs-infra ') or 'session ended before the job started'}", start)
+            return _infra(f"{where}: {head.removeprefix('rfs-infra ') or 'session ended before the job started'}", start, bytes(out))
         pgid, lost, finished = int(head.split()[1]), "", False
         try:
             with anyio.move_on_after(job.timeout_s) as scope:
@@ -202,6 +202,18 @@ class SshLauncher:
         except (*_SSH_ERRORS, tarfile.TarError):  # ProcessError (check=True) is an asyncssh.Error
             self._stale.add(wd)  # removed on the next connection to this host
             return {}
+
+
+async def _head(proc, out: bytearray, most: int = 200) -> str:
+    """Our first line ("rfs-pgid N" or "rfs-infra …"). A login shell's own chatter before it (a motd,
+    an rc file's warning) is kept in the output, never taken for the job's start or an error."""
+    for _ in range(most):
+        line = await proc.stdout.readline()
+        text = line.decode(errors="replace").strip()
+        if not line or text.startswith(("rfs-pgid ", "rfs-infra ")):
+            return text
+        out += line
+    return ""
 
 
 async def _stream(proc, out: bytearray, on_line: Callable[[str], None] | None) -> None:

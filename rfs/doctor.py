@@ -39,15 +39,13 @@ def check_packages() -> list[str]:
 
 
 def check_manifest(root: Path = ROOT) -> list[str]:
-    manifest = root / "env" / "MANIFEST.sha256"
-    if not manifest.exists():
-        return [f"{manifest} is missing: the harness files are not pinned"]
+    from rfs.envs.builtin import manifest
+
+    if not (root / "env" / "MANIFEST.sha256").exists():
+        return [f"{root / 'env' / 'MANIFEST.sha256'} is missing: the harness files are not pinned"]
     problems = []
-    for line in manifest.read_text().splitlines():
-        if not line.strip():
-            continue
-        digest, name = line.split(maxsplit=1)
-        path = root / "env" / name.lstrip("*")
+    for name, digest in manifest(root).items():
+        path = root / "env" / name
         if not path.exists():
             problems.append(f"harness file {path} is missing")
         elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:

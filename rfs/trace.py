@@ -6,6 +6,7 @@ A row is written once, atomically, and never edited. `status` tells the truth (D
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -120,6 +121,11 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     for row in rows:
         validate(row)
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def text_sha256(text: str) -> str:
+    """The provenance hash of a text (program.md, a train.py) as trace rows record it."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def outcome_stamp(status: str, val_bpb: float, steps: int) -> str:

@@ -22,7 +22,6 @@ How the status is decided (truthful, rfs/trace.py STATUSES):
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import time
@@ -37,7 +36,7 @@ from rfs.agent.client import Reply, ResearcherClient, ServerDown, ServerRejected
 from rfs.config import ResearcherCfg
 from rfs.envs.base import RunResult
 from rfs.events import EventLog
-from rfs.trace import SCHEMA_VERSION
+from rfs.trace import SCHEMA_VERSION, text_sha256
 
 STORED_INVALID_CHARS = 4000  # an invalid reply is kept (truncated) so the trace shows what went wrong
 
@@ -281,10 +280,6 @@ class _Rollout:
         return _End(result.status, result.detail + note)
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _row(r: _Rollout, end: _End, started: float) -> dict[str, Any]:
     s, t, ex = r.spec, r.tally, r.executed
     res = ex.result if ex else RunResult(status=end.status)
@@ -296,7 +291,7 @@ def _row(r: _Rollout, end: _End, started: float) -> dict[str, Any]:
         "host": ex.host if ex else "", "slot": ex.slot if ex else "", "gpu_type": ex.gpu_type if ex else "",
         "job_id": ex.job_id if ex else None,
         "env": s.env_name, "program_md_sha256": s.program_md_sha256, "seed_train_py_sha256": s.seed_train_py_sha256,
-        "start_train_py_sha256": _sha(s.start_train_py), "start_val_bpb": float(s.start_val_bpb),
+        "start_train_py_sha256": text_sha256(s.start_train_py), "start_val_bpb": float(s.start_val_bpb),
         "researcher_model": s.researcher_model, "researcher_weights_sha256": s.researcher_weights_sha256,
         "action_space": r.space, "response_schema": json.dumps(r.schema, sort_keys=True),
         "schema_enforced": bool(t.replies) and all(x.enforced for x in t.replies),

@@ -9,7 +9,6 @@ share few slots while the researcher thinks.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 import time
@@ -147,7 +146,7 @@ def infra_row(spec: RolloutSpec, cfg: Config, detail: str, *, started: float, in
         "version": spec.version, "thread": spec.thread, "rollout_id": spec.rollout_id, "seed": spec.seed,
         "host": "", "slot": "", "gpu_type": "", "job_id": None, "env": spec.env_name,
         "program_md_sha256": spec.program_md_sha256, "seed_train_py_sha256": spec.seed_train_py_sha256,
-        "start_train_py_sha256": hashlib.sha256(spec.start_train_py.encode()).hexdigest(),
+        "start_train_py_sha256": trace.text_sha256(spec.start_train_py),
         "start_val_bpb": float(spec.start_val_bpb), "researcher_model": spec.researcher_model,
         "researcher_weights_sha256": spec.researcher_weights_sha256,
         "action_space": cfg.researcher.action_space, "response_schema": "", "schema_enforced": False,

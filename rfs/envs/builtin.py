@@ -29,10 +29,10 @@ HARNESS_STATUSES = ("success", "crash", "timeout", "harness_violation", "syntax_
 TAIL_LINES = 40
 
 
-def manifest() -> dict[str, str]:
-    """env/MANIFEST.sha256 as {path relative to env/: sha256}."""
+def manifest(root: Path = ROOT) -> dict[str, str]:
+    """<root>/env/MANIFEST.sha256 as {path relative to env/: sha256}."""
     out = {}
-    for line in MANIFEST.read_text().splitlines():
+    for line in (root / "env" / "MANIFEST.sha256").read_text().splitlines():
         if line.strip():
             digest, name = line.split(maxsplit=1)
             out[name.lstrip("*")] = digest

@@ -8,7 +8,6 @@ state.json records where each loop stands for people and tools; the files are th
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ from rfs.loop.memory import build_memory
 from rfs.loop.plan import SHARED, LoopSpec, plan, rollout_id, rollout_seed
 from rfs.loop.serving import V0, Servers
 from rfs.rundir import Lock, RunDir
-from rfs.trace import outcome_stamp
+from rfs.trace import outcome_stamp, text_sha256
 
 
 def drive(cfg: Config, run: RunDir, hosts: HostsFile, plain: bool = False, env: Any = None) -> int:
@@ -198,8 +197,7 @@ class Round:
     fit_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def seed_hashes(self) -> tuple[str, str]:
-        sha = lambda s: hashlib.sha256(s.encode()).hexdigest()  # noqa: E731
-        return sha(self.env.program_md()), sha(self.env.seed_train_py())
+        return text_sha256(self.env.program_md()), text_sha256(self.env.seed_train_py())
 
 
 def _stop_reason(d: Driver, st: dict[str, Any], loop: LoopSpec) -> str:

@@ -9,6 +9,7 @@ hash. Nothing here touches a model hub: the source is a file inside an installed
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +47,14 @@ def embedded_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """Hashed once per file version: a swap asks for the weights hash twice (the trace's provenance,
+    the GGUF cache key), and at 7B that is ~15 GB read each time."""
+    st = Path(path).stat()
+    return _sha256_file(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_file(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

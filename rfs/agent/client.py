@@ -1,4 +1,4 @@
-"""The researcher client: one structured action per request, over one pooled httpx client.
+"""The researcher client: one structured action per request, over httpx with keep-alive connections.
 
 Every backend speaks OpenAI chat completions; they differ only in how a JSON schema is requested
 and in how a reply is pre-filled (arm S conditions on an outcome stamp placed at the start of the
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,12 @@ class Reply:
     enforced: bool  # the server constrained decoding to the schema
 
 
+@cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context per process: each one loads the CA bundle (~20 ms)."""
+    return ssl.create_default_context()
+
+
 def api_base(base_url: str) -> str:
     """The OpenAI base URL (…/v1), as rfs.serve reports it; a bare http://host:port gets /v1 added."""
     base = base_url.rstrip("/")
@@ -45,7 +52,13 @@ def api_base(base_url: str) -> str:
 
 
 class ResearcherClient:
-    """One researcher server's client; share it between all rollouts of a wave (pooled connections)."""
+    """One researcher server's client; share it between all rollouts of a wave.
+
+    Each request borrows a single-connection httpx client from an idle list (kept alive between
+    requests) instead of sharing one big pool: httpcore rescans every pooled connection, with a
+    syscall each, on every request it queues or finishes (httpcore 1.0.9), which at 48 concurrent
+    rollouts cost more controller CPU than everything else in a wave, and grows as N**2.
+    """
 
     def __init__(
         self,
@@ -55,21 +68,29 @@ class ResearcherClient:
         *,
         model_dir: Path | None = None,  # llama.cpp pre-fill renders the prompt with this dir's chat template
         enforced: bool | None = None,  # the server constrains decoding to the schema (default: not external)
-        http: httpx.AsyncClient | None = None,
     ):
         self.backend, self.model, self.model_dir = cfg.backend, model, model_dir
         self.enforced = cfg.backend != "external" if enforced is None else enforced
+        self.base_url = api_base(base_url)
         key = os.environ.get(cfg.api_key_env, "") if cfg.backend == "external" else ""
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = http or httpx.AsyncClient(
-            base_url=api_base(base_url),
-            headers=headers,
-            timeout=httpx.Timeout(cfg.turn_timeout_s, connect=min(cfg.turn_timeout_s, 10.0)),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._timeout = httpx.Timeout(cfg.turn_timeout_s, connect=min(cfg.turn_timeout_s, 10.0))
+        self._idle: list[httpx.AsyncClient] = []
+        self._open: list[httpx.AsyncClient] = []
+
+    def _borrow(self) -> httpx.AsyncClient:
+        if self._idle:
+            return self._idle.pop()  # the most recently used: its connection is the likeliest alive
+        http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout, verify=_tls(),
+                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        self._open.append(http)
+        return http
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        for http in self._open:
+            await http.aclose()
+        self._open.clear()
+        self._idle.clear()
 
     async def __aenter__(self) -> ResearcherClient:
         return self
@@ -115,10 +136,13 @@ class ResearcherClient:
         )
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        http = self._borrow()
         try:
-            resp = await self.http.post(path, json=body)
+            resp = await http.post(path, json=body)
         except httpx.TransportError as exc:  # connect, read timeout, dropped connection …
-            raise ServerDown(f"researcher server {self.http.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+            raise ServerDown(f"researcher server {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._idle.append(http)  # a broken connection is dropped by httpx and remade on next use
         if resp.status_code >= 500:
             raise ServerDown(f"researcher server {path}: HTTP {resp.status_code}: {resp.text[:300]}")
         if resp.status_code >= 400:

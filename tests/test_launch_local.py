@@ -124,3 +124,41 @@ def test_bad_working_file_name_is_reported_not_swallowed():
     job = Job("r6", (sys.executable, "-c", "pass"), {"../../escape/x": b""}, 10)
     with pytest.raises(ValueError):
         anyio.run(LocalLauncher().run, SLOT, job)
+
+
+def test_sweeps_shared_by_jobs_ending_together_answer_each_with_its_own_processes(monkeypatch):
+    """Jobs that end together share /proc passes; every job still gets exactly its own tagged
+    processes, whenever it asks relative to a pass in progress (staggered asks hit that race)."""
+    import random
+    import subprocess
+    import uuid
+
+    from rfs.launch import local
+
+    tags = [uuid.uuid4().hex.encode() for _ in range(120)]
+    carriers = {tags[i]: subprocess.Popen(["sleep", "60"], env={**os.environ, "RFS_JOB_TAG": tags[i].decode()}) for i in (3, 77)}
+    passes, sweep = [], local._tagged
+    monkeypatch.setattr(local, "_tagged", lambda asked: passes.append(len(asked)) or sweep(asked))
+    rng = random.Random(5)
+    delays = [0.0] * 60 + [rng.random() * 0.05 for _ in range(60)]  # a burst, then staggered asks
+
+    async def main() -> dict[bytes, list[int]]:
+        sweeps, answers = local._Sweeps(), {}
+
+        async def ask(tag: bytes, delay: float) -> None:
+            await anyio.sleep(delay)
+            answers[tag] = await sweeps(b"RFS_JOB_TAG=" + tag)
+
+        async with anyio.create_task_group() as tg:
+            for tag, delay in zip(tags, delays):
+                tg.start_soon(ask, tag, delay)
+        return answers
+
+    try:
+        answers = anyio.run(main)
+    finally:
+        for p in carriers.values():
+            p.kill()
+            p.wait()
+    assert answers == {tag: [carriers[tag].pid] if tag in carriers else [] for tag in tags}
+    assert sum(passes) == len(tags) and len(passes) < len(tags) / 2  # shared: far fewer passes than jobs

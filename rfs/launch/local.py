@@ -75,21 +75,61 @@ def _confined(slot: Slot, timeout_s: float, argv: list[str]) -> list[str]:
     return [*limits, *(["taskset", "-c", cpus] if cpus else []), *argv]
 
 
-def _tagged(tag: bytes) -> list[int]:
-    """Every live process whose environment carries the job's tag: a daemon that double-forked and
-    left the process group has lost its parent, but it still carries the environment it inherited."""
-    needle, found = b"\0" + tag + b"\0", []
-    # os.listdir and open, not Path.glob: this sweeps every process on the host, once per job
+def _tagged(tags: set[bytes]) -> dict[bytes, list[int]]:
+    """Every live process whose environment carries one of the tags, by tag. A daemon that
+    double-forked and left the process group has lost its parent, but it still carries the
+    environment it inherited."""
+    needles = {b"\0" + tag + b"\0": tag for tag in tags}
+    found: dict[bytes, list[int]] = {tag: [] for tag in tags}
+    # os.listdir and open, not Path.glob: this reads every process's environment on the host
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in b"\0" + f.read() + b"\0":
-                    found.append(int(pid))
+                environ = b"\0" + f.read() + b"\0"
         except OSError:
             continue
+        for needle, tag in needles.items():
+            if needle in environ:
+                found[tag].append(int(pid))
     return found
+
+
+class _Sweeps:
+    """Tagged processes, found by /proc passes shared between jobs: a wave's jobs end together,
+    and one pass per job (a few ms each, serialised) was most of the time between a wave's last
+    run ending and its last row. A job is answered by a pass that began after it asked, so
+    nothing forked before the ask is missed."""
+
+    def __init__(self) -> None:
+        self._asked: set[bytes] = set()
+        self._found: dict[bytes, list[int]] = {}
+        self._pass: anyio.Event | None = None  # set when the pass in progress ends
+
+    async def __call__(self, tag: bytes) -> list[int]:
+        self._asked.add(tag)
+        try:
+            while tag not in self._found:  # not `in self._asked`: a pass may have taken it, and still run
+                if self._pass is None:
+                    await self._sweep()
+                else:
+                    await self._pass.wait()
+            return self._found.pop(tag)
+        finally:  # cancelled while waiting: nothing of ours is left behind
+            self._asked.discard(tag)
+            self._found.pop(tag, None)
+
+    async def _sweep(self) -> None:
+        tags, self._asked, self._pass = self._asked, set(), anyio.Event()
+        try:
+            self._found |= await anyio.to_thread.run_sync(_tagged, tags)
+        except BaseException:
+            self._asked |= tags  # unanswered: the next pass takes them
+            raise
+        finally:
+            self._pass.set()
+            self._pass = None
 
 
 def _signal_tree(pgid: int, pids: list[int], sig: int) -> bool:
@@ -104,17 +144,17 @@ def _signal_tree(pgid: int, pids: list[int], sig: int) -> bool:
     return hit
 
 
-async def _stop(proc: Process, tag: bytes) -> None:
+async def _stop(proc: Process, tag: bytes, tagged: _Sweeps) -> None:
     """SIGTERM the group and every tagged process, wait a little, then SIGKILL whatever is left."""
-    if not _signal_tree(proc.pid, _tagged(tag), signal.SIGTERM):
+    if not _signal_tree(proc.pid, await tagged(tag), signal.SIGTERM):
         return  # the usual end of a run: its group is empty and nothing carries the tag; one sweep
     with anyio.move_on_after(KILL_GRACE_S):
         await proc.wait()
-    _signal_tree(proc.pid, _tagged(tag), signal.SIGKILL)
+    _signal_tree(proc.pid, await tagged(tag), signal.SIGKILL)
     await proc.wait()
     # SIGKILL is delivered asynchronously: make sure nothing of the job is still running on return.
     with anyio.move_on_after(KILL_GRACE_S):
-        while left := _tagged(tag):
+        while left := await tagged(tag):
             _signal_tree(proc.pid, left, signal.SIGKILL)
             await anyio.sleep(0.05)
 
@@ -124,6 +164,7 @@ class LocalLauncher:
 
     def __init__(self, isolate_network: bool = True):
         self.net_prefix = network_isolation() if isolate_network else ()
+        self._tagged = _Sweeps()
 
     async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
         started = time.monotonic()
@@ -165,7 +206,7 @@ class LocalLauncher:
                 with anyio.move_on_after(job.timeout_s) as scope:
                     await proc.wait()
                 timed_out = scope.cancelled_caught
-                await _stop(proc, tag.encode())
+                await _stop(proc, tag.encode(), self._tagged)
                 stopped = True  # nothing of the job is left to start anything new
                 # A daemonised grandchild may still hold the pipe open: drain briefly, then stop reading.
                 tg.cancel_scope.deadline = anyio.current_time() + 2
@@ -173,7 +214,7 @@ class LocalLauncher:
             # Cancelled before or during the stop above: stop here, where the cancellation cannot reach.
             with anyio.CancelScope(shield=True):
                 if not stopped:
-                    await _stop(proc, tag.encode())
+                    await _stop(proc, tag.encode(), self._tagged)
                 await proc.aclose()
         exit_code = None if timed_out else proc.returncode
         return JobOutcome(exit_code, b"".join(chunks), timed_out, time.monotonic() - started)

@@ -39,8 +39,14 @@ class RunDir:
         return self.root / "traces" / arm / f"round-{round_}.parquet"
 
     def pending(self, arm: str, round_: int) -> Path:
-        """One small Parquet file per finished rollout, compacted into traces() after the wave."""
+        """The wave's finished rollouts so far, one pending_row() file each; compacted into
+        traces() after the wave."""
         return self.root / "traces" / arm / f"round-{round_}.d"
+
+    def pending_row(self, arm: str, round_: int, rollout_id: str) -> Path:
+        """One finished rollout's row as an Arrow IPC file: a tenth of a one-row Parquet file's
+        cost to write and read back, which a wave pays N times."""
+        return self.pending(arm, round_) / f"{rollout_id}.arrow"
 
     def blob(self, arm: str, round_: int, rollout_id: str) -> Path:
         return self.root / "blobs" / arm / f"round-{round_}" / f"{rollout_id}.log.zst"

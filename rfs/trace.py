@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.ipc
 
 SCHEMA_VERSION = 1
 
@@ -121,6 +123,13 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     for row in rows:
         validate(row)
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def read_rows(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rows of an Arrow IPC file, as a wave writes each finished rollout (RunDir.pending_row)."""
+    with pa.OSFile(str(path)) as f:
+        table = pa.ipc.open_file(f).read_all()
+    return (table.select(columns) if columns else table).to_pylist()
 
 
 def text_sha256(text: str) -> str:

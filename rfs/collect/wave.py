@@ -1,7 +1,7 @@
 """One wave: N rollouts as coroutines in one task group, each finished row on disk at once.
 
-Exactly once, across kill -9: a finished rollout is its own small Parquet file under
-`run.pending(arm, round)` (written atomically), so a restarted wave skips it; when all are there
+Exactly once, across kill -9: a finished rollout is its own small file,
+`run.pending_row(arm, round, rollout_id)` (written atomically), so a restarted wave skips it; when all are there
 the round file `run.traces(arm, round)` is compacted from them (atomically) and is the wave's
 answer from then on. A rollout holds a slot only while its training run executes, so N rollouts
 share few slots while the researcher thinks.
@@ -18,7 +18,6 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zstandard
 
 from rfs import atomic, trace
@@ -67,7 +66,7 @@ async def run_wave(
     blobs = run.blob(arm, round_, "-").parent  # the round's blob folder
     for litter in [*pending.glob(".*.tmp"), *blobs.glob(".*.tmp")]:
         litter.unlink(missing_ok=True)  # half-written temp files of a killed controller, never renamed
-    done = {p.name.removesuffix(".parquet") for p in pending.glob("*.parquet")}
+    done = {p.name.removesuffix(".arrow") for p in pending.glob("*.arrow")}
     todo = [s for s in specs if s.rollout_id not in done]
 
     async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
@@ -75,7 +74,7 @@ async def run_wave(
         row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
         table = pa.Table.from_pylist([row], schema=trace.SCHEMA)  # validated in _rollout_row
         # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
-        await anyio.to_thread.run_sync(atomic.write_parquet, pending / f"{spec.rollout_id}.parquet", table)
+        await anyio.to_thread.run_sync(atomic.write_arrow, run.pending_row(arm, round_, spec.rollout_id), table)
         events.emit(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
         )
@@ -233,7 +232,7 @@ def _compact(run: RunDir, specs: list[RolloutSpec], cfg: Config, events: EventLo
     """All pending rows → one flagged, ordered round file; then the pending files can go."""
     arm, round_ = specs[0].arm, specs[0].round
     pending = run.pending(arm, round_)
-    by_id = {r["rollout_id"]: r for p in pending.glob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    by_id = {r["rollout_id"]: r for p in pending.glob("*.arrow") for r in trace.read_rows(p)}
     missing = [s.rollout_id for s in specs if s.rollout_id not in by_id]
     if missing:
         raise RuntimeError(f"wave {arm} round {round_}: rollouts {missing} have no row after the wave")

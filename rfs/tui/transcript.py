@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from rfs import trace
 from rfs.rundir import RunDir
 
 _COLUMNS = ["rollout_id", "arm", "round", "version", "status", "detail", "val_bpb", "steps", "slot", "messages", "diff"]
@@ -19,9 +20,9 @@ _COLUMNS = ["rollout_id", "arm", "round", "version", "status", "detail", "val_bp
 
 def load_trace(run: RunDir, arm: str, round_: int, rollout_id: str) -> dict[str, Any] | None:
     """The rollout's trace row, or None while it is still in flight (no row written yet)."""
-    own = run.pending(arm, round_) / f"{rollout_id}.parquet"
+    own = run.pending_row(arm, round_, rollout_id)
     if own.exists():
-        rows = pq.read_table(own, columns=_COLUMNS).to_pylist()
+        rows = trace.read_rows(own, _COLUMNS)
         return rows[0] if rows else None
     compacted = run.traces(arm, round_)
     if compacted.exists():

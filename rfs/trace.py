@@ -102,8 +102,9 @@ SCHEMA = pa.schema(
 _NULLABLE = {"exit_code", "job_id"}
 
 
-def validate(row: dict[str, Any]) -> None:
-    """Raise ValueError naming the first problem; a row that passes converts losslessly."""
+def validate(row: dict[str, Any]) -> pa.Table:
+    """Raise ValueError naming the first problem; a row that passes converts losslessly, and is
+    returned as the one-row table it converted to."""
     names = set(SCHEMA.names)
     missing, extra = names - row.keys(), row.keys() - names
     if missing or extra:
@@ -116,7 +117,7 @@ def validate(row: dict[str, Any]) -> None:
     for name in names - _NULLABLE:
         if row[name] is None:
             raise ValueError(f"trace row: {name} is None")
-    pa.Table.from_pylist([row], schema=SCHEMA)  # type errors surface here
+    return pa.Table.from_pylist([row], schema=SCHEMA)  # type errors surface here
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -125,11 +126,10 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def read_rows(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    """The rows of an Arrow IPC file, as a wave writes each finished rollout (RunDir.pending_row)."""
+def read_arrow(path: Path) -> pa.Table:
+    """An Arrow IPC file, as a wave writes each finished rollout (RunDir.pending_row)."""
     with pa.OSFile(str(path)) as f:
-        table = pa.ipc.open_file(f).read_all()
-    return (table.select(columns) if columns else table).to_pylist()
+        return pa.ipc.open_file(f).read_all()
 
 
 def text_sha256(text: str) -> str:

@@ -68,13 +68,14 @@ async def run_wave(
         litter.unlink(missing_ok=True)  # half-written temp files of a killed controller, never renamed
     done = {p.name.removesuffix(".arrow") for p in pending.glob("*.arrow")}
     todo = [s for s in specs if s.rollout_id not in done]
+    finished: dict[str, pa.Table] = {}  # this controller's rows, kept so compaction need not read them back
 
     async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
-        row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
-        table = pa.Table.from_pylist([row], schema=trace.SCHEMA)  # validated in _rollout_row
+        row, table = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
         # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
         await anyio.to_thread.run_sync(atomic.write_arrow, run.pending_row(arm, round_, spec.rollout_id), table)
+        finished[spec.rollout_id] = table
         events.emit(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
         )
@@ -83,7 +84,7 @@ async def run_wave(
         async with wave_launchers(pool.slots, hosts) as launcher, anyio.create_task_group() as tg:
             for spec in todo:
                 tg.start_soon(one, spec, launcher, name=spec.rollout_id)
-    return await anyio.to_thread.run_sync(_compact, run, specs, cfg, events, calibration)
+    return await anyio.to_thread.run_sync(_compact, run, specs, finished, cfg, events, calibration)
 
 
 def _one_round(specs: list[RolloutSpec]) -> tuple[str, int]:
@@ -101,8 +102,9 @@ def _one_round(specs: list[RolloutSpec]) -> tuple[str, int]:
 async def _rollout_row(
     spec: RolloutSpec, cfg: Config, client: ResearcherClient, training: _Training, events: EventLog, rollout_fn: RolloutFn,
     revive: Callable[[], Awaitable[None]] | None = None,
-) -> dict[str, Any]:
-    """The rollout's row, or a truthful infra_error row: one rollout's failure never ends the wave."""
+) -> tuple[dict[str, Any], pa.Table]:
+    """The rollout's row (and as a validated one-row table), or a truthful infra_error row: one
+    rollout's failure never ends the wave."""
     started = time.time()
     for attempt in range(cfg.collect.infra_retries + 1):
         if attempt:
@@ -110,7 +112,7 @@ async def _rollout_row(
         events.emit("rollout_started", arm=spec.arm, round=spec.round, rollout_id=spec.rollout_id, thread=spec.thread)
         try:
             row = await rollout_fn(spec, cfg.researcher, client, training, events)
-            trace.validate(row)  # a malformed row is our bug: caught here, not by the wave's writer
+            table = trace.validate(row)  # a malformed row is our bug: caught here, not by the wave's writer
         except ServerDown as exc:
             detail = f"researcher server down after {attempt + 1} attempt(s): {exc}"
             await _revive(revive, spec, events)
@@ -122,9 +124,10 @@ async def _rollout_row(
         # An infra_error before any training run is the researcher server's: play the rollout again.
         # One after a run already had its slot retries inside run_training.
         if row["status"] != "infra_error" or training.runs:
-            return row
+            return row, table
         detail = f"{row['detail']} (after {attempt + 1} attempt(s))"
-    return infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_rel)
+    row = infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_rel)
+    return row, trace.validate(row)
 
 
 async def _revive(revive: Callable[[], Awaitable[None]] | None, spec: RolloutSpec, events: EventLog) -> None:
@@ -228,17 +231,25 @@ class _Training:
         self.blob_rel = str(self.blob.relative_to(self.run.root))
 
 
-def _compact(run: RunDir, specs: list[RolloutSpec], cfg: Config, events: EventLog, calibration: dict[str, float] | None) -> Path:
-    """All pending rows → one flagged, ordered round file; then the pending files can go."""
+def _compact(
+    run: RunDir, specs: list[RolloutSpec], finished: dict[str, pa.Table], cfg: Config, events: EventLog,
+    calibration: dict[str, float] | None,
+) -> Path:
+    """All pending rows (read back only if an earlier controller wrote them) → one flagged,
+    ordered round file; then the pending files can go."""
     arm, round_ = specs[0].arm, specs[0].round
     pending = run.pending(arm, round_)
-    by_id = {r["rollout_id"]: r for p in pending.glob("*.arrow") for r in trace.read_rows(p)}
-    missing = [s.rollout_id for s in specs if s.rollout_id not in by_id]
+    earlier = {p.name.removesuffix(".arrow"): p for p in pending.glob("*.arrow")}
+    tables = {rid: trace.read_arrow(p) for rid, p in earlier.items() if rid not in finished} | finished
+    missing = [s.rollout_id for s in specs if s.rollout_id not in tables]
     if missing:
         raise RuntimeError(f"wave {arm} round {round_}: rollouts {missing} have no row after the wave")
-    rows = anomaly.flag_wave([by_id[s.rollout_id] for s in specs], budget_s=cfg.env.budget_s, calibration=calibration)
+    table = pa.concat_tables([tables[s.rollout_id] for s in specs])
+    rows = anomaly.flag_wave(table.to_pylist(), budget_s=cfg.env.budget_s, calibration=calibration)
+    flags = trace.SCHEMA.field("anomaly_flags")
+    table = table.set_column(table.schema.get_field_index(flags.name), flags, pa.array([r[flags.name] for r in rows], flags.type))
     out = run.traces(arm, round_)
-    atomic.write_parquet(out, trace.to_table(rows))
+    atomic.write_parquet(out, table)
     shutil.rmtree(pending, ignore_errors=True)
     agg = aggregate.aggregate(arm, round_, rows)
     events.emit("wave_finished", arm=arm, round=round_, n=len(rows), success_rate=agg["success_rate"],

@@ -22,7 +22,7 @@ def load_trace(run: RunDir, arm: str, round_: int, rollout_id: str) -> dict[str,
     """The rollout's trace row, or None while it is still in flight (no row written yet)."""
     own = run.pending_row(arm, round_, rollout_id)
     if own.exists():
-        rows = trace.read_rows(own, _COLUMNS)
+        rows = trace.read_arrow(own).select(_COLUMNS).to_pylist()
         return rows[0] if rows else None
     compacted = run.traces(arm, round_)
     if compacted.exists():

@@ -177,8 +177,9 @@ class LocalLauncher:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             return await self._run(slot, job, workdir, on_line, started)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finally:  # in a worker thread: a wave's jobs end together, and rmdir can take a millisecond
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
 
     async def _run(self, slot: Slot, job: Job, workdir: Path, on_line, started: float) -> JobOutcome:
         argv = [a.replace(WORKDIR, str(workdir)) for a in job.argv]

@@ -51,16 +51,24 @@ def one(n: int, duration: float) -> dict:
             anyio.run(wave, Path(tmp) / "warmup", base_url, SleepEnv(Path(tmp) / "warmup-launches", 0.01), 2, 2)
             warmup = time.perf_counter() - t0
             env = SleepEnv(Path(tmp) / "launches", duration)
+            researcher_cpu0 = _cpu_seconds(server.pid)
             cpu0, t0, epoch = time.process_time(), time.perf_counter(), time.time()
             anyio.run(wave, Path(tmp) / "run", base_url, env, n, n)
             wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            researcher_cpu = _cpu_seconds(server.pid) - researcher_cpu0
             phases = _phases(Path(tmp) / "run" / "events.jsonl", epoch)
     finally:
         server.stdin.close()
         server.wait(timeout=30)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"n": n, "duration_s": duration, "wall_s": round(wall, 3), "wall_over_d": round(wall / duration, 4),
-            "controller_cpu_s": round(cpu, 3), "peak_rss_mb": round(rss_mb, 1), **phases, "warmup_wave_s": round(warmup, 3)}
+            "controller_cpu_s": round(cpu, 3), "researcher_cpu_s": round(researcher_cpu, 3), "peak_rss_mb": round(rss_mb, 1), **phases, "warmup_wave_s": round(warmup, 3)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (the scripted researcher's share of the box)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _phases(events: Path, epoch: float) -> dict:

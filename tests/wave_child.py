@@ -29,14 +29,17 @@ from rfs.rundir import RunDir
 
 SEED_TRAIN_PY = "x = 0\n"
 # The job: count the launch first, then "train" (sleep), then print the summary. val_bpb is
-# 1 + x/100, so each rollout's number is its own and a mixed-up row would show. A shell script,
-# not Python: a job's start-up should cost next to nothing, so what tests and benches see is rfs.
+# 1 + x/100, so each rollout's number is its own and a mixed-up row would show. A shell script
+# of builtins but `sleep`, not Python: a simulated run stands for work on another machine, so it
+# should cost this machine next to nothing, and what tests and benches see is rfs.
 _HARNESS = """
 echo {rollout_id} >> {counter}
 sleep {seconds}
-x=$(head -n 1 train.py | cut -d= -f2)
+read -r line < train.py
+v=$(( 100 + ${{line#*=}} ))  # val_bpb in hundredths, printed with integer arithmetic only
+sign=; if [ $v -lt 0 ]; then sign=-; v=$(( -v )); fi
 echo "| training done"
-awk -v x="$x" 'BEGIN {{ printf "val_bpb: %.6f\\n", 1 + x / 100 }}'
+printf 'val_bpb: %s%d.%02d0000\\n' "$sign" $(( v / 100 )) $(( v % 100 ))
 echo "steps: 10"
 echo "training_seconds: {seconds}"
 """

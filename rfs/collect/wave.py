@@ -74,7 +74,7 @@ async def run_wave(
         training = _Training(run, spec, cfg, env, pool, launcher, events)
         row, table = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
         # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
-        await anyio.to_thread.run_sync(atomic.write_arrow, run.pending_row(arm, round_, spec.rollout_id), table)
+        await anyio.to_thread.run_sync(_persist, training, run.pending_row(arm, round_, spec.rollout_id), table)
         finished[spec.rollout_id] = table
         events.emit(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
@@ -126,7 +126,7 @@ async def _rollout_row(
         if row["status"] != "infra_error" or training.runs:
             return row, table
         detail = f"{row['detail']} (after {attempt + 1} attempt(s))"
-    row = infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_rel)
+    row = infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_path)
     return row, trace.validate(row)
 
 
@@ -137,6 +137,14 @@ async def _revive(revive: Callable[[], Awaitable[None]] | None, spec: RolloutSpe
         await revive()
     except Exception as exc:  # a server that will not come back: the retries record infra_error
         events.emit("alarm", arm=spec.arm, alarm="server", message=f"restart failed: {type(exc).__name__}: {exc}")
+
+
+def _persist(training: _Training, row_path: Path, table: pa.Table) -> None:
+    """The rollout's blob, then its row: a row on disk never points at a blob that is not.
+    A kill before the row is written replays the rollout, blob and all."""
+    if training.log:
+        atomic.write_bytes(training.run.root / training.blob_path, zstandard.ZstdCompressor(level=3).compress(bytes(training.log)))
+    atomic.write_arrow(row_path, table)
 
 
 def infra_row(spec: RolloutSpec, cfg: Config, detail: str, *, started: float, infra_attempts: int = 0, blob_path: str = "") -> dict[str, Any]:
@@ -168,19 +176,18 @@ class _Training:
     """The rollout's RunTraining callback: slot → env.job → launcher.run → env.result, with retries.
 
     An infra_error is retried on another slot up to cfg.collect.infra_retries times; every run's
-    full output goes to the rollout's zstd blob (all runs of the rollout, in order). gpu_type is
-    "cpu" or "cuda": the slot knows its device index, not the card's model.
+    full output goes to `log`, the rollout's blob (all runs of the rollout, in order), written
+    with its row. gpu_type is "cpu" or "cuda": the slot knows its device index, not the card's model.
     """
 
     def __init__(self, run: RunDir, spec: RolloutSpec, cfg: Config, env: Environment, pool: SlotPool,
                  launcher: Callable[[Slot], Launcher], events: EventLog):
         self.run, self.spec, self.cfg, self.env, self.pool = run, spec, cfg, env, pool
         self.launcher, self.events = launcher, events
-        self.blob = run.blob(spec.arm, spec.round, spec.rollout_id)
-        self.blob_rel = ""
+        self.blob_path = ""  # relative to the run directory, once there is output to keep
         self.attempts = 0  # runs that ended in infra_error, across the rollout's runs
         self.runs = 0  # training runs launched
-        self._log = bytearray()
+        self.log = bytearray()
 
     async def __call__(self, train_py: str) -> Executed:
         failed: set[str] = set()
@@ -196,13 +203,13 @@ class _Training:
                                  status=result.status, val_bpb=result.val_bpb, steps=result.steps)
             finally:  # cancelled mid-run (the wave is stopping): the slot goes back, uncounted
                 self.pool.release(slot, failure=failure)
-            await anyio.to_thread.run_sync(self._keep, slot, attempt, outcome)
+            self._keep(slot, attempt, outcome)
             if not outcome.infra_error:
                 break
             failed.add(slot.name)
             self.attempts += 1
         gpu_type = "cpu" if slot.gpu < 0 else "cuda"
-        return Executed(result, slot.host, slot.name, gpu_type, outcome.job_id, self.attempts, self.blob_rel)
+        return Executed(result, slot.host, slot.name, gpu_type, outcome.job_id, self.attempts, self.blob_path)
 
     async def _run_on(self, slot: Slot, train_py: str) -> JobOutcome:
         s = self.spec
@@ -223,12 +230,11 @@ class _Training:
         return self.env.result(outcome)
 
     def _keep(self, slot: Slot, attempt: int, outcome: JobOutcome) -> None:
-        """Rewrite the blob with every run so far: the blob is whole at any instant a kill lands."""
         header = f"=== {self.spec.rollout_id} on {slot.name} ({slot.host}) attempt {attempt + 1}"
         header += f" exit={outcome.exit_code} timed_out={outcome.timed_out} infra={outcome.infra_error!r} ===\n"
-        self._log += header.encode() + outcome.output + b"\n"
-        atomic.write_bytes(self.blob, zstandard.ZstdCompressor(level=3).compress(bytes(self._log)))
-        self.blob_rel = str(self.blob.relative_to(self.run.root))
+        self.log += header.encode() + outcome.output + b"\n"
+        s = self.spec
+        self.blob_path = str(self.run.blob(s.arm, s.round, s.rollout_id).relative_to(self.run.root))
 
 
 def _compact(

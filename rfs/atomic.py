@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.ipc
 import pyarrow.parquet as pq
 
 
@@ -48,14 +47,6 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n").encode())
-
-
-def write_arrow(path: Path, table: pa.Table) -> None:
-    """An Arrow IPC file: no encoding, so far cheaper than Parquet for small, short-lived files."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    write_bytes(path, sink.getvalue().to_pybytes())
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:

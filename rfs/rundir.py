@@ -44,9 +44,8 @@ class RunDir:
         return self.root / "traces" / arm / f"round-{round_}.d"
 
     def pending_row(self, arm: str, round_: int, rollout_id: str) -> Path:
-        """One finished rollout's row as an Arrow IPC file: a tenth of a one-row Parquet file's
-        cost to write and read back, which a wave pays N times."""
-        return self.pending(arm, round_) / f"{rollout_id}.arrow"
+        """One finished rollout's row, as JSON (rfs.trace.dumps)."""
+        return self.pending(arm, round_) / f"{rollout_id}.json"
 
     def blob(self, arm: str, round_: int, rollout_id: str) -> Path:
         return self.root / "blobs" / arm / f"round-{round_}" / f"{rollout_id}.log.zst"

@@ -7,12 +7,11 @@ A row is written once, atomically, and never edited. `status` tells the truth (D
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.ipc
 
 SCHEMA_VERSION = 1
 
@@ -100,11 +99,15 @@ SCHEMA = pa.schema(
 )
 
 _NULLABLE = {"exit_code", "job_id"}
+_INT_BITS = {pa.int32(): 32, pa.int64(): 64}
 
 
-def validate(row: dict[str, Any]) -> pa.Table:
-    """Raise ValueError naming the first problem; a row that passes converts losslessly, and is
-    returned as the one-row table it converted to."""
+def validate(row: dict[str, Any]) -> None:
+    """Raise ValueError naming the first problem; a row that passes converts losslessly (to_table).
+
+    Checked in Python against SCHEMA rather than by converting: a wave validates every row as it
+    finishes, and a one-row pyarrow conversion costs twenty times this.
+    """
     names = set(SCHEMA.names)
     missing, extra = names - row.keys(), row.keys() - names
     if missing or extra:
@@ -114,10 +117,55 @@ def validate(row: dict[str, Any]) -> pa.Table:
     finite = isinstance(row["val_bpb"], float) and math.isfinite(row["val_bpb"])
     if (row["status"] == "success") != finite:
         raise ValueError(f"trace row: status {row['status']} with val_bpb {row['val_bpb']!r}")
-    for name in names - _NULLABLE:
-        if row[name] is None:
-            raise ValueError(f"trace row: {name} is None")
-    return pa.Table.from_pylist([row], schema=SCHEMA)  # type errors surface here
+    for field in SCHEMA:
+        value = row[field.name]
+        if value is None:
+            if field.name in _NULLABLE:
+                continue
+            raise ValueError(f"trace row: {field.name} is None")
+        if problem := _type_problem(value, field.type):
+            raise ValueError(f"trace row: {field.name}: {problem}")
+
+
+def _type_problem(value: Any, typ: pa.DataType) -> str:
+    """'' when pyarrow stores `value` as `typ` exactly, else what is wrong."""
+    if pa.types.is_string(typ):
+        if not isinstance(value, str):
+            return f"expected a string, got {type(value).__name__}"
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate: Parquet holds UTF-8 only
+            return f"not valid UTF-8 ({exc.reason} at {exc.start})"
+    elif pa.types.is_boolean(typ):
+        if not isinstance(value, bool):
+            return f"expected a bool, got {type(value).__name__}"
+    elif typ in _INT_BITS:
+        bits = _INT_BITS[typ]
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"expected an int, got {type(value).__name__}"
+        if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+            return f"{value} does not fit {typ}"
+    elif pa.types.is_float64(typ):
+        if not isinstance(value, (float, int)) or isinstance(value, bool):
+            return f"expected a float, got {type(value).__name__}"
+    elif pa.types.is_list(typ):
+        if not isinstance(value, list):
+            return f"expected a list, got {type(value).__name__}"
+        for i, item in enumerate(value):
+            if item is None:
+                return f"[{i}] is None"
+            if problem := _type_problem(item, typ.value_type):
+                return f"[{i}]: {problem}"
+    elif pa.types.is_struct(typ):
+        fields = {f.name: f.type for f in typ}
+        if not isinstance(value, dict) or value.keys() != fields.keys():
+            return f"expected an object with keys {sorted(fields)}"
+        for name, sub in fields.items():
+            if value[name] is None or (problem := _type_problem(value[name], sub)):
+                return f"{name}: {problem or 'is None'}"
+    else:  # a new column type needs its check here
+        raise TypeError(f"trace.validate has no check for {typ}")
+    return ""
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -126,10 +174,10 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def read_arrow(path: Path) -> pa.Table:
-    """An Arrow IPC file, as a wave writes each finished rollout (RunDir.pending_row)."""
-    with pa.OSFile(str(path)) as f:
-        return pa.ipc.open_file(f).read_all()
+def dumps(row: dict[str, Any]) -> bytes:
+    """A row as one JSON document, as a wave writes each finished rollout (RunDir.pending_row):
+    a tenth of a one-row Parquet file's cost, and json.loads gives back the very same values."""
+    return json.dumps(row, allow_nan=True).encode()
 
 
 def text_sha256(text: str) -> str:

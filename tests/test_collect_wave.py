@@ -70,7 +70,7 @@ def test_resume_skips_rollouts_whose_pending_file_exists(tmp_path):
         # as if killed after two rollouts finished: their pending files survive, the round file does not
         run.traces("S", 1).unlink()
         for r in rows[:2]:
-            atomic.write_arrow(run.pending_row("S", 1, r["rollout_id"]), trace.to_table([r]))
+            atomic.write_bytes(run.pending_row("S", 1, r["rollout_id"]), trace.dumps(r))
         counter.unlink()
         again = pq.read_table(anyio.run(wave, run.root, sr.base_url, SleepEnv(counter, 0.01), n, 2)).to_pylist()
     assert sorted(launches(counter)) == [r["rollout_id"] for r in rows[2:]]
@@ -139,7 +139,7 @@ def test_compaction_flags_anomalies_without_dropping_rows(tmp_path):
 def test_temp_files_of_a_killed_writer_are_swept_and_never_read(tmp_path):
     counter, n = tmp_path / "launches", 2
     run = RunDir(tmp_path / "run")
-    litter = [run.pending("S", 1) / ".S-r1-t000.arrow.abc.tmp", run.blob("S", 1, "S-r1-t000").parent / ".S-r1-t000.log.zst.x.tmp"]
+    litter = [run.pending("S", 1) / ".S-r1-t000.json.abc.tmp", run.blob("S", 1, "S-r1-t000").parent / ".S-r1-t000.log.zst.x.tmp"]
     for path in litter:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half a file")

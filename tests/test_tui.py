@@ -157,7 +157,7 @@ DIFF = "--- a/train.py\n+++ b/train.py\n-lr = 0.01\n+lr = 0.02\n"
 def test_trace_is_found_in_its_pending_file_then_in_the_compacted_round(tmp_path):
     run = RunDir(tmp_path)
     mine = trace_row(arm="S", round=3, rollout_id="S-3-00", messages=MESSAGES, diff=DIFF)
-    atomic.write_arrow(run.pending_row("S", 3, "S-3-00"), trace.to_table([mine]))
+    atomic.write_bytes(run.pending_row("S", 3, "S-3-00"), trace.dumps(mine))
     assert transcript.load_trace(run, "S", 3, "S-3-00")["diff"] == DIFF
     other = trace_row(arm="F", round=2, rollout_id="F-2-01", status="crash", val_bpb=math.nan, detail="exit 1")
     atomic.write_parquet(run.traces("F", 2), trace.to_table([trace_row(arm="F", round=2, rollout_id="F-2-00"), other]))
@@ -315,8 +315,8 @@ async def test_enter_opens_the_transcript_and_q_quits_without_touching_the_run(t
 
     run = run_dir(tmp_path)
     row = trace_row(arm="A-S", round=3, rollout_id="A-S-r3-t000", version="v2", messages=MESSAGES, diff=DIFF)
-    atomic.write_arrow(run.pending_row("A-S", 3, "A-S-r3-t000"), trace.to_table([row]))
-    run.pending_row("A-S", 3, "A-S-r3-t001").write_bytes(b"not arrow")  # say, a foreign file
+    atomic.write_bytes(run.pending_row("A-S", 3, "A-S-r3-t000"), trace.dumps(row))
+    run.pending_row("A-S", 3, "A-S-r3-t001").write_bytes(b"not json")  # say, a foreign file
     before = tree_bytes(run.root)
     app = WatchApp(run.root)
     async with app.run_test(size=(130, 36)) as pilot:

@@ -48,7 +48,7 @@ def _cmdline(proc: Path) -> bytes:
 def finished(run: RunDir) -> set[str]:
     if run.traces("S", 1).exists():
         return {r["rollout_id"] for r in pq.read_table(run.traces("S", 1)).to_pylist()}
-    return {p.name.removesuffix(".arrow") for p in run.pending("S", 1).glob("*.arrow")}
+    return {p.name.removesuffix(".json") for p in run.pending("S", 1).glob("*.json")}
 
 
 def test_kill_9_at_random_instants_loses_and_repeats_nothing(tmp_path):

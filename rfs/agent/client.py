@@ -81,7 +81,10 @@ class ResearcherClient:
     def _borrow(self) -> httpx.AsyncClient:
         if self._idle:
             return self._idle.pop()  # the most recently used: its connection is the likeliest alive
+        # rfs's own servers (vLLM, llama.cpp) are on the cluster's network, never behind the
+        # proxy that HTTP(S)_PROXY names for the internet; only an external API reads the env.
         http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout, verify=_tls(),
+                                 trust_env=self.backend == "external",
                                  limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
         self._open.append(http)
         return http

@@ -9,6 +9,7 @@ share few slots while the researcher thinks.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import anyio
-import pyarrow as pa
 import zstandard
 
 from rfs import atomic, trace
@@ -66,16 +66,16 @@ async def run_wave(
     blobs = run.blob(arm, round_, "-").parent  # the round's blob folder
     for litter in [*pending.glob(".*.tmp"), *blobs.glob(".*.tmp")]:
         litter.unlink(missing_ok=True)  # half-written temp files of a killed controller, never renamed
-    done = {p.name.removesuffix(".arrow") for p in pending.glob("*.arrow")}
+    done = {p.name.removesuffix(".json") for p in pending.glob("*.json")}
     todo = [s for s in specs if s.rollout_id not in done]
-    finished: dict[str, pa.Table] = {}  # this controller's rows, kept so compaction need not read them back
+    finished: dict[str, dict[str, Any]] = {}  # this controller's rows, kept so compaction need not read them back
 
     async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
-        row, table = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
+        row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
         # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
-        await anyio.to_thread.run_sync(_persist, training, run.pending_row(arm, round_, spec.rollout_id), table)
-        finished[spec.rollout_id] = table
+        await anyio.to_thread.run_sync(_persist, training, run.pending_row(arm, round_, spec.rollout_id), row)
+        finished[spec.rollout_id] = row
         events.emit(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
         )
@@ -102,9 +102,8 @@ def _one_round(specs: list[RolloutSpec]) -> tuple[str, int]:
 async def _rollout_row(
     spec: RolloutSpec, cfg: Config, client: ResearcherClient, training: _Training, events: EventLog, rollout_fn: RolloutFn,
     revive: Callable[[], Awaitable[None]] | None = None,
-) -> tuple[dict[str, Any], pa.Table]:
-    """The rollout's row (and as a validated one-row table), or a truthful infra_error row: one
-    rollout's failure never ends the wave."""
+) -> dict[str, Any]:
+    """The rollout's row, or a truthful infra_error row: one rollout's failure never ends the wave."""
     started = time.time()
     for attempt in range(cfg.collect.infra_retries + 1):
         if attempt:
@@ -112,7 +111,7 @@ async def _rollout_row(
         events.emit("rollout_started", arm=spec.arm, round=spec.round, rollout_id=spec.rollout_id, thread=spec.thread)
         try:
             row = await rollout_fn(spec, cfg.researcher, client, training, events)
-            table = trace.validate(row)  # a malformed row is our bug: caught here, not by the wave's writer
+            trace.validate(row)  # a malformed row is our bug: caught here, not by the wave's writer
         except ServerDown as exc:
             detail = f"researcher server down after {attempt + 1} attempt(s): {exc}"
             await _revive(revive, spec, events)
@@ -124,10 +123,9 @@ async def _rollout_row(
         # An infra_error before any training run is the researcher server's: play the rollout again.
         # One after a run already had its slot retries inside run_training.
         if row["status"] != "infra_error" or training.runs:
-            return row, table
+            return row
         detail = f"{row['detail']} (after {attempt + 1} attempt(s))"
-    row = infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_path)
-    return row, trace.validate(row)
+    return infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_path)
 
 
 async def _revive(revive: Callable[[], Awaitable[None]] | None, spec: RolloutSpec, events: EventLog) -> None:
@@ -139,12 +137,12 @@ async def _revive(revive: Callable[[], Awaitable[None]] | None, spec: RolloutSpe
         events.emit("alarm", arm=spec.arm, alarm="server", message=f"restart failed: {type(exc).__name__}: {exc}")
 
 
-def _persist(training: _Training, row_path: Path, table: pa.Table) -> None:
+def _persist(training: _Training, row_path: Path, row: dict[str, Any]) -> None:
     """The rollout's blob, then its row: a row on disk never points at a blob that is not.
     A kill before the row is written replays the rollout, blob and all."""
     if training.log:
         atomic.write_bytes(training.run.root / training.blob_path, zstandard.ZstdCompressor(level=3).compress(bytes(training.log)))
-    atomic.write_arrow(row_path, table)
+    atomic.write_bytes(row_path, trace.dumps(row))
 
 
 def infra_row(spec: RolloutSpec, cfg: Config, detail: str, *, started: float, infra_attempts: int = 0, blob_path: str = "") -> dict[str, Any]:
@@ -238,26 +236,23 @@ class _Training:
 
 
 def _compact(
-    run: RunDir, specs: list[RolloutSpec], finished: dict[str, pa.Table], cfg: Config, events: EventLog,
+    run: RunDir, specs: list[RolloutSpec], finished: dict[str, dict[str, Any]], cfg: Config, events: EventLog,
     calibration: dict[str, float] | None,
 ) -> Path:
     """All pending rows (read back only if an earlier controller wrote them) → one flagged,
     ordered round file; then the pending files can go."""
     arm, round_ = specs[0].arm, specs[0].round
     pending = run.pending(arm, round_)
-    earlier = {p.name.removesuffix(".arrow"): p for p in pending.glob("*.arrow")}
-    tables = {rid: trace.read_arrow(p) for rid, p in earlier.items() if rid not in finished} | finished
-    missing = [s.rollout_id for s in specs if s.rollout_id not in tables]
+    earlier = {p.name.removesuffix(".json"): p for p in pending.glob("*.json")}
+    rows = {rid: json.loads(p.read_bytes()) for rid, p in earlier.items() if rid not in finished} | finished
+    missing = [s.rollout_id for s in specs if s.rollout_id not in rows]
     if missing:
         raise RuntimeError(f"wave {arm} round {round_}: rollouts {missing} have no row after the wave")
-    table = pa.concat_tables([tables[s.rollout_id] for s in specs])
-    rows = anomaly.flag_wave(table.to_pylist(), budget_s=cfg.env.budget_s, calibration=calibration)
-    flags = trace.SCHEMA.field("anomaly_flags")
-    table = table.set_column(table.schema.get_field_index(flags.name), flags, pa.array([r[flags.name] for r in rows], flags.type))
+    flagged = anomaly.flag_wave([rows[s.rollout_id] for s in specs], budget_s=cfg.env.budget_s, calibration=calibration)
     out = run.traces(arm, round_)
-    atomic.write_parquet(out, table)
+    atomic.write_parquet(out, trace.to_table(flagged))
     shutil.rmtree(pending, ignore_errors=True)
-    agg = aggregate.aggregate(arm, round_, rows)
-    events.emit("wave_finished", arm=arm, round=round_, n=len(rows), success_rate=agg["success_rate"],
+    agg = aggregate.aggregate(arm, round_, flagged)
+    events.emit("wave_finished", arm=arm, round=round_, n=len(flagged), success_rate=agg["success_rate"],
                 best_val_bpb=agg["best_val_bpb"], mean_val_bpb=agg["mean_val_bpb"])
     return out

@@ -53,7 +53,7 @@ class TranscriptScreen(Screen):
         try:
             row = transcript.load_trace(self.rundir, self.arm, self.round, self.rollout_id)
             text = transcript.render(row) if row is not None else f"{name}: no trace row yet (still in flight)"
-        except (OSError, pa.ArrowException) as e:  # say so on screen; the watcher goes on
+        except (OSError, ValueError, pa.ArrowException) as e:  # unreadable: say so on screen; the watcher goes on
             text = f"{name}: cannot read its trace: {e}"
         with VerticalScroll():
             yield Static(_styled(text), id="transcript")

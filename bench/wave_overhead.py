@@ -1,12 +1,15 @@
 """Controller overhead of one wave: N rollouts on N slots, each job a real process that sleeps D.
 
-Prints JSON, one object per N: wall time of the wave over D (1.0 would be no overhead at all),
-controller CPU seconds, and the controller's peak RSS. The scripted researcher (a test double)
-runs in its own process so its CPU and memory are not counted as the controller's. Each N runs
-in a fresh controller process so peak RSS is that N's own.
+Prints JSON: per run and, per N, min and median over --repeats runs of the wave's wall time over
+D (the baseline: a controller with no overhead at all would take D, a ratio of 1.0), controller
+CPU seconds, where the time goes, and the controller's peak RSS; plus the machine's load before
+and after. The scripted researcher (a test double) runs in its own process so its CPU and memory
+are not counted as the controller's (researcher_cpu_s reports them). Each run is a fresh
+controller process, so peak RSS is that N's own.
 
-    python bench/wave_overhead.py                      # quick: D=2 s, N=48 and 512
-    python bench/wave_overhead.py --duration 30        # the target: wall <= 1.01 x D at N=48
+    python bench/wave_overhead.py                                  # quick: D=2 s, N=48 and 512
+    python bench/wave_overhead.py --duration 30 --n 48 --repeats 3 # the target: wall <= 1.01 x D
+    python bench/wave_overhead.py --n 48 128 512 --repeats 3       # memory and CPU growth with N
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,30 +43,36 @@ def one(n: int, duration: float) -> dict:
     """One wave in this process (the controller being measured)."""
     import anyio
 
-    from tests.wave_child import SleepEnv, wave
-
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(n)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         base_url = server.stdout.readline().strip()
         with tempfile.TemporaryDirectory() as tmp:
-            # A controller's first wave also pays its one-time imports (pyarrow pulls in pandas on
-            # first use): a 2-rollout warm-up wave pays them, and is reported apart.
-            t0 = time.perf_counter()
-            anyio.run(wave, Path(tmp) / "warmup", base_url, SleepEnv(Path(tmp) / "warmup-launches", 0.01), 2, 2)
-            warmup = time.perf_counter() - t0
-            env = SleepEnv(Path(tmp) / "launches", duration)
-            researcher_cpu0 = _cpu_seconds(server.pid)
-            cpu0, t0, epoch = time.process_time(), time.perf_counter(), time.time()
-            anyio.run(wave, Path(tmp) / "run", base_url, env, n, n)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            researcher_cpu = _cpu_seconds(server.pid) - researcher_cpu0
-            phases = _phases(Path(tmp) / "run" / "events.jsonl", epoch)
+            result = anyio.run(_waves, Path(tmp), base_url, n, duration, server.pid)
     finally:
         server.stdin.close()
         server.wait(timeout=30)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"n": n, "duration_s": duration, "wall_s": round(wall, 3), "wall_over_d": round(wall / duration, 4),
-            "controller_cpu_s": round(cpu, 3), "researcher_cpu_s": round(researcher_cpu, 3), "peak_rss_mb": round(rss_mb, 1), **phases, "warmup_wave_s": round(warmup, 3)}
+    return {"n": n, "duration_s": duration, **result, "peak_rss_mb": round(rss_mb, 1)}
+
+
+async def _waves(tmp: Path, base_url: str, n: int, duration: float, server_pid: int) -> dict:
+    """A warm-up wave, then the measured one, in one event loop as the controller runs a whole
+    experiment: the first wave also pays one-time costs (imports, the loop's worker threads),
+    reported apart as warmup_wave_s. Config is loaded before, as a controller does once per run."""
+    from tests.wave_child import SleepEnv, wave, wave_config
+
+    cfg = wave_config(budget_s=duration)
+    t0 = time.perf_counter()
+    await wave(tmp / "warmup", base_url, SleepEnv(tmp / "warmup-launches", 0.01), 2, 2, cfg=cfg)
+    warmup = time.perf_counter() - t0
+    env = SleepEnv(tmp / "launches", duration)
+    researcher_cpu0 = _cpu_seconds(server_pid)
+    cpu0, t0, epoch = time.process_time(), time.perf_counter(), time.time()
+    await wave(tmp / "run", base_url, env, n, n, cfg=cfg)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"wall_s": round(wall, 3), "wall_over_d": round(wall / duration, 4), "controller_cpu_s": round(cpu, 3),
+            "researcher_cpu_s": round(_cpu_seconds(server_pid) - researcher_cpu0, 3),
+            **_phases(tmp / "run" / "events.jsonl", epoch), "warmup_wave_s": round(warmup, 3)}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -85,17 +95,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=2.0, help="seconds each simulated training job sleeps")
     p.add_argument("--n", type=int, nargs="+", default=[48, 512], help="rollouts (= slots) per wave")
+    p.add_argument("--repeats", type=int, default=1, help="fresh controller processes per N (the summary gives min and median)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one N in this process
     a = p.parse_args()
     if a.one:
         print(json.dumps(one(a.one, a.duration)))
         return
-    results = []
-    for n in a.n:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--duration", str(a.duration)],
-                             cwd=ROOT, capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(json.dumps(results, indent=2))
+    machine = {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    runs = []
+    for _ in range(a.repeats):  # interleaved, so a burst of outside load does not land on one N only
+        for n in a.n:
+            out = subprocess.run([sys.executable, __file__, "--one", str(n), "--duration", str(a.duration)],
+                                 cwd=ROOT, capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps({"machine": machine, "summary": [_summary([r for r in runs if r["n"] == n]) for n in a.n], "runs": runs}, indent=2))
+
+
+def _summary(runs: list[dict]) -> dict:
+    def stats(key: str) -> dict:
+        xs = [r[key] for r in runs]
+        return {"min": min(xs), "median": statistics.median(xs)}
+
+    keys = ("wall_over_d", "controller_cpu_s", "first_run_start_s", "last_run_start_s", "last_run_end_to_wave_end_s", "peak_rss_mb")
+    return {"n": runs[0]["n"], "duration_s": runs[0]["duration_s"], "repeats": len(runs), **{k: stats(k) for k in keys}}
 
 
 if __name__ == "__main__":

@@ -64,15 +64,17 @@ os.execvp(sys.argv[4], sys.argv[4:])
 NATIVE = bool(shutil.which("prlimit") and shutil.which("taskset"))
 
 
-def _confined(slot: Slot, timeout_s: float, argv: list[str]) -> list[str]:
+def _confined(slot: Slot, timeout_s: float, net_prefix: tuple[str, ...], argv: list[str]) -> list[str]:
     cpu_seconds = int(timeout_s * max(1, len(slot.cpus)) * RLIMIT_CPU_FACTOR) + 60
     # CUDA maps far more address space than it uses: no RLIMIT_AS on GPU slots.
     as_bytes = RLIMIT_AS_BYTES if slot.gpu < 0 else 0
     cpus = ",".join(map(str, slot.cpus))
     if not NATIVE:
-        return [sys.executable, "-c", CONFINE, cpus, str(cpu_seconds), str(as_bytes), *argv]
+        return [*net_prefix, sys.executable, "-c", CONFINE, cpus, str(cpu_seconds), str(as_bytes), *argv]
     limits = ["prlimit", "--core=0", f"--cpu={cpu_seconds}", *([f"--as={as_bytes}"] if as_bytes else [])]
-    return [*limits, *(["taskset", "-c", cpus] if cpus else []), *argv]
+    # taskset first: the rest of the chain (each one an exec) already runs on the slot's cores,
+    # not on the controller's.
+    return [*(["taskset", "-c", cpus] if cpus else []), *net_prefix, *limits, *argv]
 
 
 def _tagged(tags: set[bytes]) -> dict[bytes, list[int]]:
@@ -205,7 +207,7 @@ class LocalLauncher:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
         try:
             proc = await anyio.open_process(
-                [*self.net_prefix, *_confined(slot, job.timeout_s, argv)], cwd=workdir, env=env,
+                _confined(slot, job.timeout_s, self.net_prefix, argv), cwd=workdir, env=env,
                 stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
             )
         except (OSError, subprocess.SubprocessError) as exc:

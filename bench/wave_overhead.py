@@ -109,7 +109,8 @@ def main() -> None:
                                  cwd=ROOT, capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps({"machine": machine, "summary": [_summary([r for r in runs if r["n"] == n]) for n in a.n], "runs": runs}, indent=2))
+    summary = [_summary([r for r in runs if r["n"] == n]) for n in a.n]
+    print(json.dumps({"machine": machine, "summary": summary, "runs": runs}, indent=2))
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -117,7 +118,8 @@ def _summary(runs: list[dict]) -> dict:
         xs = [r[key] for r in runs]
         return {"min": min(xs), "median": statistics.median(xs)}
 
-    keys = ("wall_over_d", "controller_cpu_s", "first_run_start_s", "last_run_start_s", "last_run_end_to_wave_end_s", "peak_rss_mb")
+    keys = ("wall_over_d", "controller_cpu_s", "first_run_start_s", "last_run_start_s", "last_run_end_to_wave_end_s",
+            "peak_rss_mb")
     return {"n": runs[0]["n"], "duration_s": runs[0]["duration_s"], "repeats": len(runs), **{k: stats(k) for k in keys}}
 
 

@@ -1,9 +1,9 @@
 """One wave: N rollouts as coroutines in one task group, each finished row on disk at once.
 
 Exactly once, across kill -9: a finished rollout is its own small file,
-`run.pending_row(arm, round, rollout_id)` (written atomically), so a restarted wave skips it; when all are there
-the round file `run.traces(arm, round)` is compacted from them (atomically) and is the wave's
-answer from then on. A rollout holds a slot only while its training run executes, so N rollouts
+`run.pending_row(arm, round, rollout_id)` (written atomically), so a restarted wave skips it;
+when all are there the round file `run.traces(arm, round)` is compacted from them (atomically)
+and is the wave's answer from then on. A rollout holds a slot only while its training run executes, so N rollouts
 share few slots while the researcher thinks.
 """
 
@@ -141,7 +141,8 @@ def _persist(training: _Training, row_path: Path, row: dict[str, Any]) -> None:
     """The rollout's blob, then its row: a row on disk never points at a blob that is not.
     A kill before the row is written replays the rollout, blob and all."""
     if training.log:
-        atomic.write_bytes(training.run.root / training.blob_path, zstandard.ZstdCompressor(level=3).compress(bytes(training.log)))
+        blob = zstandard.ZstdCompressor(level=3).compress(bytes(training.log))
+        atomic.write_bytes(training.run.root / training.blob_path, blob)
     atomic.write_bytes(row_path, trace.dumps(row))
 
 

@@ -101,10 +101,10 @@ def _tagged(tags: set[bytes]) -> dict[bytes, list[int]]:
 def _read_all(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
-        data = os.read(fd, 1 << 16)
-        while len(data) % (1 << 16) == 0 and (more := os.read(fd, 1 << 16)):  # a rare environment over 64 KiB
-            data += more
-        return data
+        chunks = [os.read(fd, 1 << 16)]
+        while len(chunks[-1]) == 1 << 16:  # an environment over 64 KiB: rare
+            chunks.append(os.read(fd, 1 << 16))
+        return b"".join(chunks)
     finally:
         os.close(fd)
 

@@ -189,3 +189,28 @@ def test_kill9_across_round_boundaries_resumes_to_the_same_state(tmp_path, tiny,
     fits = [(e["arm"], e["round"]) for e in events if e["kind"] == "consolidated"]
     assert len(waves) == len(set(waves)) and len(fits) == len(set(fits)) == 8
     assert set(LOOPS) >= {arm for arm, _ in waves}
+
+
+def test_a_cpu_fit_cancelled_while_taking_the_slots_gives_back_those_it_took():
+    """The fit holds every local slot; cancelled while it still waits for one (a wave's run has
+    it), the slots it already took go back to the pool."""
+    from types import SimpleNamespace
+
+    import anyio
+
+    from rfs.collect.slots import SlotPool
+    from rfs.config import CollectCfg
+    from rfs.loop.driver import _cores_for_fit
+    from tests.wave_child import local_slots
+
+    async def main() -> int:
+        pool = SlotPool(local_slots(3), CollectCfg())
+        busy = await pool.acquire()  # a wave's run holds one slot
+        ctx = SimpleNamespace(pool=pool, d=SimpleNamespace(hosts=SimpleNamespace(train=SimpleNamespace(device="cpu"))))
+        with anyio.move_on_after(0.2):
+            async with _cores_for_fit(ctx):
+                raise AssertionError("the fit started while a run still held a slot")
+        pool.release(busy)
+        return pool.free
+
+    assert anyio.run(main) == 3

@@ -373,9 +373,11 @@ async def _cores_for_fit(ctx: Round) -> AsyncIterator[None]:
     if pick_device(ctx.d.hosts.train.device) != "cpu" or any(s.launcher != "local" for s in slots):
         yield
         return
-    held = [await ctx.pool.acquire() for _ in slots]
-    ctx.d.events.emit("scheduler", decision="fit holds the slots", slots=[s.name for s in held])
-    try:
+    held = []
+    try:  # a cancellation while still acquiring gives back what was already held
+        for _ in slots:
+            held.append(await ctx.pool.acquire())
+        ctx.d.events.emit("scheduler", decision="fit holds the slots", slots=[s.name for s in held])
         yield
     finally:
         for slot in held:

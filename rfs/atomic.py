@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zstandard
 
 
 def fsync(path: Path) -> None:
@@ -43,6 +44,11 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def write_zstd(path: Path, data: bytes) -> None:
+    """A log blob (blobs/…/*.log.zst): zstd level 3, read back with zstandard's decompressor."""
+    write_bytes(path, zstandard.ZstdCompressor(level=3).compress(data))
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -176,8 +176,12 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def dumps(row: dict[str, Any]) -> bytes:
     """A row as one JSON document, as a wave writes each finished rollout (RunDir.pending_row):
-    a tenth of a one-row Parquet file's cost, and json.loads gives back the very same values."""
+    a tenth of a one-row Parquet file's cost, and loads() gives back the very same values."""
     return json.dumps(row, allow_nan=True).encode()
+
+
+def loads(data: bytes) -> dict[str, Any]:
+    return json.loads(data)
 
 
 def text_sha256(text: str) -> str:

@@ -9,7 +9,6 @@ share few slots while the researcher thinks.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import anyio
-import zstandard
 
 from rfs import atomic, trace
 from rfs.agent.client import ResearcherClient, ServerDown
@@ -141,8 +139,7 @@ def _persist(training: _Training, row_path: Path, row: dict[str, Any]) -> None:
     """The rollout's blob, then its row: a row on disk never points at a blob that is not.
     A kill before the row is written replays the rollout, blob and all."""
     if training.log:
-        blob = zstandard.ZstdCompressor(level=3).compress(bytes(training.log))
-        atomic.write_bytes(training.run.root / training.blob_path, blob)
+        atomic.write_zstd(training.run.root / training.blob_path, bytes(training.log))
     atomic.write_bytes(row_path, trace.dumps(row))
 
 
@@ -245,7 +242,7 @@ def _compact(
     arm, round_ = specs[0].arm, specs[0].round
     pending = run.pending(arm, round_)
     earlier = {p.name.removesuffix(".json"): p for p in pending.glob("*.json")}
-    rows = {rid: json.loads(p.read_bytes()) for rid, p in earlier.items() if rid not in finished} | finished
+    rows = {rid: trace.loads(p.read_bytes()) for rid, p in earlier.items() if rid not in finished} | finished
     missing = [s.rollout_id for s in specs if s.rollout_id not in rows]
     if missing:
         raise RuntimeError(f"wave {arm} round {round_}: rollouts {missing} have no row after the wave")

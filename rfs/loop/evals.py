@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import zstandard
 
 from rfs import atomic
 from rfs.agent.client import ServerDown
@@ -193,7 +192,7 @@ def _keep_log(run: RunDir, t: Target, slot: str, outcome: JobOutcome) -> None:
     """The transfer run's full output beside its zero-shot traces (the last attempt's)."""
     head = f"=== {t.line} V{t.version} transfer on {slot} exit={outcome.exit_code} infra={outcome.infra_error!r} ===\n"
     blob = probe_run(run, t.line).root / "transfer" / f"v{t.version}.log.zst"
-    atomic.write_bytes(blob, zstandard.ZstdCompressor(level=3).compress(head.encode() + outcome.output))
+    atomic.write_zstd(blob, head.encode() + outcome.output)
 
 
 async def _code(ctx: Round, served: Served) -> tuple[list[float], str]:

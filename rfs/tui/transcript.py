@@ -6,13 +6,13 @@ is a row of `round-<n>.parquet`. Either is read, never written: the watcher only
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from rfs import trace
 from rfs.rundir import RunDir
 
 _COLUMNS = ["rollout_id", "arm", "round", "version", "status", "detail", "val_bpb", "steps", "slot", "messages", "diff"]
@@ -22,7 +22,7 @@ def load_trace(run: RunDir, arm: str, round_: int, rollout_id: str) -> dict[str,
     """The rollout's trace row, or None while it is still in flight (no row written yet)."""
     own = run.pending_row(arm, round_, rollout_id)
     if own.exists():
-        return json.loads(own.read_bytes())
+        return trace.loads(own.read_bytes())
     compacted = run.traces(arm, round_)
     if compacted.exists():
         table = pq.read_table(compacted, columns=_COLUMNS, filters=ds.field("rollout_id") == rollout_id)

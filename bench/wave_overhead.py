@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SERVER = """
-import sys, time
+import sys
 from tests.scripted_researcher import ScriptedResearcher
 from tests.wave_child import plans
 with ScriptedResearcher(plans(int(sys.argv[1]))) as sr:

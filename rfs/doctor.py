@@ -41,8 +41,9 @@ def check_packages() -> list[str]:
 def check_manifest(root: Path = ROOT) -> list[str]:
     from rfs.envs.builtin import manifest
 
-    if not (root / "env" / "MANIFEST.sha256").exists():
-        return [f"{root / 'env' / 'MANIFEST.sha256'} is missing: the harness files are not pinned"]
+    pinned = root / "env" / "MANIFEST.sha256"
+    if not pinned.exists():
+        return [f"{pinned} is missing: the harness files are not pinned"]
     problems = []
     for name, digest in manifest(root).items():
         path = root / "env" / name

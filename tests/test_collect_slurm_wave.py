@@ -119,3 +119,38 @@ def test_ssh_slots_of_one_host_share_a_launcher_closed_at_wave_end(sshd, tmp_pat
     assert [r["status"] for r in rows] == ["success"] * n, [r["detail"] for r in rows]
     assert _eventually(lambda: sshd.sessions() == []), sshd.sessions()  # every connection closed
     assert sorted(Path(tmp_path / "launches").read_text().split()) == [r["rollout_id"] for r in rows]
+
+
+def test_a_connection_dropped_mid_run_is_infra_error_and_the_run_is_retried_on_another_slot(sshd, tmp_path):
+    """The ssh slot's connection is killed while its run sleeps: that attempt is infra_error (never
+    the researcher's), the run goes again on the other slot, and the row says both."""
+    import threading
+
+    run = RunDir(tmp_path / "run")
+    hosts = HostsFile(hosts={"box": sshd.host})
+    slots = [Slot("ssh-0", "ssh", "box", (), -1, sshd.host.python, sshd.host.root),
+             Slot("local-0", "local", "localhost", (), -1, sys.executable, ".")]
+    before, dropped = set(sshd.sessions()), []
+
+    def drop_when_the_ssh_run_starts() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            launched = (tmp_path / "launches").exists()  # the job counts its launch, then sleeps
+            if launched and (new := set(sshd.sessions()) - before):
+                for pid in new:
+                    os.kill(pid, 9)
+                dropped.extend(new)
+                return
+            time.sleep(0.02)
+
+    dropper = threading.Thread(target=drop_when_the_ssh_run_starts, daemon=True)
+    dropper.start()
+    with ScriptedResearcher(plans(1)) as sr:
+        out = anyio.run(_wave, run, sr.base_url, SleepEnv(tmp_path / "launches", 3.0), 1, slots, hosts)
+    dropper.join(timeout=5)
+    [row] = pq.read_table(out).to_pylist()
+    assert dropped, "the ssh connection was never dropped"
+    assert (row["status"], row["slot"], row["infra_attempts"]) == ("success", "local-0", 1), row["detail"]
+    finished = [(e["slot"], e["status"]) for e in iter_events(run.events) if e["kind"] == "run_finished"]
+    assert finished == [("ssh-0", "infra_error"), ("local-0", "success")]
+    assert (tmp_path / "launches").read_text().split() == [row["rollout_id"]] * 2  # launched on both slots

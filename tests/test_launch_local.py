@@ -133,6 +133,7 @@ def test_sweeps_shared_by_jobs_ending_together_answer_each_with_its_own_processe
     import subprocess
     import uuid
 
+    from rfs.batches import Batches
     from rfs.launch import local
 
     tags = [uuid.uuid4().hex.encode() for _ in range(120)]
@@ -143,7 +144,7 @@ def test_sweeps_shared_by_jobs_ending_together_answer_each_with_its_own_processe
     delays = [0.0] * 60 + [rng.random() * 0.05 for _ in range(60)]  # a burst, then staggered asks
 
     async def main() -> dict[bytes, list[int]]:
-        sweeps, answers = local._Sweeps(), {}
+        sweeps, answers = Batches(local._sweep), {}
 
         async def ask(tag: bytes, delay: float) -> None:
             await anyio.sleep(delay)

@@ -23,6 +23,7 @@ from typing import Callable
 import anyio
 from anyio.abc import Process
 
+from rfs.batches import Batches
 from rfs.hosts import Slot
 from rfs.launch.base import WORKDIR, Job, JobOutcome
 
@@ -109,40 +110,15 @@ def _read_all(path: str) -> bytes:
         os.close(fd)
 
 
-class _Sweeps:
-    """Tagged processes, found by /proc passes shared between jobs: a wave's jobs end together,
-    and one pass per job (a few ms each, serialised) was most of the time between a wave's last
-    run ending and its last row. A job is answered by a pass that began after it asked, so
-    nothing forked before the ask is missed."""
+def _sweep(tags: list[bytes]) -> list[list[int]]:
+    """One /proc pass for every job that asked: a wave's jobs end together, and one pass per job
+    (a few ms each, serialised) was most of the time between a wave's last run ending and its last row."""
+    found = _tagged(set(tags))
+    return [found[tag] for tag in tags]
 
-    def __init__(self) -> None:
-        self._asked: set[bytes] = set()
-        self._found: dict[bytes, list[int]] = {}
-        self._pass: anyio.Event | None = None  # set when the pass in progress ends
 
-    async def __call__(self, tag: bytes) -> list[int]:
-        self._asked.add(tag)
-        try:
-            while tag not in self._found:  # not `in self._asked`: a pass may have taken it, and still run
-                if self._pass is None:
-                    await self._sweep()
-                else:
-                    await self._pass.wait()
-            return self._found.pop(tag)
-        finally:  # cancelled while waiting: nothing of ours is left behind
-            self._asked.discard(tag)
-            self._found.pop(tag, None)
-
-    async def _sweep(self) -> None:
-        tags, self._asked, self._pass = self._asked, set(), anyio.Event()
-        try:
-            self._found |= await anyio.to_thread.run_sync(_tagged, tags)
-        except BaseException:
-            self._asked |= tags  # unanswered: the next pass takes them
-            raise
-        finally:
-            self._pass.set()
-            self._pass = None
+def _remove(workdirs: list[Path]) -> list[None]:
+    return [shutil.rmtree(workdir, ignore_errors=True) for workdir in workdirs]
 
 
 def _signal_tree(pgid: int, pids: list[int], sig: int) -> bool:
@@ -157,7 +133,7 @@ def _signal_tree(pgid: int, pids: list[int], sig: int) -> bool:
     return hit
 
 
-async def _stop(proc: Process, tag: bytes, tagged: _Sweeps) -> None:
+async def _stop(proc: Process, tag: bytes, tagged: Batches[bytes, list[int]]) -> None:
     """SIGTERM the group and every tagged process, wait a little, then SIGKILL whatever is left."""
     if not _signal_tree(proc.pid, await tagged(tag), signal.SIGTERM):
         return  # the usual end of a run: its group is empty and nothing carries the tag; one sweep
@@ -177,7 +153,8 @@ class LocalLauncher:
 
     def __init__(self, isolate_network: bool = True):
         self.net_prefix = network_isolation() if isolate_network else ()
-        self._tagged = _Sweeps()
+        self._tagged = Batches(_sweep)
+        self._remove = Batches(_remove)
 
     async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
         started = time.monotonic()
@@ -190,9 +167,9 @@ class LocalLauncher:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             return await self._run(slot, job, workdir, on_line, started)
-        finally:  # in a worker thread: a wave's jobs end together, and rmdir can take a millisecond
+        finally:  # off the event loop: a working directory can be big
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+                await self._remove(workdir)
 
     async def _run(self, slot: Slot, job: Job, workdir: Path, on_line, started: float) -> JobOutcome:
         argv = [a.replace(WORKDIR, str(workdir)) for a in job.argv]

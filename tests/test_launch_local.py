@@ -66,6 +66,21 @@ def test_runs_streams_output_and_cleans_workdir(tmp_path):
     assert b"hello\npayload\n" in out.output
 
 
+def test_without_pidfds_the_exit_is_polled_and_a_timeout_still_kills(monkeypatch):
+    """Where pidfd_open is missing or refused (not Linux, an old kernel, a seccomp filter), the
+    launcher polls for the exit instead: same output, exit code and timeout."""
+    def refused(pid: int) -> int:
+        raise OSError("pidfd_open refused")
+
+    monkeypatch.setattr(os, "pidfd_open", refused)
+    done = Job("r1", (sys.executable, "-c", "print('out'); raise SystemExit(4)"), {}, 30)
+    out = anyio.run(LocalLauncher().run, SLOT, done)
+    assert (out.exit_code, out.output, out.timed_out) == (4, b"out\n", False)
+    hangs = Job("r2", (sys.executable, "-c", "import time; time.sleep(60)"), {}, 0.5)
+    out = anyio.run(LocalLauncher().run, SLOT, hangs)
+    assert out.timed_out and out.exit_code is None and out.wall_seconds < 30
+
+
 def test_job_env_threads_and_affinity():
     script = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['EXTRA'], sorted(os.sched_getaffinity(0)))"
     job = Job("r2", (sys.executable, "-c", script), {}, 30, {"EXTRA": "x"})

@@ -26,24 +26,8 @@ def fsync(path: Path) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    write_many([(path, data)])
-
-
-def write_many(files: list[tuple[Path, bytes]]) -> None:
-    """Each file atomically, in order, then one fsync per directory: the renames of a batch of
-    rows cost one directory fsync, not one each."""
-    folders: dict[Path, None] = {}
-    for path, data in files:
-        path = Path(path)
-        if path.parent not in folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            folders[path.parent] = None
-        _replace(path, data)
-    for folder in folders:
-        fsync(folder)
-
-
-def _replace(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; run files are for every reader of the run
@@ -55,6 +39,7 @@ def _replace(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -62,12 +47,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_zstd(path: Path, data: bytes) -> None:
-    """A log blob (blobs/…/*.log.zst), read back with zstandard's decompressor."""
-    write_bytes(path, zstd(data))
-
-
-def zstd(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=3).compress(data)
+    """A log blob (blobs/…/*.log.zst): zstd level 3, read back with zstandard's decompressor."""
+    write_bytes(path, zstandard.ZstdCompressor(level=3).compress(data))
 
 
 def write_json(path: Path, obj: Any) -> None:

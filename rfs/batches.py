@@ -1,10 +1,10 @@
 """Blocking work asked for by many coroutines, done in a worker thread one batch at a time.
 
-A wave's rollouts finish together. When each sent its own small blocking job to a worker thread
-(a /proc pass, a directory removal, a row write), the N thread hops and the hand-overs of the
-GIL between the workers and the event loop cost the loop more than the work itself. Here what is
-asked while a batch runs goes together in the next batch, and a batch shares what its items have
-in common: one /proc pass answers every job, and one directory fsync covers every row.
+A wave's jobs end together. When each sent its own small blocking job to a worker thread (a /proc
+pass, a directory removal), the N thread hops and the hand-overs of the GIL between the workers
+and the event loop cost the loop more than the work itself. Here what is asked while a batch runs
+goes together in the next batch, and a batch shares what its items have in common: one /proc
+pass answers every job that asked.
 """
 
 from __future__ import annotations

@@ -20,16 +20,6 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert [f.name for f in p.parent.iterdir()] == ["state.json"], "no temp files left behind"
 
 
-def test_atomic_write_many_writes_each_file_whole_across_folders(tmp_path, monkeypatch):
-    synced = []
-    monkeypatch.setattr(atomic, "fsync", lambda path: synced.append(path))
-    files = [(tmp_path / "rows" / f"{i}.json", f"row {i}".encode()) for i in range(3)] + [(tmp_path / "blobs" / "b.zst", b"z")]
-    atomic.write_many(files)
-    assert [p.read_bytes() for p, _ in files] == [data for _, data in files]
-    assert sorted(f.name for f in (tmp_path / "rows").iterdir()) == ["0.json", "1.json", "2.json"], "no temp files"
-    assert synced == [tmp_path / "rows", tmp_path / "blobs"], "one fsync per folder, after its renames"
-
-
 def test_atomic_write_survives_kill_mid_write(tmp_path):
     """A writer killed at a random instant leaves the old or the new file, never a torn one."""
     p = tmp_path / "state.json"

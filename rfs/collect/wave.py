@@ -21,7 +21,6 @@ import anyio
 from rfs import atomic, trace
 from rfs.agent.client import ResearcherClient, ServerDown
 from rfs.agent.rollout import Executed, RolloutSpec, rollout
-from rfs.batches import Batches
 from rfs.collect import aggregate, anomaly
 from rfs.collect.slots import SlotPool
 from rfs.config import Config
@@ -68,12 +67,12 @@ async def run_wave(
     done = {p.name.removesuffix(".json") for p in pending.glob("*.json")}
     todo = [s for s in specs if s.rollout_id not in done]
     finished: dict[str, dict[str, Any]] = {}  # this controller's rows, kept so compaction need not read them back
-    persist = Batches(_persist)  # rows that finish together go to disk together, off the event loop
 
     async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
         row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
-        await persist((training, run.pending_row(arm, round_, spec.rollout_id), row))
+        # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
+        await anyio.to_thread.run_sync(_persist, training, run.pending_row(arm, round_, spec.rollout_id), row)
         finished[spec.rollout_id] = row
         events.emit(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
@@ -136,12 +135,12 @@ async def _revive(revive: Callable[[], Awaitable[None]] | None, spec: RolloutSpe
         events.emit("alarm", arm=spec.arm, alarm="server", message=f"restart failed: {type(exc).__name__}: {exc}")
 
 
-def _persist(finished: list[tuple[_Training, Path, dict[str, Any]]]) -> list[None]:
-    """The rollouts' blobs, then their rows: a row on disk never points at a blob that is not.
-    A kill before a row is written replays that rollout, blob and all."""
-    atomic.write_many([(t.run.root / t.blob_path, atomic.zstd(bytes(t.log))) for t, _, _ in finished if t.log])
-    atomic.write_many([(row_path, trace.dumps(row)) for _, row_path, row in finished])
-    return [None] * len(finished)
+def _persist(training: _Training, row_path: Path, row: dict[str, Any]) -> None:
+    """The rollout's blob, then its row: a row on disk never points at a blob that is not.
+    A kill before the row is written replays the rollout, blob and all."""
+    if training.log:
+        atomic.write_zstd(training.run.root / training.blob_path, bytes(training.log))
+    atomic.write_bytes(row_path, trace.dumps(row))
 
 
 def infra_row(spec: RolloutSpec, cfg: Config, detail: str, *, started: float, infra_attempts: int = 0, blob_path: str = "") -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Prints JSON: per run and, per N, min and median over --repeats runs of the wave's wall time over
 D (the baseline: a controller with no overhead at all would take D, a ratio of 1.0), controller
-CPU seconds, where the time goes, and the controller's peak RSS; plus the machine's load before
-and after. The scripted researcher (a test double) runs in its own process so its CPU and memory
+CPU seconds, where the time goes, and the controller's peak RSS; plus the machine's load and the
+speed of its cores (a fixed loop's seconds) before and after. The scripted researcher (a test double) runs in its own process so its CPU and memory
 are not counted as the controller's (researcher_cpu_s reports them). Each run is a fresh
 controller process, so peak RSS is that N's own.
 
@@ -101,16 +101,29 @@ def main() -> None:
     if a.one:
         print(json.dumps(one(a.one, a.duration)))
         return
-    machine = {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    machine = {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in os.getloadavg()], "cpu_probe_s_before": _cpu_probe()}
     runs = []
     for _ in range(a.repeats):  # interleaved, so a burst of outside load does not land on one N only
         for n in a.n:
             out = subprocess.run([sys.executable, __file__, "--one", str(n), "--duration", str(a.duration)],
                                  cwd=ROOT, capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    machine |= {"loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpu_probe_s_after": _cpu_probe()}
     summary = [_summary([r for r in runs if r["n"] == n]) for n in a.n]
     print(json.dumps({"machine": machine, "summary": summary, "runs": runs}, indent=2))
+
+
+def _cpu_probe() -> float:
+    """Seconds for a fixed pure-Python loop (best of 5): on a shared host, how fast this machine's
+    cores run right now, so figures taken at different times can be told apart."""
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 4)
 
 
 def _summary(runs: list[dict]) -> dict:

@@ -1,10 +1,9 @@
 """Blocking work asked for by many coroutines, done in a worker thread one batch at a time.
 
-A wave's jobs end together. When each sent its own small blocking job to a worker thread (a /proc
-pass, a directory removal), the N thread hops and the hand-overs of the GIL between the workers
-and the event loop cost the loop more than the work itself. Here what is asked while a batch runs
-goes together in the next batch, and a batch shares what its items have in common: one /proc
-pass answers every job that asked.
+A wave's jobs end together. A /proc pass per job (a few ms each, serialised) was most of the time
+between a wave's last run ending and its last row. Here what is asked while a batch runs goes
+together in the next batch, so one pass answers every job that asked, and one thread hop removes
+every working folder.
 """
 
 from __future__ import annotations

@@ -110,8 +110,7 @@ def _read_all(path: str) -> bytes:
 
 
 def _sweep(tags: list[bytes]) -> list[list[int]]:
-    """One /proc pass for every job that asked: a wave's jobs end together, and one pass per job
-    (a few ms each, serialised) was most of the time between a wave's last run ending and its last row."""
+    """One /proc pass for every job that asked (see rfs.batches)."""
     found = _tagged(set(tags))
     return [found[tag] for tag in tags]
 

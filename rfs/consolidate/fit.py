@@ -141,7 +141,11 @@ def lora(model: Any, cfg: ConsolidateCfg, seed: int) -> Any:
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, spec)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5; the old name goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

@@ -161,8 +161,10 @@ def _type_problem(value: Any, typ: pa.DataType) -> str:
         if not isinstance(value, dict) or value.keys() != fields.keys():
             return f"expected an object with keys {sorted(fields)}"
         for name, sub in fields.items():
-            if value[name] is None or (problem := _type_problem(value[name], sub)):
-                return f"{name}: {problem or 'is None'}"
+            if value[name] is None:
+                return f"{name} is None"
+            if problem := _type_problem(value[name], sub):
+                return f"{name}: {problem}"
     else:  # a new column type needs its check here
         raise TypeError(f"trace.validate has no check for {typ}")
     return ""

@@ -19,7 +19,8 @@ WRONG_TYPE = [
     ("anomaly_flags", ["a", 3]), ("anomaly_flags", "short_training"), ("exit_code", "0"),
 ]
 # Parquet would hold these nulls, but no reader expects one: only exit_code and job_id may be None.
-NONE = [("status", None), ("messages", [None]), ("messages", [msg("user", "x", None)]), ("anomaly_flags", [None])]
+NONE = [("status", None), ("messages", [None]), ("messages", [msg("user", "x", None)]),
+        ("messages", [msg(None, "x")]), ("anomaly_flags", [None])]
 WRONG = WRONG_TYPE + NONE
 
 

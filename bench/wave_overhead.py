@@ -3,9 +3,9 @@
 Prints JSON: per run and, per N, min and median over --repeats runs of the wave's wall time over
 D (the baseline: a controller with no overhead at all would take D, a ratio of 1.0), controller
 CPU seconds, where the time goes, and the controller's peak RSS; plus the machine's load and the
-speed of its cores (a fixed loop's seconds) before and after. The scripted researcher (a test double) runs in its own process so its CPU and memory
-are not counted as the controller's (researcher_cpu_s reports them). Each run is a fresh
-controller process, so peak RSS is that N's own.
+speed of its cores (a fixed loop's seconds) before and after. The scripted researcher (a test
+double) runs in its own process so its CPU and memory are not counted as the controller's
+(researcher_cpu_s reports them). Each run is a fresh controller process, so peak RSS is that N's own.
 
     python bench/wave_overhead.py                                  # quick: D=2 s, N=48 and 512
     python bench/wave_overhead.py --duration 30 --n 48 --repeats 3 # the target: wall <= 1.01 x D

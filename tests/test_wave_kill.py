@@ -77,7 +77,7 @@ def test_kill_9_at_random_instants_loses_and_repeats_nothing(tmp_path):
             compacted = run.traces("S", 1).exists()
             child.kill()
             _, err = child.communicate()
-            assert child.returncode in (-9, 0), err.decode()[-2000:]
+            assert child.returncode == -9, err.decode()[-2000:]  # killed, not ended on its own
             assert not compacted, "the wave ended before every kill had landed in it: give it more work"
             settle(str(counter))
             snapshots.append((finished(run), launches(counter)))

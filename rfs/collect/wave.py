@@ -3,8 +3,8 @@
 Exactly once, across kill -9: a finished rollout is its own small file,
 `run.pending_row(arm, round, rollout_id)` (written atomically), so a restarted wave skips it;
 when all are there the round file `run.traces(arm, round)` is compacted from them (atomically)
-and is the wave's answer from then on. A rollout holds a slot only while its training run executes, so N rollouts
-share few slots while the researcher thinks.
+and is the wave's answer from then on. A rollout holds a slot only while its training run
+executes, so N rollouts share few slots while the researcher thinks.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ async def _rollout_row(
         if row["status"] != "infra_error" or training.runs:
             return row
         detail = f"{row['detail']} (after {attempt + 1} attempt(s))"
-    return infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_path)
+    row = infra_row(spec, cfg, detail, started=started, infra_attempts=training.attempts, blob_path=training.blob_path)
+    trace.validate(row)  # checked before it is written, as every other row
+    return row
 
 
 async def _revive(revive: Callable[[], Awaitable[None]] | None, spec: RolloutSpec, events: EventLog) -> None:

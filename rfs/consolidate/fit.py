@@ -142,7 +142,7 @@ def lora(model: Any, cfg: ConsolidateCfg, seed: int) -> Any:
     model = get_peft_model(model, spec)
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5; the old name goes in v6
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name goes in v6
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -170,8 +171,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, `kill`, a SLURM preemption) stops rfs as Ctrl-C does: the controller is
+    cancelled, so every launcher kills its jobs on the way out. By default the process would just
+    end, and its running jobs would go on, orphaned, competing with the resumed run's."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    stop_on_sigterm()
     try:
         return args.fn(args)
     except (ConfigError, RunLocked, FileNotFoundError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -99,3 +100,35 @@ def test_kill_9_at_random_instants_loses_and_repeats_nothing(tmp_path):
     in_flight = {rid for done_then, at in snapshots for rid in at if rid not in done_then}
     assert {rid for rid, c in final.items() if c > 1} <= in_flight
     print("finished at each kill:", [len(d) for d, _ in snapshots], "launches:", sum(final.values()))
+
+
+def test_sigterm_stops_the_wave_and_its_running_jobs_as_ctrl_c_does(tmp_path):
+    """`timeout` or a SLURM preemption sends SIGTERM: the controller (with rfs.cli's handler) is
+    cancelled, and its launcher kills the jobs it was running instead of leaving them orphaned."""
+    counter = tmp_path / "launches"
+    code = "import sys; from rfs.cli import stop_on_sigterm; stop_on_sigterm(); from tests.wave_child import main; main()"
+    with ScriptedResearcher(plans(2)) as sr:
+        child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), sr.base_url, str(counter),
+                                  "--n", "2", "--slots", "2", "--sleep", "60"], cwd=ROOT, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not (counter.exists() and len(counter.read_text().split()) == 2):
+            assert child.poll() is None and time.monotonic() < deadline, "the jobs never started"
+            time.sleep(0.05)
+        groups = {os.getpgid(int(p.name)) for p in Path("/proc").glob("[0-9]*")
+                  if p.name != str(child.pid) and str(counter).encode() in _cmdline(p)}  # the jobs, not their controller
+        assert len(groups) == 2, "the two running jobs were not found"
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=30)
+    assert b"KeyboardInterrupt" in err, err.decode()[-2000:]
+    deadline = time.monotonic() + 5  # a killed job's last zombie is reaped by init, not at once
+    while (alive := [g for g in groups if _group_alive(g)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive == [], "jobs outlived their controller"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

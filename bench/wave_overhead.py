@@ -2,8 +2,11 @@
 
 Prints JSON: per run and, per N, min and median over --repeats runs of the wave's wall time over
 D (the baseline: a controller with no overhead at all would take D, a ratio of 1.0), controller
-CPU seconds, where the time goes, and the controller's peak RSS; plus the machine's load and the
-speed of its cores (a fixed loop's seconds) before and after. The scripted researcher (a test
+CPU seconds (all threads, and the event loop's thread alone: on a machine with many cores, the loop
+is the part that cannot spread), where the time goes, the controller's peak RSS, and bare_starts_s:
+what starting the same N confined jobs costs a bare loop on this machine, a floor under wall - D
+taken in the same run; plus the machine's load and the speed of its cores (a fixed loop's seconds)
+before and after. The scripted researcher (a test
 double) runs in its own process so its CPU and memory are not counted as the controller's
 (researcher_cpu_s reports them). Each run is a fresh controller process, so peak RSS is that N's own.
 
@@ -67,12 +70,32 @@ async def _waves(tmp: Path, base_url: str, n: int, duration: float, server_pid: 
     warmup = time.perf_counter() - t0
     env = SleepEnv(tmp / "launches", duration)
     researcher_cpu0 = _cpu_seconds(server_pid)
-    cpu0, t0, epoch = time.process_time(), time.perf_counter(), time.time()
+    cpu0, loop_cpu0, t0, epoch = time.process_time(), time.thread_time(), time.perf_counter(), time.time()
     await wave(tmp / "run", base_url, env, n, n, cfg=cfg)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    wall, cpu, loop_cpu = time.perf_counter() - t0, time.process_time() - cpu0, time.thread_time() - loop_cpu0
     return {"wall_s": round(wall, 3), "wall_over_d": round(wall / duration, 4), "controller_cpu_s": round(cpu, 3),
-            "researcher_cpu_s": round(_cpu_seconds(server_pid) - researcher_cpu0, 3),
-            **_phases(tmp / "run" / "events.jsonl", epoch), "warmup_wave_s": round(warmup, 3)}
+            "event_loop_cpu_s": round(loop_cpu, 3), "researcher_cpu_s": round(_cpu_seconds(server_pid) - researcher_cpu0, 3),
+            **_phases(tmp / "run" / "events.jsonl", epoch), "warmup_wave_s": round(warmup, 3),
+            "bare_starts_s": _bare_starts(tmp / "bare", n)}
+
+
+def _bare_starts(tmp: Path, n: int) -> float:
+    """Seconds for a bare loop to start n copies of a wave's job, confined as the local launcher
+    confines it but sleeping 0 s, and see them all exit: what n sandboxed job starts cost this
+    machine with no controller around them, the floor under the wave's wall - D."""
+    from rfs.launch.local import _confined, network_isolation
+    from tests.wave_child import SleepEnv, local_slots
+
+    tmp.mkdir()
+    (tmp / "train.py").write_text("x = 0\n")
+    slot = local_slots(1)[0]
+    job = SleepEnv(tmp / "launches", 0).job("x = 0\n", slot, "bare")
+    argv = _confined(slot, job.timeout_s, network_isolation(), list(job.argv))
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(argv, cwd=tmp, stdout=subprocess.DEVNULL, start_new_session=True) for _ in range(n)]
+    if any(p.wait() != 0 for p in procs):
+        raise RuntimeError(f"a bare job start failed: {argv}")
+    return round(time.perf_counter() - t0, 3)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -131,8 +154,8 @@ def _summary(runs: list[dict]) -> dict:
         xs = [r[key] for r in runs]
         return {"min": min(xs), "median": statistics.median(xs)}
 
-    keys = ("wall_over_d", "controller_cpu_s", "first_run_start_s", "last_run_start_s", "last_run_end_to_wave_end_s",
-            "peak_rss_mb")
+    keys = ("wall_over_d", "controller_cpu_s", "event_loop_cpu_s", "first_run_start_s", "last_run_start_s",
+            "last_run_end_to_wave_end_s", "bare_starts_s", "peak_rss_mb")
     return {"n": runs[0]["n"], "duration_s": runs[0]["duration_s"], "repeats": len(runs), **{k: stats(k) for k in keys}}
 
 

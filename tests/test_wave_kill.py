@@ -1,4 +1,5 @@
-"""kill -9 a real wave controller at 20 random instants, resume each time: exactly-once traces.
+"""kill -9 a real wave controller at 20 random instants, resume each time: exactly-once traces;
+and the jobs a killed controller left running are killed by the one that resumes its wave.
 
 The controller is tests/wave_child.py in its own process (run_wave, the scripted researcher over
 loopback HTTP, SleepEnv jobs through the real local launcher). Every job appends its rollout_id to
@@ -12,12 +13,15 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from rfs.collect.wave import wave_key
+from rfs.events import iter_events
 from rfs.rundir import RunDir
 from tests.scripted_researcher import ScriptedResearcher
 from tests.wave_child import plans, specs
@@ -100,6 +104,56 @@ def test_kill_9_at_random_instants_loses_and_repeats_nothing(tmp_path):
     in_flight = {rid for done_then, at in snapshots for rid in at if rid not in done_then}
     assert {rid for rid, c in final.items() if c > 1} <= in_flight
     print("finished at each kill:", [len(d) for d, _ in snapshots], "launches:", sum(final.values()))
+    assert _workdirs(run) == [], "working folders of killed controllers' jobs were left behind"
+
+
+def test_a_resumed_wave_kills_the_jobs_its_killed_controller_left_running(tmp_path):
+    """A job goes on after its controller's kill -9, holding its slot (a GPU on the cluster) for up
+    to the run's whole budget. The controller that resumes the wave kills it before it starts its
+    own jobs, says so in an alarm, and removes the dead jobs' working folders."""
+    run, counter, n = RunDir(tmp_path / "run"), tmp_path / "launches", 3
+    with ScriptedResearcher(plans(n)) as sr:
+        argv = [sys.executable, "-m", "tests.wave_child", str(run.root), sr.base_url, str(counter), "--n", str(n), "--slots", str(n)]
+        child = subprocess.Popen([*argv, "--sleep", "600"], cwd=ROOT, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not (counter.exists() and len(counter.read_text().split()) == n):
+                assert child.poll() is None and time.monotonic() < deadline, "the jobs never started"
+                time.sleep(0.05)
+            child.kill()
+            child.communicate()
+            orphans = _carrying(run)
+            assert len(orphans) == 2 * n, f"each job is a shell and its sleep: {orphans}"  # alive after the kill
+            assert len(_workdirs(run)) == n
+            done = subprocess.run([*argv, "--sleep", "0.1"], cwd=ROOT, capture_output=True, timeout=120)
+            assert done.returncode == 0, done.stderr.decode()[-3000:]
+        finally:
+            child.kill()
+            for pid in _carrying(run):  # a failing test leaves no 600 s sleepers behind
+                os.kill(pid, signal.SIGKILL)
+    assert _carrying(run) == [], "the orphaned jobs outlived the resume"
+    assert _workdirs(run) == []
+    rows = pq.read_table(run.traces("S", 1)).to_pylist()
+    assert [r["status"] for r in rows] == ["success"] * n
+    alarms = [e["message"] for e in iter_events(run.events) if e["kind"] == "alarm" and e["alarm"] == "orphans"]
+    assert alarms == [f"killed {2 * n} process(es) that a killed controller of round 1 left running"]
+
+
+def _carrying(run: RunDir) -> list[int]:
+    """Live processes whose environment names the wave (S, round 1) of this run."""
+    needle = f"\0RFS_WAVE={wave_key(run, 'S', 1)}\0".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in b"\0" + (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def _workdirs(run: RunDir) -> list[Path]:
+    return sorted(Path(tempfile.gettempdir()).glob(f"rfs-{wave_key(run, 'S', 1)}-*"))
 
 
 def test_sigterm_stops_the_wave_and_its_running_jobs_as_ctrl_c_does(tmp_path):

@@ -9,6 +9,7 @@ executes, so N rollouts share few slots while the researcher thinks.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import time
@@ -29,6 +30,7 @@ from rfs.events import EventLog
 from rfs.hosts import HostsFile, Slot
 from rfs.launch import wave_launchers
 from rfs.launch.base import JobOutcome, Launcher
+from rfs.launch.local import reclaim
 from rfs.rundir import RunDir
 
 RolloutFn = Callable[..., Awaitable[dict[str, Any]]]
@@ -79,10 +81,19 @@ async def run_wave(
         )
 
     if todo:  # a SLURM allocation is made (and waited for) only when there is something to run
-        async with wave_launchers(pool.slots, hosts) as launcher, anyio.create_task_group() as tg:
+        wave = wave_key(run, arm, round_)
+        if any(slot.launcher == "local" for slot in pool.slots) and (left := await reclaim(wave)):
+            events.emit("alarm", arm=arm, alarm="orphans",
+                        message=f"killed {left} process(es) that a killed controller of round {round_} left running")
+        async with wave_launchers(pool.slots, hosts, wave) as launcher, anyio.create_task_group() as tg:
             for spec in todo:
                 tg.start_soon(one, spec, launcher, name=spec.rollout_id)
     return await anyio.to_thread.run_sync(_compact, run, specs, finished, cfg, events, calibration)
+
+
+def wave_key(run: RunDir, arm: str, round_: int) -> str:
+    """A short key naming this wave of this run, for its jobs to carry (see launch.local.reclaim)."""
+    return hashlib.sha256(f"{run.root.resolve()}\0{arm}\0{round_}".encode()).hexdigest()[:16]
 
 
 def _one_round(specs: list[RolloutSpec]) -> tuple[str, int]:

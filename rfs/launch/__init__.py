@@ -15,12 +15,12 @@ from rfs.launch.base import Job, JobOutcome, Launcher
 CLOSE_TIMEOUT_S = 60.0  # scancel and ssh disconnects each bound themselves; this bounds them all
 
 
-def launcher_for(slot: Slot, hosts: HostsFile) -> Launcher:
+def launcher_for(slot: Slot, hosts: HostsFile, wave: str = "") -> Launcher:
     """Imported lazily so a local-only user never needs asyncssh or SLURM tools."""
     if slot.launcher == "local":
         from rfs.launch.local import LocalLauncher
 
-        return LocalLauncher()
+        return LocalLauncher(wave=wave)
     if slot.launcher == "ssh":
         from rfs.launch.ssh import SshLauncher
 
@@ -36,7 +36,7 @@ def _shared_by(slot: Slot) -> tuple[str, str]:
 
 
 @asynccontextmanager
-async def wave_launchers(slots: list[Slot], hosts: HostsFile) -> AsyncIterator[Callable[[Slot], Launcher]]:
+async def wave_launchers(slots: list[Slot], hosts: HostsFile, wave: str = "") -> AsyncIterator[Callable[[Slot], Launcher]]:
     """Launchers shared across a wave's slots: `async with wave_launchers(slots, hosts) as launcher_of:`.
 
     One local launcher, one ssh launcher per host (it pools connections), one SLURM launcher whose
@@ -51,7 +51,7 @@ async def wave_launchers(slots: list[Slot], hosts: HostsFile) -> AsyncIterator[C
     def launcher_of(slot: Slot) -> Launcher:
         key = _shared_by(slot)
         if key not in shared:
-            shared[key] = launcher = launcher_for(slot, hosts)
+            shared[key] = launcher = launcher_for(slot, hosts, wave)
             if slot.launcher != "local":
                 releases.append(launcher.aclose if slot.launcher == "ssh" else launcher.close)
         return shared[key]

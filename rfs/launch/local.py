@@ -4,6 +4,10 @@ Each job gets a fresh temporary working directory (removed afterwards), its own 
 process group, an environment tag, the slot's cores (sched_setaffinity), finite rlimits and, where the
 platform allows it, no network (`unshare --net`). On timeout or cancellation the whole group and
 every process carrying the tag get SIGTERM, then SIGKILL.
+
+A controller killed by -9 cannot stop its jobs: they run on, orphaned. Each job therefore also
+carries its wave's key (`RFS_WAVE`), and the next controller of that wave calls `reclaim(key)`
+before it starts any job: what the dead one left running is killed and its working folders go.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from rfs.launch.base import WORKDIR, Job, JobOutcome
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL: lets the harness reap its own children
 RLIMIT_AS_BYTES = 32 << 30  # generous but finite: a runaway allocation fails instead of swapping the host
 RLIMIT_CPU_FACTOR = 4  # CPU seconds allowed per wall second of timeout, per core
+WAVE_VAR = "RFS_WAVE"  # names the wave a job belongs to, inherited by all it starts
 
 
 @functools.cache
@@ -203,18 +208,49 @@ async def _stop(proc: _Child, tag: bytes, tagged: Batches[bytes, list[int]]) -> 
             await anyio.sleep(0.05)
 
 
-class LocalLauncher:
-    """Launcher for slots on this machine."""
+def _workdir_prefix(wave: str) -> str:
+    return f"rfs-{wave}-" if wave else "rfs-"
 
-    def __init__(self, isolate_network: bool = True):
+
+async def reclaim(wave: str) -> int:
+    """Kill every process a killed controller of `wave` left running, remove the working folders
+    of its jobs, and return how many processes there were. Call it before the wave starts a job:
+    each running process that carries the wave's key is then an orphan."""
+    return await anyio.to_thread.run_sync(_reclaim, wave)
+
+
+def _reclaim(wave: str) -> int:
+    if not wave:
+        raise ValueError("reclaim: no wave key (every job and folder would match)")
+    tag = f"{WAVE_VAR}={wave}".encode()
+    killed: set[int] = set()
+    deadline = time.monotonic() + KILL_GRACE_S
+    while (pids := _tagged({tag})[tag]) and time.monotonic() < deadline:
+        for pid in pids:  # the orphan's whole group: a process that dropped the variable is in it
+            try:
+                _signal_tree(os.getpgid(pid), [pid], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed.update(pids)
+        time.sleep(0.05)
+    for workdir in Path(tempfile.gettempdir()).glob(_workdir_prefix(wave) + "*"):
+        shutil.rmtree(workdir, ignore_errors=True)
+    return len(killed)
+
+
+class LocalLauncher:
+    """Launcher for slots on this machine. `wave` keys its jobs for `reclaim` (empty: not kept)."""
+
+    def __init__(self, isolate_network: bool = True, wave: str = ""):
         self.net_prefix = network_isolation() if isolate_network else ()
+        self.wave = wave
         self._tagged = Batches(_sweep)
         self._remove = Batches(_remove)
         self._spawn = anyio.CapacityLimiter(4)  # Popen in a few worker threads, reused: never a thread per job
 
     async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
         started = time.monotonic()
-        workdir = Path(tempfile.mkdtemp(prefix=f"rfs-{job.rollout_id}-"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{_workdir_prefix(self.wave)}{job.rollout_id}-"))
         try:
             for name, data in job.files.items():
                 if Path(name).is_absolute() or ".." in Path(name).parts:
@@ -236,6 +272,8 @@ class LocalLauncher:
         tag = f"RFS_JOB_TAG={uuid.uuid4().hex}"
         env = {**os.environ, **job.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         env["RFS_JOB_TAG"] = tag.split("=", 1)[1]
+        if self.wave:
+            env[WAVE_VAR] = self.wave
         if slot.gpu >= 0:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
         try:

@@ -178,6 +178,25 @@ def test_impossible_allocation_raises_with_slurms_reason(launcher, slurm):
     assert _squeue(slurm.env) == [], "the request is withdrawn, not left in the queue"
 
 
+def test_reclaim_cancels_the_allocation_a_killed_controller_of_the_wave_left(slurm, tmp_path):
+    def launcher(wave: str) -> SlurmLauncher:
+        return SlurmLauncher(slurm.cfg, env=slurm.env, workroot=str(tmp_path / "work"), wave=wave)
+
+    async def main():
+        left = await launcher("k1").open(1)  # never closed: its controller was killed
+        other = launcher("k2")  # another wave's, running: not to be touched
+        kept = await other.open(1)
+        try:
+            assert await launcher("k1").reclaim() == [left]
+            assert _eventually(lambda: left not in _squeue(slurm.env)), "the dead controller's allocation was not cancelled"
+            assert kept in _squeue(slurm.env)
+            assert await launcher("k1").reclaim() == []
+        finally:
+            await other.close()
+
+    anyio.run(main)
+
+
 def test_missing_program_is_infra_error(launcher):
     out = anyio.run(launcher.run, SLOT, Job("m", ("/nonexistent/python", "train.py"), timeout_s=30))
     assert out.infra_error == "cannot start /nonexistent/python: no such program" and out.exit_code is None, out

@@ -28,9 +28,8 @@ from rfs.config import Config
 from rfs.envs.base import Environment, RunResult
 from rfs.events import EventLog
 from rfs.hosts import HostsFile, Slot
-from rfs.launch import wave_launchers
+from rfs.launch import reclaim, wave_launchers
 from rfs.launch.base import JobOutcome, Launcher
-from rfs.launch.local import reclaim
 from rfs.rundir import RunDir
 
 RolloutFn = Callable[..., Awaitable[dict[str, Any]]]
@@ -82,9 +81,9 @@ async def run_wave(
 
     if todo:  # a SLURM allocation is made (and waited for) only when there is something to run
         wave = wave_key(run, arm, round_)
-        if any(slot.launcher == "local" for slot in pool.slots) and (left := await reclaim(wave)):
+        if left := await reclaim(pool.slots, hosts, wave):
             events.emit("alarm", arm=arm, alarm="orphans",
-                        message=f"killed {left} process(es) that a killed controller of round {round_} left running")
+                        message=f"left running by a killed controller of round {round_}: {'; '.join(left)}")
         async with wave_launchers(pool.slots, hosts, wave) as launcher, anyio.create_task_group() as tg:
             for spec in todo:
                 tg.start_soon(one, spec, launcher, name=spec.rollout_id)
@@ -92,7 +91,7 @@ async def run_wave(
 
 
 def wave_key(run: RunDir, arm: str, round_: int) -> str:
-    """A short key naming this wave of this run, for its jobs to carry (see launch.local.reclaim)."""
+    """A short key naming this wave of this run, for its jobs to carry (see rfs.launch.reclaim)."""
     return hashlib.sha256(f"{run.root.resolve()}\0{arm}\0{round_}".encode()).hexdigest()[:16]
 
 

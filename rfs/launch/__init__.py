@@ -27,7 +27,22 @@ def launcher_for(slot: Slot, hosts: HostsFile, wave: str = "") -> Launcher:
         return SshLauncher(hosts.hosts[slot.host])
     from rfs.launch.slurm import SlurmLauncher
 
-    return SlurmLauncher(hosts.slurm)
+    return SlurmLauncher(hosts.slurm, wave=wave)
+
+
+async def reclaim(slots: list[Slot], hosts: HostsFile, wave: str) -> list[str]:
+    """Stop what a killed controller of this wave left running on its local and SLURM slots, before
+    the wave starts anew; say what that was. (An ssh job's own watchdog ends it with its session.)"""
+    found = []
+    if any(s.launcher == "local" for s in slots):
+        from rfs.launch.local import reclaim as reclaim_local
+
+        if n := await reclaim_local(wave):
+            found.append(f"{n} local process(es) killed")
+    if slurm := [s for s in slots if s.launcher == "slurm"]:
+        if ids := await launcher_for(slurm[0], hosts, wave).reclaim():
+            found.append(f"SLURM allocation(s) {' '.join(ids)} cancelled")
+    return found
 
 
 def _shared_by(slot: Slot) -> tuple[str, str]:
@@ -78,4 +93,4 @@ async def _release(releases: list[Callable[[], Awaitable[None]]]) -> None:
         raise errors[0]
 
 
-__all__ = ["Job", "JobOutcome", "Launcher", "launcher_for", "wave_launchers"]
+__all__ = ["Job", "JobOutcome", "Launcher", "launcher_for", "reclaim", "wave_launchers"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -54,8 +55,9 @@ class SlurmError(RuntimeError):
 
 
 class SlurmLauncher:
-    def __init__(self, cfg: SlurmCfg, env: dict[str, str] | None = None, workroot: str | None = None):
+    def __init__(self, cfg: SlurmCfg, env: dict[str, str] | None = None, workroot: str | None = None, wave: str = ""):
         self.cfg = cfg
+        self.name = f"rfs-wave-{wave}" if wave else "rfs-wave"  # the allocation's name: see reclaim()
         self.env = {**os.environ, **(env or {})}  # e.g. SLURM_CONF for a cluster that is not the default
         # Steps may land on any node: their working directories must be on a shared filesystem.
         self.workroot = Path(workroot) if workroot else Path(cfg.root) / "runs" / ".slurm-work"
@@ -74,7 +76,7 @@ class SlurmLauncher:
     async def open(self, n_slots: int, cpus_per_slot: int = 1, gpus_per_slot: int = 0, wait_s: float = 3600.0) -> str:
         """Allocate the wave's resources, waiting in the queue up to wait_s; returns the job id."""
         # --immediate: salloc itself withdraws the request after wait_s (killing salloc would leave it queued)
-        argv = ["salloc", "--no-shell", "--job-name=rfs-wave", f"--ntasks={n_slots}", f"--cpus-per-task={cpus_per_slot}",
+        argv = ["salloc", "--no-shell", f"--job-name={self.name}", f"--ntasks={n_slots}", f"--cpus-per-task={cpus_per_slot}",
                 f"--time={self.cfg.time_limit}", f"--immediate={math.ceil(wait_s)}", *self._common(), *self.cfg.extra_args]
         if gpus_per_slot:
             argv.append(f"--gpus-per-task={gpus_per_slot}")
@@ -84,6 +86,18 @@ class SlurmLauncher:
             raise SlurmError(f"salloc failed ({got.returncode}): {got.stderr.decode(errors='replace').strip()}")
         self.allocation = found.group(1).decode()
         return self.allocation
+
+    async def reclaim(self) -> list[str]:
+        """Cancel this user's allocations named for this launcher's wave, and return their job ids.
+        Before the wave's own open(), each one is a killed controller's: its steps would hold the nodes."""
+        user = pwd.getpwuid(os.getuid()).pw_name
+        got = await self._client(["squeue", "--noheader", f"--name={self.name}", f"--user={user}", "--format=%i"])
+        if got.returncode != 0:
+            raise SlurmError(f"squeue: {got.stderr.decode(errors='replace').strip()}")
+        ids = got.stdout.decode().split()
+        if ids and (got := await self._client(["scancel", *ids])).returncode != 0:
+            raise SlurmError(f"scancel {' '.join(ids)}: {got.stderr.decode(errors='replace').strip()}")
+        return ids
 
     async def close(self) -> None:
         if self.allocation:

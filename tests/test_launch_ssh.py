@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import anyio
 import pytest
@@ -161,6 +164,19 @@ def test_dropped_connection_is_infra_error_and_the_job_dies(sshd):
     assert out.infra_error and "connection lost" in out.infra_error, out
     assert out.exit_code is None
     assert _gone(marker), _survivors(marker)
+
+
+def test_a_waves_launcher_removes_the_working_folders_its_killed_controller_left(sshd, tmp_path):
+    """Over ssh to this machine, the remote /tmp is ours: plant what a killed controller of wave
+    k1 left (a working folder) and what wave k2 has (one in use), then run a job of wave k1."""
+    left, other = Path(tempfile.mkdtemp(prefix="rfs-k1-", dir="/tmp")), Path(tempfile.mkdtemp(prefix="rfs-k2-", dir="/tmp"))
+    try:
+        out = anyio.run(_run, SshLauncher(sshd.host, wave="k1"), Job("r8", ("pwd",), timeout_s=30))
+        assert out.exit_code == 0 and Path(out.output.decode().strip()).name.startswith("rfs-k1-")
+        assert not left.exists() and other.exists()
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(other, ignore_errors=True)
 
 
 def test_refused_connection_is_infra_error(sshd):

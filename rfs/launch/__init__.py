@@ -24,7 +24,7 @@ def launcher_for(slot: Slot, hosts: HostsFile, wave: str = "") -> Launcher:
     if slot.launcher == "ssh":
         from rfs.launch.ssh import SshLauncher
 
-        return SshLauncher(hosts.hosts[slot.host])
+        return SshLauncher(hosts.hosts[slot.host], wave)
     from rfs.launch.slurm import SlurmLauncher
 
     return SlurmLauncher(hosts.slurm, wave=wave)
@@ -32,7 +32,8 @@ def launcher_for(slot: Slot, hosts: HostsFile, wave: str = "") -> Launcher:
 
 async def reclaim(slots: list[Slot], hosts: HostsFile, wave: str) -> list[str]:
     """Stop what a killed controller of this wave left running on its local and SLURM slots, before
-    the wave starts anew; say what that was. (An ssh job's own watchdog ends it with its session.)"""
+    the wave starts anew; say what that was. An ssh job's own watchdog ends it with its session, and
+    the wave's ssh launchers remove its working folders when they first connect."""
     found = []
     if any(s.launcher == "local" for s in slots):
         from rfs.launch.local import reclaim as reclaim_local

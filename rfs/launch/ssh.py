@@ -98,8 +98,12 @@ def command(slot: Slot, job: Job, wd: str) -> str:
 class SshLauncher:
     """Runs jobs on one ssh host. Call `aclose()` when done with the host."""
 
-    def __init__(self, host: HostCfg):
+    def __init__(self, host: HostCfg, wave: str = ""):
         self.host = host
+        # Working folders are named for the wave, so the first connection of the wave's next
+        # controller removes those a killed one left (its jobs' watchdogs have killed the jobs).
+        self._prefix = f"rfs-{wave}-" if wave else "rfs-"
+        self._reclaim = bool(wave)
         self.where = f"ssh {host.user + '@' if host.user else ''}{host.address}:{host.port}"
         self._load: dict[asyncssh.SSHClientConnection, int] = {}  # open connections and their running jobs
         self._lock = anyio.Lock()
@@ -124,6 +128,9 @@ class SshLauncher:
             h.address, port=h.port, username=h.user or None, known_hosts=h.known_hosts or None,
             connect_timeout=CONNECT_TIMEOUT, keepalive_interval=15, keepalive_count_max=4, **keys,
         )
+        if self._reclaim:
+            await conn.run(f'rm -rf "${{TMPDIR:-/tmp}}"/{self._prefix}*', timeout=CLEANUP_TIMEOUT)
+            self._reclaim = False
         if self._stale:
             await conn.run("rm -rf " + shlex.join(sorted(self._stale)))
             self._stale.clear()
@@ -149,7 +156,7 @@ class SshLauncher:
     async def _run_on(self, conn, slot: Slot, job: Job, on_line, start: float) -> JobOutcome:
         where = self.where
         try:
-            made = await conn.run('d=$(mktemp -d "${TMPDIR:-/tmp}/rfs-XXXXXX") && tar -xf - -C "$d" && echo "$d"',
+            made = await conn.run(f'd=$(mktemp -d "${{TMPDIR:-/tmp}}/{self._prefix}XXXXXX") && tar -xf - -C "$d" && echo "$d"',
                                   input=_pack(job), encoding=None, timeout=CLEANUP_TIMEOUT)
         except _SSH_ERRORS as exc:
             return _infra(f"{where}: {type(exc).__name__}: {exc}", start)

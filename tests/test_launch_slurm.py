@@ -186,10 +186,13 @@ def test_reclaim_cancels_the_allocation_a_killed_controller_of_the_wave_left(slu
         left = await launcher("k1").open(1)  # never closed: its controller was killed
         other = launcher("k2")  # another wave's, running: not to be touched
         kept = await other.open(1)
+        (tmp_path / "work" / "rfs-k1-abc").mkdir(parents=True)  # a working folder of the dead one
+        (tmp_path / "work" / "rfs-k2-abc").mkdir()
         try:
             assert await launcher("k1").reclaim() == [left]
             assert _eventually(lambda: left not in _squeue(slurm.env)), "the dead controller's allocation was not cancelled"
             assert kept in _squeue(slurm.env)
+            assert [p.name for p in (tmp_path / "work").iterdir()] == ["rfs-k2-abc"]
             assert await launcher("k1").reclaim() == []
         finally:
             await other.close()

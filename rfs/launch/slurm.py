@@ -58,6 +58,7 @@ class SlurmLauncher:
     def __init__(self, cfg: SlurmCfg, env: dict[str, str] | None = None, workroot: str | None = None, wave: str = ""):
         self.cfg = cfg
         self.name = f"rfs-wave-{wave}" if wave else "rfs-wave"  # the allocation's name: see reclaim()
+        self.prefix = f"rfs-{wave}-" if wave else "rfs-"  # the working folders' names, likewise
         self.env = {**os.environ, **(env or {})}  # e.g. SLURM_CONF for a cluster that is not the default
         # Steps may land on any node: their working directories must be on a shared filesystem.
         self.workroot = Path(workroot) if workroot else Path(cfg.root) / "runs" / ".slurm-work"
@@ -88,8 +89,9 @@ class SlurmLauncher:
         return self.allocation
 
     async def reclaim(self) -> list[str]:
-        """Cancel this user's allocations named for this launcher's wave, and return their job ids.
-        Before the wave's own open(), each one is a killed controller's: its steps would hold the nodes."""
+        """Cancel this user's allocations named for this launcher's wave, remove the working folders
+        named for it, and return the allocations' job ids. Before the wave's own open(), each one is
+        a killed controller's: its steps would hold the nodes."""
         user = pwd.getpwuid(os.getuid()).pw_name
         got = await self._client(["squeue", "--noheader", f"--name={self.name}", f"--user={user}", "--format=%i"])
         if got.returncode != 0:
@@ -97,6 +99,8 @@ class SlurmLauncher:
         ids = got.stdout.decode().split()
         if ids and (got := await self._client(["scancel", *ids])).returncode != 0:
             raise SlurmError(f"scancel {' '.join(ids)}: {got.stderr.decode(errors='replace').strip()}")
+        for workdir in self.workroot.glob(self.prefix + "*"):
+            shutil.rmtree(workdir, ignore_errors=True)
         return ids
 
     async def close(self) -> None:
@@ -120,7 +124,7 @@ class SlurmLauncher:
     async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
         start = time.monotonic()
         self.workroot.mkdir(parents=True, exist_ok=True)
-        wd = Path(tempfile.mkdtemp(prefix="rfs-", dir=self.workroot))
+        wd = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.workroot))
         try:
             for name, data in job.files.items():
                 if Path(name).is_absolute() or ".." in Path(name).parts:

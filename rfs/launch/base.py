@@ -11,6 +11,12 @@ WORKDIR = "{workdir}"  # placeholder in Job.argv, replaced by the launcher's fre
 RESULT_MAX = 1 << 20  # files a job leaves in its working directory come back in JobOutcome.files up to this size
 
 
+def workdir_prefix(wave: str) -> str:
+    """How a job's working directory is named: for its wave, so a later controller of the wave
+    can find what a killed one left (rfs.launch.reclaim)."""
+    return f"rfs-{wave}-" if wave else "rfs-"
+
+
 @dataclass(frozen=True)
 class Job:
     rollout_id: str

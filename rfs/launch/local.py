@@ -28,7 +28,7 @@ import anyio
 
 from rfs.batches import Batches
 from rfs.hosts import Slot
-from rfs.launch.base import WORKDIR, Job, JobOutcome
+from rfs.launch.base import WORKDIR, Job, JobOutcome, workdir_prefix
 
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL: lets the harness reap its own children
 RLIMIT_AS_BYTES = 32 << 30  # generous but finite: a runaway allocation fails instead of swapping the host
@@ -208,10 +208,6 @@ async def _stop(proc: _Child, tag: bytes, tagged: Batches[bytes, list[int]]) -> 
             await anyio.sleep(0.05)
 
 
-def _workdir_prefix(wave: str) -> str:
-    return f"rfs-{wave}-" if wave else "rfs-"
-
-
 async def reclaim(wave: str) -> int:
     """Kill every process a killed controller of `wave` left running, remove the working folders
     of its jobs, and return how many processes there were. Call it before the wave starts a job:
@@ -233,7 +229,7 @@ def _reclaim(wave: str) -> int:
                 pass
         killed.update(pids)
         time.sleep(0.05)
-    for workdir in Path(tempfile.gettempdir()).glob(_workdir_prefix(wave) + "*"):
+    for workdir in Path(tempfile.gettempdir()).glob(workdir_prefix(wave) + "*"):
         shutil.rmtree(workdir, ignore_errors=True)
     return len(killed)
 
@@ -250,7 +246,7 @@ class LocalLauncher:
 
     async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
         started = time.monotonic()
-        workdir = Path(tempfile.mkdtemp(prefix=f"{_workdir_prefix(self.wave)}{job.rollout_id}-"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{workdir_prefix(self.wave)}{job.rollout_id}-"))
         try:
             for name, data in job.files.items():
                 if Path(name).is_absolute() or ".." in Path(name).parts:

@@ -29,7 +29,7 @@ import anyio
 import anyio.abc
 
 from rfs.hosts import SlurmCfg, Slot
-from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome
+from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome, workdir_prefix
 
 CLIENT_TIMEOUT = 30.0  # salloc aside, a SLURM client that takes longer is stuck (munged down, controller gone)
 STOP_WAIT = 15.0  # after scancel: KillWait plus slack for srun to report and exit
@@ -58,7 +58,7 @@ class SlurmLauncher:
     def __init__(self, cfg: SlurmCfg, env: dict[str, str] | None = None, workroot: str | None = None, wave: str = ""):
         self.cfg = cfg
         self.name = f"rfs-wave-{wave}" if wave else "rfs-wave"  # the allocation's name: see reclaim()
-        self.prefix = f"rfs-{wave}-" if wave else "rfs-"  # the working folders' names, likewise
+        self.prefix = workdir_prefix(wave)
         self.env = {**os.environ, **(env or {})}  # e.g. SLURM_CONF for a cluster that is not the default
         # Steps may land on any node: their working directories must be on a shared filesystem.
         self.workroot = Path(workroot) if workroot else Path(cfg.root) / "runs" / ".slurm-work"

@@ -22,7 +22,7 @@ import anyio
 import asyncssh
 
 from rfs.hosts import HostCfg, Slot
-from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome
+from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome, workdir_prefix
 
 CONNECT_TIMEOUT = 15.0
 CLEANUP_TIMEOUT = 30.0  # bound on kill + collect + remove, so a hung host cannot hang the wave
@@ -102,7 +102,7 @@ class SshLauncher:
         self.host = host
         # Working folders are named for the wave, so the first connection of the wave's next
         # controller removes those a killed one left (its jobs' watchdogs have killed the jobs).
-        self._prefix = f"rfs-{wave}-" if wave else "rfs-"
+        self._prefix = workdir_prefix(wave)
         self._reclaim = bool(wave)
         self.where = f"ssh {host.user + '@' if host.user else ''}{host.address}:{host.port}"
         self._load: dict[asyncssh.SSHClientConnection, int] = {}  # open connections and their running jobs

@@ -1,7 +1,7 @@
 """A whole experiment in seconds, for the loop tests: the real driver over SleepEnv, the scripted
 researcher (the one test double) and a tiny random Llama-shaped researcher that really trains.
 
-    python -m tests.loop_child RUN_DIR BASE_URL MODEL_DIR COUNTER [--rounds R] [--rollouts N]
+    python -m tests.loop_child RUN_DIR BASE_URL MODEL_DIR COUNTER [--rounds R] [--rollouts N] [--sleep S] [--tui]
 
 Every rollout reads the `x = N` of the train.py it was given and writes `x = N - (thread + 1)` for
 even threads (better: val_bpb = 1 + x/100) and `x = N + 5` for odd ones (worse), so arc B's
@@ -69,9 +69,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rollouts", type=int, default=2)
     p.add_argument("--no-probes", action="store_true", help="loop.eval_every = 0")
+    p.add_argument("--sleep", type=float, default=0.05, help="seconds each job sleeps")
+    p.add_argument("--tui", action="store_true", help="the TUI, as on a terminal (stdout must be one)")
     a = p.parse_args()
     cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts, probes=not a.no_probes)
-    drive(cfg, RunDir(Path(a.run_dir)), hosts(), plain=True, env=SleepEnv(Path(a.counter), 0.05))
+    drive(cfg, RunDir(Path(a.run_dir)), hosts(), plain=not a.tui, env=SleepEnv(Path(a.counter), a.sleep))
 
 
 if __name__ == "__main__":

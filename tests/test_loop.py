@@ -214,3 +214,64 @@ def test_a_cpu_fit_cancelled_while_taking_the_slots_gives_back_those_it_took():
         return pool.free
 
     assert anyio.run(main) == 3
+
+
+def test_sigterm_under_the_tui_stops_the_controller_thread_and_its_jobs(tmp_path, tiny, researcher):
+    """On a terminal the controller runs in a thread beside the TUI, and SIGTERM (or Ctrl-C) lands
+    in the TUI's thread: the controller must still be cancelled, so its launchers kill the jobs."""
+    import pty
+    import select
+
+    counter = tmp_path / "launches"
+    code = "from rfs.cli import stop_on_sigterm; stop_on_sigterm(); from tests.loop_child import main; main()"
+    argv = [sys.executable, "-c", code, str(tmp_path / "run"), researcher.base_url, str(tiny), str(counter), "--tui", "--sleep", "600"]
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "30"}
+    master, child = pty.openpty()
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=child, stdout=child, stderr=child, start_new_session=True)
+    os.close(child)
+    seen = bytearray()
+
+    def drain_until(done, within: float) -> None:  # a hang guard, not a timing assertion
+        deadline = time.monotonic() + within
+        while not done() and time.monotonic() < deadline:
+            try:
+                if select.select([master], [], [], 0.1)[0]:
+                    seen.extend(os.read(master, 65536))  # keep draining so the app never blocks on a full pty
+            except OSError:  # every writer has closed the terminal
+                time.sleep(0.1)
+
+    try:
+        drain_until(lambda: counter.exists() or proc.poll() is not None, 120)
+        assert counter.exists(), seen[-3000:].decode(errors="replace")
+        groups = {os.getpgid(int(p.name)) for p in Path("/proc").glob("[0-9]*")
+                  if p.name != str(proc.pid) and str(counter).encode() in _cmdline(p)}
+        assert groups, "no running job was found"
+        proc.send_signal(signal.SIGTERM)
+        drain_until(lambda: proc.poll() is not None, 60)
+        assert proc.poll() is not None, "the controller did not stop: " + seen[-3000:].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+    deadline = time.monotonic() + 5  # a killed job's last zombie is reaped by init, not at once
+    while (alive := [g for g in groups if _group_alive(g)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pgid in alive:  # a failing test leaves no 600 s sleepers behind
+        os.killpg(pgid, signal.SIGKILL)
+    assert alive == [], "jobs outlived their controller"
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

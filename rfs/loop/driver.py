@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import pyarrow.parquet as pq
 
 from rfs import atomic, config
@@ -39,7 +41,8 @@ def drive(cfg: Config, run: RunDir, hosts: HostsFile, plain: bool = False, env: 
     """Run (or resume) the experiment in `run`. `env` replaces the configured environment (tests).
 
     On a terminal the TUI shows the run while the controller works in a thread; quitting the TUI
-    leaves the run going with plain progress lines.
+    leaves the run going with plain progress lines. Ctrl-C or SIGTERM stops the controller with
+    either, its jobs killed.
     """
     tui = not plain and sys.stdout.isatty()
     with Lock(run.root):
@@ -58,20 +61,39 @@ def _with_tui(d: Driver, env: Any) -> int:
     from rfs.tui import watch
 
     outcome: list[Any] = []
+    loop: list[tuple[Any, anyio.CancelScope]] = []  # the controller's event loop, to stop it from here
+
+    async def main() -> int:
+        with anyio.CancelScope() as scope:
+            loop.append((anyio.lowlevel.current_token(), scope))
+            return await _main(d, env)
+        raise KeyboardInterrupt  # cancelled from the main thread, below
 
     def controller() -> None:
         try:
-            outcome.append(anyio.run(_main, d, env))
+            outcome.append(anyio.run(main))
         except BaseException as exc:  # shown after the TUI closes, never lost in a thread
             outcome.append(exc)
 
     worker = threading.Thread(target=controller, name="rfs-controller", daemon=True)
     worker.start()
-    watch(d.run.root)
-    if worker.is_alive():
-        print("TUI closed; the run goes on (Ctrl-C stops it, `python rfs.py resume` continues it)", flush=True)
-        d.events.echo = True
-    worker.join()
+    try:
+        watch(d.run.root)
+        if worker.is_alive():
+            print("TUI closed; the run goes on (Ctrl-C stops it, `python rfs.py resume` continues it)", flush=True)
+            d.events.echo = True
+        worker.join()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM lands in this thread: cancel the controller as the
+        while not loop and worker.is_alive():  # plain path is cancelled, so its launchers kill their jobs
+            time.sleep(0.01)
+        if loop:
+            token, scope = loop[0]
+            try:
+                anyio.from_thread.run_sync(scope.cancel, token=token)
+            except RuntimeError:  # its event loop has ended already
+                pass
+        worker.join()
+        raise
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]

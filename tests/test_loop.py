@@ -275,3 +275,57 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_resumed_run_kills_the_calibration_jobs_of_its_killed_controller(tmp_path, tiny, researcher):
+    """Calibration's jobs are keyed like a wave's: a resumed run kills those a kill -9 left running
+    before it calibrates again."""
+    counter, run = tmp_path / "launches", RunDir(tmp_path / "run")
+    code = "from rfs.cli import stop_on_sigterm; stop_on_sigterm(); from tests.loop_child import main; main()"
+    argv = [sys.executable, "-c", code, str(run.root), researcher.base_url, str(tiny), str(counter), "--sleep", "600"]
+    started = lambda k: counter.exists() and len(counter.read_text().split()) >= k  # noqa: E731
+    first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        _wait(lambda: started(2) or first.poll() is not None)
+        orphans = _jobs(counter, first.pid)
+        first.kill()
+        first.wait()
+        assert orphans and all(_group_alive(g) for g in orphans), "the killed controller's jobs should still run"
+        second = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait(lambda: started(4) or second.poll() is not None)
+        assert started(4), second.stderr.read().decode()[-3000:] if second.poll() is not None else "no new calibration"
+        _wait(lambda: not any(_group_alive(g) for g in orphans), within=5)  # zombies are reaped by init, not at once
+        assert not any(_group_alive(g) for g in orphans), "the orphaned calibration jobs outlived the resume"
+        alarms = [(e["arm"], e["message"]) for e in read_events(run.events)[0] if e["kind"] == "alarm"]
+        assert ("calibrate", "left running by a killed controller: 4 local process(es) killed") in alarms, alarms
+        running = _jobs(counter, second.pid)
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+        _wait(lambda: not any(_group_alive(g) for g in running), within=5)
+        assert not any(_group_alive(g) for g in running)
+    finally:
+        for proc in (first, second):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for pgid in _jobs(counter, -1):  # a failing test leaves no 600 s sleepers behind
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def _wait(done, within: float = 120) -> None:  # a hang guard, not a timing assertion
+    deadline = time.monotonic() + within
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _jobs(counter: Path, controller: int) -> set[int]:
+    """Process groups of the running jobs (their command line names the counter file)."""
+    groups = set()
+    for p in Path("/proc").glob("[0-9]*"):
+        if p.name != str(controller) and str(counter).encode() in _cmdline(p):
+            try:
+                groups.add(os.getpgid(int(p.name)))
+            except ProcessLookupError:
+                pass
+    return groups

@@ -135,8 +135,8 @@ def test_a_resumed_wave_kills_the_jobs_its_killed_controller_left_running(tmp_pa
     assert _workdirs(run) == []
     rows = pq.read_table(run.traces("S", 1)).to_pylist()
     assert [r["status"] for r in rows] == ["success"] * n
-    alarms = [e["message"] for e in iter_events(run.events) if e["kind"] == "alarm" and e["alarm"] == "orphans"]
-    assert alarms == [f"left running by a killed controller of round 1: {2 * n} local process(es) killed"]
+    alarms = [(e["arm"], e["round"], e["message"]) for e in iter_events(run.events) if e["kind"] == "alarm" and e["alarm"] == "orphans"]
+    assert alarms == [("S", 1, f"left running by a killed controller: {2 * n} local process(es) killed")]
 
 
 def _carrying(run: RunDir) -> list[int]:

@@ -80,10 +80,7 @@ async def run_wave(
         )
 
     if todo:  # a SLURM allocation is made (and waited for) only when there is something to run
-        wave = wave_key(run, arm, round_)
-        if left := await reclaim(pool.slots, hosts, wave):
-            events.emit("alarm", arm=arm, alarm="orphans",
-                        message=f"left running by a killed controller of round {round_}: {'; '.join(left)}")
+        wave = await reclaimed(run, pool.slots, hosts, events, arm, round_)
         async with wave_launchers(pool.slots, hosts, wave) as launcher, anyio.create_task_group() as tg:
             for spec in todo:
                 tg.start_soon(one, spec, launcher, name=spec.rollout_id)
@@ -93,6 +90,15 @@ async def run_wave(
 def wave_key(run: RunDir, arm: str, round_: int) -> str:
     """A short key naming this wave of this run, for its jobs to carry (see rfs.launch.reclaim)."""
     return hashlib.sha256(f"{run.root.resolve()}\0{arm}\0{round_}".encode()).hexdigest()[:16]
+
+
+async def reclaimed(run: RunDir, slots: list[Slot], hosts: HostsFile, events: EventLog, arm: str, round_: int) -> str:
+    """The key for the jobs of (arm, round) in `run`, once whatever a killed controller left running
+    under it is stopped; an `orphans` alarm says what that was. Call it before starting those jobs."""
+    key = wave_key(run, arm, round_)
+    if left := await reclaim(slots, hosts, key):
+        events.emit("alarm", arm=arm, round=round_, alarm="orphans", message=f"left running by a killed controller: {'; '.join(left)}")
+    return key
 
 
 def _one_round(specs: list[RolloutSpec]) -> tuple[str, int]:

@@ -167,6 +167,7 @@ def _resolve_v0(cfg: Config) -> Path | None:
 
 async def _noise(d: Driver, env: Any, pool: Any) -> dict[str, float]:
     """The seed's val_bpb mean ± std on this machine at the wave's concurrency (calibrated once)."""
+    from rfs.collect.wave import reclaimed
     from rfs.envs.calibrate import announce, calibrate, load_calibration
     from rfs.launch import launcher_for
 
@@ -176,7 +177,8 @@ async def _noise(d: Driver, env: Any, pool: Any) -> dict[str, float]:
     if cal is None:
         d.events.emit("phase", arm="*", round=0, phase="calibrate")
         slots, k = pool.slots, d.cfg.env.calibration_k
-        cal = await calibrate(env, slots, k, launcher_for(slots[0], d.hosts), d.cfg.env, on_run=announce(k))
+        key = await reclaimed(d.run, slots, d.hosts, d.events, "calibrate", 0)
+        cal = await calibrate(env, slots, k, launcher_for(slots[0], d.hosts, key), d.cfg.env, on_run=announce(k))
     print(f"seed train.py: val_bpb {cal['mean']:.4f} ± {cal['std']:.4f} over {cal['k']} runs", flush=True)
     d.state["noise"] = {"mean": cal["mean"], "std": cal["std"], "k": cal["k"]}
     d.save()

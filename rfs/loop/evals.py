@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rfs import atomic
 from rfs.agent.client import ServerDown
 from rfs.collect.slots import NoSlotsLeft
+from rfs.collect.wave import reclaimed
 from rfs.envs import RunResult, execute
 from rfs.evals import code_probe, drift, metrics, probes
 from rfs.hosts import Slot
@@ -181,7 +182,8 @@ async def _transfer(ctx: Round, t: Target) -> tuple[list[float], str]:
 
 async def _execute(ctx: Round, slot: Slot, train_py: str, rollout_id: str) -> tuple[RunResult, JobOutcome]:
     try:  # the wave's way to reach a slot: a SLURM allocation or ssh connection, released after the run
-        async with wave_launchers([slot], ctx.d.hosts) as launcher_of:
+        key = await reclaimed(ctx.d.run, [slot], ctx.d.hosts, ctx.d.events, rollout_id, 0)
+        async with wave_launchers([slot], ctx.d.hosts, key) as launcher_of:
             return await execute(ctx.env, launcher_of(slot), slot, train_py, rollout_id)
     except Exception as exc:  # the launcher or the slot broke, not the researcher's train.py
         failure = f"{type(exc).__name__}: {exc}"

@@ -25,6 +25,7 @@ from rfs.events import read_events
 from rfs.loop.driver import drive
 from rfs.rundir import RunDir
 from tests.loop_child import LOOPS, experiment, hosts, plans
+from tests.procs import group_alive, job_groups, wait_for
 from tests.scripted_researcher import ScriptedResearcher
 from tests.tiny_model import build
 from tests.wave_child import SEED_TRAIN_PY, SleepEnv
@@ -243,8 +244,7 @@ def test_sigterm_under_the_tui_stops_the_controller_thread_and_its_jobs(tmp_path
     try:
         drain_until(lambda: counter.exists() or proc.poll() is not None, 120)
         assert counter.exists(), seen[-3000:].decode(errors="replace")
-        groups = {os.getpgid(int(p.name)) for p in Path("/proc").glob("[0-9]*")
-                  if p.name != str(proc.pid) and str(counter).encode() in _cmdline(p)}
+        groups = job_groups(counter, proc.pid)
         assert groups, "no running job was found"
         proc.send_signal(signal.SIGTERM)
         drain_until(lambda: proc.poll() is not None, 60)
@@ -254,27 +254,11 @@ def test_sigterm_under_the_tui_stops_the_controller_thread_and_its_jobs(tmp_path
             proc.kill()
         proc.wait()
         os.close(master)
-    deadline = time.monotonic() + 5  # a killed job's last zombie is reaped by init, not at once
-    while (alive := [g for g in groups if _group_alive(g)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not any(group_alive(g) for g in groups), 5)  # a killed job's zombie is reaped by init, not at once
+    alive = [g for g in groups if group_alive(g)]
     for pgid in alive:  # a failing test leaves no 600 s sleepers behind
         os.killpg(pgid, signal.SIGKILL)
     assert alive == [], "jobs outlived their controller"
-
-
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:  # gone meanwhile
-        return b""
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_resumed_run_kills_the_calibration_jobs_of_its_killed_controller(tmp_path, tiny, researcher):
@@ -287,45 +271,27 @@ def test_a_resumed_run_kills_the_calibration_jobs_of_its_killed_controller(tmp_p
     first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = None
     try:
-        _wait(lambda: started(2) or first.poll() is not None)
-        orphans = _jobs(counter, first.pid)
+        wait_for(lambda: started(2) or first.poll() is not None, 120)
+        orphans = job_groups(counter, first.pid)
         first.kill()
         first.wait()
-        assert orphans and all(_group_alive(g) for g in orphans), "the killed controller's jobs should still run"
+        assert orphans and all(group_alive(g) for g in orphans), "the killed controller's jobs should still run"
         second = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait(lambda: started(4) or second.poll() is not None)
+        wait_for(lambda: started(4) or second.poll() is not None, 120)
         assert started(4), second.stderr.read().decode()[-3000:] if second.poll() is not None else "no new calibration"
-        _wait(lambda: not any(_group_alive(g) for g in orphans), within=5)  # zombies are reaped by init, not at once
-        assert not any(_group_alive(g) for g in orphans), "the orphaned calibration jobs outlived the resume"
+        wait_for(lambda: not any(group_alive(g) for g in orphans), 5)  # zombies are reaped by init, not at once
+        assert not any(group_alive(g) for g in orphans), "the orphaned calibration jobs outlived the resume"
         alarms = [(e["arm"], e["message"]) for e in read_events(run.events)[0] if e["kind"] == "alarm"]
         assert ("calibrate", "left running by a killed controller: 4 local process(es) killed") in alarms, alarms
-        running = _jobs(counter, second.pid)
+        running = job_groups(counter, second.pid)
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)
-        _wait(lambda: not any(_group_alive(g) for g in running), within=5)
-        assert not any(_group_alive(g) for g in running)
+        wait_for(lambda: not any(group_alive(g) for g in running), 5)
+        assert not any(group_alive(g) for g in running)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        for pgid in _jobs(counter, -1):  # a failing test leaves no 600 s sleepers behind
+        for pgid in job_groups(counter, -1):  # a failing test leaves no 600 s sleepers behind
             os.killpg(pgid, signal.SIGKILL)
-
-
-def _wait(done, within: float = 120) -> None:  # a hang guard, not a timing assertion
-    deadline = time.monotonic() + within
-    while not done() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _jobs(counter: Path, controller: int) -> set[int]:
-    """Process groups of the running jobs (their command line names the counter file)."""
-    groups = set()
-    for p in Path("/proc").glob("[0-9]*"):
-        if p.name != str(controller) and str(counter).encode() in _cmdline(p):
-            try:
-                groups.add(os.getpgid(int(p.name)))
-            except ProcessLookupError:
-                pass
-    return groups

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rfs.collect.wave import wave_key
 from rfs.events import iter_events
 from rfs.rundir import RunDir
+from tests.procs import cmdline, group_alive, job_groups, wait_for
 from tests.scripted_researcher import ScriptedResearcher
 from tests.wave_child import plans, specs
 
@@ -38,16 +39,9 @@ def settle(marker: str) -> None:
     """Wait until no process mentions `marker` (the killed controller's orphaned jobs, or a fork of it
     not yet exec'd): after that, every launch before the kill has written its counter line."""
     deadline = time.monotonic() + 60
-    while any(marker.encode() in _cmdline(p) for p in Path("/proc").iterdir() if p.name.isdigit()):
+    while any(marker.encode() in cmdline(p) for p in Path("/proc").iterdir() if p.name.isdigit()):
         assert time.monotonic() < deadline, f"processes naming {marker} outlived their 60 s"
         time.sleep(0.05)
-
-
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:  # gone meanwhile
-        return b""
 
 
 def _events(run: RunDir) -> list[bytes]:
@@ -168,21 +162,10 @@ def test_sigterm_stops_the_wave_and_its_running_jobs_as_ctrl_c_does(tmp_path):
         while not (counter.exists() and len(counter.read_text().split()) == 2):
             assert child.poll() is None and time.monotonic() < deadline, "the jobs never started"
             time.sleep(0.05)
-        groups = {os.getpgid(int(p.name)) for p in Path("/proc").glob("[0-9]*")
-                  if p.name != str(child.pid) and str(counter).encode() in _cmdline(p)}  # the jobs, not their controller
+        groups = job_groups(counter, child.pid)
         assert len(groups) == 2, "the two running jobs were not found"
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=30)
     assert b"KeyboardInterrupt" in err, err.decode()[-2000:]
-    deadline = time.monotonic() + 5  # a killed job's last zombie is reaped by init, not at once
-    while (alive := [g for g in groups if _group_alive(g)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert alive == [], "jobs outlived their controller"
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    wait_for(lambda: not any(group_alive(g) for g in groups), 5)  # a killed job's zombie is reaped by init, not at once
+    assert [g for g in groups if group_alive(g)] == [], "jobs outlived their controller"

@@ -3,8 +3,9 @@
 Exactly once, across kill -9: a finished rollout is its own small file,
 `run.pending_row(arm, round, rollout_id)` (written atomically), so a restarted wave skips it;
 when all are there the round file `run.traces(arm, round)` is compacted from them (atomically)
-and is the wave's answer from then on. A rollout holds a slot only while its training run
-executes, so N rollouts share few slots while the researcher thinks.
+and is the wave's answer from then on. A restarted wave first stops the jobs a killed controller
+left running (`reclaimed`). A rollout holds a slot only while its training run executes, so N
+rollouts share few slots while the researcher thinks.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ CPU seconds (all threads, and the event loop's thread alone: on a machine with m
 is the part that cannot spread), where the time goes, the controller's peak RSS, and bare_starts_s:
 what starting the same N confined jobs costs a bare loop on this machine, a floor under wall - D
 taken in the same run; plus the machine's load and the speed of its cores (a fixed loop's seconds)
-before and after. The scripted researcher (a test
-double) runs in its own process so its CPU and memory are not counted as the controller's
-(researcher_cpu_s reports them). Each run is a fresh controller process, so peak RSS is that N's own.
+before and after. The scripted researcher (a test double) runs in its own process so its CPU and
+memory are not counted as the controller's (researcher_cpu_s reports them). Each run is a fresh
+controller process, so peak RSS is that N's own.
 
     python bench/wave_overhead.py                                  # quick: D=2 s, N=48 and 512
     python bench/wave_overhead.py --duration 30 --n 48 --repeats 3 # the target: wall <= 1.01 x D

@@ -6,10 +6,11 @@ A row is written once, atomically, and never edited. `status` tells the truth (D
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -99,17 +100,15 @@ SCHEMA = pa.schema(
 )
 
 _NULLABLE = {"exit_code", "job_id"}
-_INT_BITS = {pa.int32(): 32, pa.int64(): 64}
 
 
 def validate(row: dict[str, Any]) -> None:
     """Raise ValueError naming the first problem; a row that passes converts losslessly (to_table).
 
-    Checked in Python against SCHEMA rather than by converting: a wave validates every row as it
-    finishes, and a one-row pyarrow conversion costs twenty times this.
+    Checked in Python, by checkers built from SCHEMA once (_CHECKS), rather than by converting:
+    a wave validates every row as it finishes, and a one-row pyarrow conversion costs far more.
     """
-    names = set(SCHEMA.names)
-    missing, extra = names - row.keys(), row.keys() - names
+    missing, extra = _NAMES - row.keys(), row.keys() - _NAMES
     if missing or extra:
         raise ValueError(f"trace row: missing {sorted(missing)}, unknown {sorted(extra)}")
     if row["status"] not in STATUSES:
@@ -117,57 +116,83 @@ def validate(row: dict[str, Any]) -> None:
     finite = isinstance(row["val_bpb"], float) and math.isfinite(row["val_bpb"])
     if (row["status"] == "success") != finite:
         raise ValueError(f"trace row: status {row['status']} with val_bpb {row['val_bpb']!r}")
-    for field in SCHEMA:
-        value = row[field.name]
+    for name, nullable, check in _CHECKS:
+        value = row[name]
         if value is None:
-            if field.name in _NULLABLE:
+            if nullable:
                 continue
-            raise ValueError(f"trace row: {field.name} is None")
-        if problem := _type_problem(value, field.type):
-            raise ValueError(f"trace row: {field.name}: {problem}")
+            raise ValueError(f"trace row: {name} is None")
+        if problem := check(value):
+            raise ValueError(f"trace row: {name}: {problem}")
 
 
-def _type_problem(value: Any, typ: pa.DataType) -> str:
-    """'' when pyarrow stores `value` as `typ` exactly, else what is wrong."""
+Check = Callable[[Any], str]  # '' when pyarrow stores the value as its column's type exactly, else what is wrong
+
+
+def _checker(typ: pa.DataType) -> Check:
     if pa.types.is_string(typ):
-        if not isinstance(value, str):
-            return f"expected a string, got {type(value).__name__}"
-        try:
-            value.encode()
-        except UnicodeEncodeError as exc:  # a lone surrogate: Parquet holds UTF-8 only
-            return f"not valid UTF-8 ({exc.reason} at {exc.start})"
-    elif pa.types.is_boolean(typ):
-        if not isinstance(value, bool):
-            return f"expected a bool, got {type(value).__name__}"
-    elif typ in _INT_BITS:
-        bits = _INT_BITS[typ]
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"expected an int, got {type(value).__name__}"
-        if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
-            return f"{value} does not fit {typ}"
-    elif pa.types.is_float64(typ):
-        if not isinstance(value, (float, int)) or isinstance(value, bool):
-            return f"expected a float, got {type(value).__name__}"
-    elif pa.types.is_list(typ):
-        if not isinstance(value, list):
-            return f"expected a list, got {type(value).__name__}"
-        for i, item in enumerate(value):
-            if item is None:
-                return f"[{i}] is None"
-            if problem := _type_problem(item, typ.value_type):
-                return f"[{i}]: {problem}"
-    elif pa.types.is_struct(typ):
-        fields = {f.name: f.type for f in typ}
-        if not isinstance(value, dict) or value.keys() != fields.keys():
-            return f"expected an object with keys {sorted(fields)}"
-        for name, sub in fields.items():
-            if value[name] is None:
-                return f"{name} is None"
-            if problem := _type_problem(value[name], sub):
-                return f"{name}: {problem}"
-    else:  # a new column type needs its check here
-        raise TypeError(f"trace.validate has no check for {typ}")
+        return _string
+    if pa.types.is_boolean(typ):
+        return lambda v: "" if isinstance(v, bool) else f"expected a bool, got {type(v).__name__}"
+    if typ in (pa.int32(), pa.int64()):
+        return functools.partial(_int, typ.bit_width)
+    if pa.types.is_float64(typ):
+        return _float
+    if pa.types.is_list(typ):
+        return functools.partial(_list, _checker(typ.value_type))
+    if pa.types.is_struct(typ):
+        return functools.partial(_struct, {f.name: _checker(f.type) for f in typ})
+    raise TypeError(f"trace.validate has no check for {typ}")  # a new column type needs its check here
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate: Parquet holds UTF-8 only
+        return f"not valid UTF-8 ({exc.reason} at {exc.start})"
     return ""
+
+
+def _int(bits: int, value: Any) -> str:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"expected an int, got {type(value).__name__}"
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        return f"{value} does not fit int{bits}"
+    return ""
+
+
+def _float(value: Any) -> str:
+    if not isinstance(value, (float, int)) or isinstance(value, bool):
+        return f"expected a float, got {type(value).__name__}"
+    return ""
+
+
+def _list(item: Check, value: Any) -> str:
+    if not isinstance(value, list):
+        return f"expected a list, got {type(value).__name__}"
+    for i, v in enumerate(value):
+        if v is None:
+            return f"[{i}] is None"
+        if problem := item(v):
+            return f"[{i}]: {problem}"
+    return ""
+
+
+def _struct(fields: dict[str, Check], value: Any) -> str:
+    if not isinstance(value, dict) or value.keys() != fields.keys():
+        return f"expected an object with keys {sorted(fields)}"
+    for name, check in fields.items():
+        if value[name] is None:
+            return f"{name} is None"
+        if problem := check(value[name]):
+            return f"{name}: {problem}"
+    return ""
+
+
+_NAMES = frozenset(SCHEMA.names)
+_CHECKS = tuple((f.name, f.name in _NULLABLE, _checker(f.type)) for f in SCHEMA)
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:

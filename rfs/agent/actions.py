@@ -10,7 +10,8 @@ researcher is shown.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from rfs.agent.hparams import HParam
@@ -38,7 +39,7 @@ class Action:
 
     def as_json(self) -> str:
         """The action without its thought: what the trace stores as the assistant message's content."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("kind", "thought") and v not in ("", None)}
+        fields = {k: v for k, v in vars(self).items() if k not in ("kind", "thought") and v not in ("", None)}
         return json.dumps({"action": self.kind, **fields}, ensure_ascii=False)
 
 
@@ -108,10 +109,15 @@ def _unfenced(text: str) -> str | Invalid:
     return text.replace("```json", "").replace("```", "")
 
 
+# Control characters but tab and newlines, lone surrogates, and the replacement character of
+# undecodable bytes: what no action's JSON holds.
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffd]")
+
+
 def _junk(text: str) -> Invalid | None:
     if len(text) > MAX_REPLY_CHARS:
         return Invalid(f"the reply is {len(text)} characters long; one action is a short JSON object")
-    bad = sum(1 for c in text if (ord(c) < 32 and c not in "\n\r\t") or 0xD800 <= ord(c) <= 0xDFFF or c == "\ufffd")
+    bad = len(_BAD_CHARS.findall(text))
     if bad:
         return Invalid(f"the reply holds {bad} control or undecodable characters")
     if not text.strip():

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from rfs.agent.connection import Connection
 from rfs.config import ResearcherCfg
 from rfs.serve.base import response_format
 
@@ -69,6 +70,8 @@ class ResearcherClient:
     which at 48 concurrent rollouts cost more controller CPU than everything else in a wave, and
     grows as N**2. Requests go to the transport directly: a POST of JSON needs none of the
     client's auth, redirect and cookie machinery, a third of the controller's cost per turn.
+    A plain-HTTP server reached without a proxy (rfs's own) gets rfs.agent.connection, lighter
+    still; TLS or a proxy (an external API) gets httpx's own transport.
     """
 
     def __init__(
@@ -85,19 +88,25 @@ class ResearcherClient:
         self.base_url = api_base(base_url)
         key = os.environ.get(cfg.api_key_env, "") if cfg.backend == "external" else ""
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        timeout = httpx.Timeout(cfg.turn_timeout_s, connect=min(cfg.turn_timeout_s, 10.0))
-        self._extensions = {"timeout": timeout.as_dict()}
+        self._timeout = httpx.Timeout(cfg.turn_timeout_s, connect=min(cfg.turn_timeout_s, 10.0))
+        self._extensions = {"timeout": self._timeout.as_dict()}
         # rfs's own servers (vLLM, llama.cpp) are on the cluster's network, never behind the
         # proxy that HTTP(S)_PROXY names for the internet; only an external API goes through it.
         self._proxy = _env_proxy(self.base_url) if cfg.backend == "external" else None
-        self._idle: list[httpx.AsyncHTTPTransport] = []
-        self._open: list[httpx.AsyncHTTPTransport] = []
+        # Parsed once: httpx parses a URL string again for every request (a tenth of a turn's CPU).
+        self._urls = {path: httpx.URL(self.base_url + path) for path in ("/chat/completions", "/completions")}
+        self._plain = self._proxy is None and self._urls["/completions"].scheme == "http"
+        self._idle: list[httpx.AsyncBaseTransport] = []
+        self._open: list[httpx.AsyncBaseTransport] = []
 
-    def _borrow(self) -> httpx.AsyncHTTPTransport:
+    def _borrow(self) -> httpx.AsyncBaseTransport:
         if self._idle:
             return self._idle.pop()  # the most recently used: its connection is the likeliest alive
-        transport = httpx.AsyncHTTPTransport(verify=_tls(), proxy=self._proxy,
-                                             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        if self._plain:
+            transport: httpx.AsyncBaseTransport = Connection(connect_timeout=self._timeout.connect, timeout=self._timeout.read)
+        else:
+            transport = httpx.AsyncHTTPTransport(verify=_tls(), proxy=self._proxy,
+                                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
         self._open.append(transport)
         return transport
 
@@ -151,7 +160,7 @@ class ResearcherClient:
         )
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        request = httpx.Request("POST", self.base_url + path, json=body, headers=self._headers, extensions=self._extensions)
+        request = httpx.Request("POST", self._urls[path], json=body, headers=self._headers, extensions=self._extensions)
         transport = self._borrow()
         try:
             resp = await transport.handle_async_request(request)
@@ -162,7 +171,7 @@ class ResearcherClient:
         except httpx.TransportError as exc:  # connect, read timeout, dropped connection …
             raise ServerDown(f"researcher server {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
         finally:
-            self._idle.append(transport)  # a broken connection is dropped by httpcore and remade on next use
+            self._idle.append(transport)  # a broken connection is dropped and remade on next use
         if resp.status_code >= 500:
             raise ServerDown(f"researcher server {path}: HTTP {resp.status_code}: {resp.text[:300]}")
         if resp.status_code >= 400:

@@ -66,6 +66,20 @@ def test_runs_streams_output_and_cleans_workdir(tmp_path):
     assert b"hello\npayload\n" in out.output
 
 
+@pytest.mark.parametrize("memfd", [True, False])
+def test_unstreamed_output_is_kept_whole_stdout_and_stderr_in_order(monkeypatch, memfd):
+    """Without on_line the output goes to a file in memory (an unlinked temporary file where
+    memfd_create is missing), read once the job is over: far more than a pipe holds, nothing lost."""
+    if not memfd:
+        monkeypatch.delattr(os, "memfd_create")
+    script = "import sys\nfor i in range(3000):\n    print(f'line {i:05d} ' + 'x' * 300, flush=True)\nprint('to stderr', file=sys.stderr)\n"
+    job = Job("r1", (sys.executable, f"{WORKDIR}/main.py"), {"main.py": script.encode()}, 30)
+    out = anyio.run(LocalLauncher().run, SLOT, job)
+    lines = out.output.decode().splitlines()
+    assert out.exit_code == 0 and len(out.output) > 900_000
+    assert lines[:-1] == [f"line {i:05d} " + "x" * 300 for i in range(3000)] and lines[-1] == "to stderr"
+
+
 def test_without_pidfds_the_exit_is_polled_and_a_timeout_still_kills(monkeypatch):
     """Where pidfd_open is missing or refused (not Linux, an old kernel, a seccomp filter), the
     launcher polls for the exit instead: same output, exit code and timeout."""

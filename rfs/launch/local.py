@@ -128,9 +128,11 @@ class _Child:
     """A job's process, started off the event loop and awaited through a pidfd.
 
     asyncio's subprocess support forks on the event loop's thread and starts a waiter thread per
-    child (512 threads at N=512). Here Popen runs in a worker thread, the loop polls the output
-    pipe, and the exit is a pidfd turning readable (Linux 5.3+; elsewhere the loop polls for it).
-    With this, the last of 48 runs started about 0.1 s sooner (bench/wave_overhead.py, D=30 s)."""
+    child (512 threads at N=512). Here Popen runs in a worker thread and the exit is a pidfd
+    turning readable (Linux 5.3+; elsewhere the loop polls for it). With this, the last of 48 runs
+    started about 0.1 s sooner (bench/wave_overhead.py, D=30 s). The output goes to a file in
+    memory, read once the job is over, so a running job costs the loop nothing; only a caller
+    that streams lines gets a pipe the loop reads as they come."""
 
     def __init__(self, popen: subprocess.Popen, out: int):
         self.popen, self.pid, self._out = popen, popen.pid, out
@@ -140,19 +142,22 @@ class _Child:
             self._pidfd = None
 
     @classmethod
-    async def start(cls, argv: list[str], cwd: Path, env: dict[str, str], limiter: anyio.CapacityLimiter) -> _Child:
-        read, write = os.pipe()
+    async def start(cls, argv: list[str], cwd: Path, env: dict[str, str], limiter: anyio.CapacityLimiter, *,
+                    stream: bool) -> _Child:
+        out, write = os.pipe() if stream else (_memory_file(),) * 2
         try:
             popen = await anyio.to_thread.run_sync(functools.partial(
                 subprocess.Popen, argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=write, stderr=write,
                 start_new_session=True), limiter=limiter)
         except BaseException:
-            os.close(read)
+            os.close(out)
             raise
         finally:
-            os.close(write)
-        os.set_blocking(read, False)
-        return cls(popen, read)
+            if write != out:
+                os.close(write)
+        if stream:
+            os.set_blocking(out, False)
+        return cls(popen, out)
 
     @property
     def returncode(self) -> int | None:
@@ -165,8 +170,16 @@ class _Child:
             await anyio.sleep(0.05)
         return self.popen.returncode
 
+    def written(self) -> bytes:
+        """All the output in the memory file (started with stream=False)."""
+        chunks, offset = [], 0
+        while chunk := os.pread(self._out, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
     async def read(self) -> bytes:
-        """The next output, b"" once every writer has closed the pipe."""
+        """The next output from the pipe (started with stream=True), b"" once every writer closed it."""
         while True:
             await anyio.wait_readable(self._out)
             try:
@@ -179,6 +192,15 @@ class _Child:
             if fd is not None:
                 os.close(fd)
         self._out = self._pidfd = None
+
+
+def _memory_file() -> int:
+    """An anonymous file in memory; an unlinked temporary file where memfd_create is missing."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("rfs-job-output")
+    fd, path = tempfile.mkstemp()
+    os.unlink(path)
+    return fd
 
 
 def _signal_tree(pgid: int, pids: list[int], sig: int) -> bool:
@@ -246,6 +268,17 @@ class LocalLauncher:
 
     async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome:
         started = time.monotonic()
+        # Made, as it is removed, off the event loop: file creation costs the loop more than a thread
+        # hop. Shielded: a cancel meanwhile takes effect in the try below, whose finally removes it.
+        with anyio.CancelScope(shield=True):
+            workdir = await anyio.to_thread.run_sync(self._workdir, job, limiter=self._spawn)
+        try:
+            return await self._run(slot, job, workdir, on_line, started)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._remove(workdir)
+
+    def _workdir(self, job: Job) -> Path:
         workdir = Path(tempfile.mkdtemp(prefix=f"{workdir_prefix(self.wave)}{job.rollout_id}-"))
         try:
             for name, data in job.files.items():
@@ -254,10 +287,10 @@ class LocalLauncher:
                 path = workdir / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
-            return await self._run(slot, job, workdir, on_line, started)
-        finally:  # off the event loop: a working directory can be big
-            with anyio.CancelScope(shield=True):
-                await self._remove(workdir)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return workdir
 
     async def _run(self, slot: Slot, job: Job, workdir: Path, on_line, started: float) -> JobOutcome:
         argv = [a.replace(WORKDIR, str(workdir)) for a in job.argv]
@@ -272,15 +305,18 @@ class LocalLauncher:
             env[WAVE_VAR] = self.wave
         if slot.gpu >= 0:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+        stream = on_line is not None
         try:
-            proc = await _Child.start(_confined(slot, job.timeout_s, self.net_prefix, argv), workdir, env, self._spawn)
+            proc = await _Child.start(_confined(slot, job.timeout_s, self.net_prefix, argv), workdir, env, self._spawn,
+                                      stream=stream)
         except (OSError, subprocess.SubprocessError) as exc:
             return JobOutcome(None, b"", False, time.monotonic() - started, infra_error=f"could not start {argv[0]!r}: {exc}")
         chunks: list[bytes] = []
         stopped = False
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._stream, proc, chunks, on_line)
+                if stream:
+                    tg.start_soon(self._stream, proc, chunks, on_line)
                 with anyio.move_on_after(job.timeout_s) as scope:
                     await proc.wait()
                 timed_out = scope.cancelled_caught
@@ -288,6 +324,7 @@ class LocalLauncher:
                 stopped = True  # nothing of the job is left to start anything new
                 # A daemonised grandchild may still hold the pipe open: drain briefly, then stop reading.
                 tg.cancel_scope.deadline = anyio.current_time() + 2
+            output = b"".join(chunks) if stream else proc.written()
         finally:
             # Cancelled before or during the stop above: stop here, where the cancellation cannot reach.
             with anyio.CancelScope(shield=True):
@@ -295,18 +332,16 @@ class LocalLauncher:
                     await _stop(proc, tag.encode(), self._tagged)
                 proc.close()
         exit_code = None if timed_out else proc.returncode
-        return JobOutcome(exit_code, b"".join(chunks), timed_out, time.monotonic() - started)
+        return JobOutcome(exit_code, output, timed_out, time.monotonic() - started)
 
     @staticmethod
-    async def _stream(proc: _Child, chunks: list[bytes], on_line) -> None:
+    async def _stream(proc: _Child, chunks: list[bytes], on_line: Callable[[str], None]) -> None:
         pending = b""
         while data := await proc.read():
             chunks.append(data)
-            if on_line is None:
-                continue
             pending += data
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 on_line(line.decode(errors="replace"))
-        if pending and on_line is not None:
+        if pending:
             on_line(pending.decode(errors="replace"))

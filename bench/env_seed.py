@@ -28,7 +28,8 @@ from rfs.config import EnvCfg, load  # noqa: E402
 from rfs.envs import execute  # noqa: E402
 from rfs.envs.builtin import ENV_DIR, BuiltinEnv  # noqa: E402
 from rfs.hosts import Slot  # noqa: E402
-from rfs.launch.local import LocalLauncher, network_isolation  # noqa: E402
+from rfs.launch.local import LocalLauncher  # noqa: E402
+from rfs.launch.netns import isolation  # noqa: E402
 
 
 def time_prepare(cache: str | None) -> float:
@@ -65,7 +66,7 @@ def main() -> None:
         "budget_s": args.budget,
         "repeats": args.repeats,
         "core": args.core,
-        "network_isolation": " ".join(network_isolation()) or "none",
+        "network_isolation": str(isolation()),
         "prepare_cold_s": round(prepare_cold, 2),
         "prepare_warm_s": round(prepare_warm, 2),
         "statuses": [r.status for r in runs],

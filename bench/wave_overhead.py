@@ -83,16 +83,17 @@ def _bare_starts(tmp: Path, n: int) -> float:
     """Seconds for a bare loop to start n copies of a wave's job, confined as the local launcher
     confines it but sleeping 0 s, and see them all exit: what n sandboxed job starts cost this
     machine with no controller around them, the floor under the wave's wall - D."""
-    from rfs.launch.local import _confined, network_isolation
+    from rfs.launch.local import _confined, popen_confined
+    from rfs.launch.netns import isolation
     from tests.wave_child import SleepEnv, local_slots
 
     tmp.mkdir()
     (tmp / "train.py").write_text("x = 0\n")
     slot = local_slots(1)[0]
     job = SleepEnv(tmp / "launches", 0).job("x = 0\n", slot, "bare")
-    argv = _confined(slot, job.timeout_s, network_isolation(), list(job.argv))
+    argv = _confined(slot, job.timeout_s, isolation().prefix, list(job.argv))
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(argv, cwd=tmp, stdout=subprocess.DEVNULL, start_new_session=True) for _ in range(n)]
+    procs = [popen_confined(isolation(), argv, cwd=tmp, stdout=subprocess.DEVNULL, start_new_session=True) for _ in range(n)]
     if any(p.wait() != 0 for p in procs):
         raise RuntimeError(f"a bare job start failed: {argv}")
     return round(time.perf_counter() - t0, 3)

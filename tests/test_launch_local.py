@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -192,3 +193,37 @@ def test_sweeps_shared_by_jobs_ending_together_answer_each_with_its_own_processe
             p.wait()
     assert answers == {tag: [carriers[tag].pid] if tag in carriers else [] for tag in tags}
     assert sum(passes) == len(tags) and len(passes) < len(tags) / 2  # shared: far fewer passes than jobs
+
+
+REACH = "import os, socket, sys\nprint(os.readlink('/proc/self/ns/net'))\ntry:\n    socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=2)\nexcept OSError as e:\n    sys.exit(f'no network: {e}')\nprint('reached')\n"
+
+
+def _reach(port: int, launcher: LocalLauncher):
+    job = Job("net", (sys.executable, f"{WORKDIR}/reach.py", str(port)), {"reach.py": REACH.encode()}, 30)
+
+    async def go():
+        out = await launcher.run(SLOT, job)
+        # the worker threads that started the job are back in this process's namespace
+        threads = {await anyio.to_thread.run_sync(os.readlink, "/proc/thread-self/ns/net") for _ in range(8)}
+        return out, threads
+
+    return anyio.run(go)
+
+
+@pytest.mark.parametrize("how", ["namespace", "prefix"])
+def test_a_job_cannot_reach_even_this_machines_loopback(monkeypatch, how):
+    """Where the platform allows it (here: root, and user namespaces for the unprivileged way)."""
+    from rfs.launch import local
+    from rfs.launch.netns import UNPRIVILEGED, Isolation, isolation
+
+    if how == "prefix":
+        monkeypatch.setattr(local, "isolation", lambda: Isolation(prefix=UNPRIVILEGED))
+    elif isolation().namespace is None:
+        pytest.fail(f"this machine allows no network namespace for rfs to make: isolation is {isolation()}")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        out, threads = _reach(server.getsockname()[1], LocalLauncher())
+        reached, _ = _reach(server.getsockname()[1], LocalLauncher(isolate_network=False))
+    text, own = out.output.decode(), os.readlink("/proc/self/ns/net")
+    assert out.exit_code == 1 and "no network" in text and own not in text, text
+    assert reached.exit_code == 0 and "reached" in reached.output.decode() and own in reached.output.decode()
+    assert threads == {own}

@@ -2,7 +2,7 @@
 
 Each job gets a fresh temporary working directory (removed afterwards), its own session and
 process group, an environment tag, the slot's cores (sched_setaffinity), finite rlimits and, where the
-platform allows it, no network (`unshare --net`). On timeout or cancellation the whole group and
+platform allows it, no network (rfs.launch.netns). On timeout or cancellation the whole group and
 every process carrying the tag get SIGTERM, then SIGKILL.
 
 A controller killed by -9 cannot stop its jobs: they run on, orphaned. Each job therefore also
@@ -29,26 +29,12 @@ import anyio
 from rfs.batches import Batches
 from rfs.hosts import Slot
 from rfs.launch.base import WORKDIR, Job, JobOutcome, workdir_prefix
+from rfs.launch.netns import Isolation, isolation
 
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL: lets the harness reap its own children
 RLIMIT_AS_BYTES = 32 << 30  # generous but finite: a runaway allocation fails instead of swapping the host
 RLIMIT_CPU_FACTOR = 4  # CPU seconds allowed per wall second of timeout, per core
 WAVE_VAR = "RFS_WAVE"  # names the wave a job belongs to, inherited by all it starts
-
-
-@functools.cache
-def network_isolation() -> tuple[str, ...]:
-    """The argv prefix that cuts the network here, or () where `unshare --net` is not permitted."""
-    for prefix in (("unshare", "--net"), ("unshare", "--net", "--map-root-user")):
-        if shutil.which("unshare") is None:
-            return ()
-        try:
-            ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        if ok:
-            return prefix
-    return ()
 
 
 # anyio's open_process has no preexec_fn, so limits are applied by programs that set them and then
@@ -143,11 +129,11 @@ class _Child:
 
     @classmethod
     async def start(cls, argv: list[str], cwd: Path, env: dict[str, str], limiter: anyio.CapacityLimiter, *,
-                    stream: bool) -> _Child:
+                    stream: bool, isolation: Isolation) -> _Child:
         out, write = os.pipe() if stream else (_memory_file(),) * 2
         try:
             popen = await anyio.to_thread.run_sync(functools.partial(
-                subprocess.Popen, argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=write, stderr=write,
+                popen_confined, isolation, argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=write, stderr=write,
                 start_new_session=True), limiter=limiter)
         except BaseException:
             os.close(out)
@@ -192,6 +178,13 @@ class _Child:
             if fd is not None:
                 os.close(fd)
         self._out = self._pidfd = None
+
+
+def popen_confined(isolation: Isolation, argv: list[str], **kwargs) -> subprocess.Popen:
+    """Popen, with the child in the isolating network namespace where there is one (argv is
+    `_confined` already, with the isolation's prefix where it has one)."""
+    with isolation.entered():
+        return subprocess.Popen(argv, **kwargs)
 
 
 def _memory_file() -> int:
@@ -260,7 +253,7 @@ class LocalLauncher:
     """Launcher for slots on this machine. `wave` keys its jobs for `reclaim` (empty: not kept)."""
 
     def __init__(self, isolate_network: bool = True, wave: str = ""):
-        self.net_prefix = network_isolation() if isolate_network else ()
+        self.isolation = isolation() if isolate_network else Isolation()
         self.wave = wave
         self._tagged = Batches(_sweep)
         self._remove = Batches(_remove)
@@ -307,8 +300,8 @@ class LocalLauncher:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
         stream = on_line is not None
         try:
-            proc = await _Child.start(_confined(slot, job.timeout_s, self.net_prefix, argv), workdir, env, self._spawn,
-                                      stream=stream)
+            proc = await _Child.start(_confined(slot, job.timeout_s, self.isolation.prefix, argv), workdir, env,
+                                      self._spawn, stream=stream, isolation=self.isolation)
         except (OSError, subprocess.SubprocessError) as exc:
             return JobOutcome(None, b"", False, time.monotonic() - started, infra_error=f"could not start {argv[0]!r}: {exc}")
         chunks: list[bytes] = []

@@ -3,7 +3,8 @@
 Prints JSON: per run and, per N, min and median over --repeats runs of the wave's wall time over
 D (the baseline: a controller with no overhead at all would take D, a ratio of 1.0), controller
 CPU seconds (all threads, and the event loop's thread alone: on a machine with many cores, the loop
-is the part that cannot spread), where the time goes, the controller's peak RSS, and bare_starts_s:
+is the part that cannot spread), the whole machine's busy CPU seconds during the wave (on a machine
+with few cores, what wall - D follows), where the time goes, the controller's peak RSS, and bare_starts_s:
 what starting the same N confined jobs costs a bare loop on this machine, a floor under wall - D
 taken in the same run; plus the machine's load and the speed of its cores (a fixed loop's seconds)
 before and after. The scripted researcher (a test double) runs in its own process so its CPU and
@@ -69,12 +70,13 @@ async def _waves(tmp: Path, base_url: str, n: int, duration: float, server_pid: 
     await wave(tmp / "warmup", base_url, SleepEnv(tmp / "warmup-launches", 0.01), 2, 2, cfg=cfg)
     warmup = time.perf_counter() - t0
     env = SleepEnv(tmp / "launches", duration)
-    researcher_cpu0 = _cpu_seconds(server_pid)
+    researcher_cpu0, box_cpu0 = _cpu_seconds(server_pid), _box_cpu_seconds()
     cpu0, loop_cpu0, t0, epoch = time.process_time(), time.thread_time(), time.perf_counter(), time.time()
     await wave(tmp / "run", base_url, env, n, n, cfg=cfg)
     wall, cpu, loop_cpu = time.perf_counter() - t0, time.process_time() - cpu0, time.thread_time() - loop_cpu0
     return {"wall_s": round(wall, 3), "wall_over_d": round(wall / duration, 4), "controller_cpu_s": round(cpu, 3),
             "event_loop_cpu_s": round(loop_cpu, 3), "researcher_cpu_s": round(_cpu_seconds(server_pid) - researcher_cpu0, 3),
+            "machine_cpu_s": round(_box_cpu_seconds() - box_cpu0, 2),
             **_phases(tmp / "run" / "events.jsonl", epoch), "warmup_wave_s": round(warmup, 3),
             "bare_starts_s": _bare_starts(tmp / "bare", n)}
 
@@ -103,6 +105,14 @@ def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process, from /proc (the scripted researcher's share of the box)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _box_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far, from /proc/stat (10 ms ticks): the controller,
+    the scripted researcher, the jobs and the kernel together. Where they share few cores, the
+    wave's wall - D follows this, not the controller's CPU alone."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def _phases(events: Path, epoch: float) -> dict:
@@ -155,7 +165,7 @@ def _summary(runs: list[dict]) -> dict:
         xs = [r[key] for r in runs]
         return {"min": min(xs), "median": statistics.median(xs)}
 
-    keys = ("wall_over_d", "controller_cpu_s", "event_loop_cpu_s", "first_run_start_s", "last_run_start_s",
+    keys = ("wall_over_d", "controller_cpu_s", "event_loop_cpu_s", "machine_cpu_s", "first_run_start_s", "last_run_start_s",
             "last_run_end_to_wave_end_s", "bare_starts_s", "peak_rss_mb")
     return {"n": runs[0]["n"], "duration_s": runs[0]["duration_s"], "repeats": len(runs), **{k: stats(k) for k in keys}}
 

@@ -104,15 +104,30 @@ def _reasoning_density(rows: list[dict[str, Any]]) -> float:
     return _rate(thought, thought + sum(len(m["content"] or "") for m in turns))
 
 
+def outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The part of the aggregate that only counts statuses and val_bpb: cheap, for a wave's end event."""
+    n = len(rows)
+    scored = [r for r in rows if r["status"] != "infra_error"]
+    bpb = [r["val_bpb"] for r in scored if r["status"] == "success"]
+    return {
+        "n": n,
+        "infra_error_rate": (n - len(scored)) / n,
+        "mean_val_bpb": statistics.fmean(bpb) if bpb else math.nan,
+        "std_val_bpb": statistics.pstdev(bpb) if bpb else math.nan,
+        "median_val_bpb": statistics.median(bpb) if bpb else math.nan,
+        "best_val_bpb": min(bpb) if bpb else math.nan,
+        "success_rate": _rate(len(bpb), len(scored)),
+    }
+
+
 def aggregate(arm: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The aggregate row for one loop's round (a shared round 1 is aggregated under each loop's name)."""
     if not rows:
         raise ValueError(f"aggregate: no rows for {arm} round {round_}")
-    n = len(rows)
     scored = [r for r in rows if r["status"] != "infra_error"]
     m = len(scored)
-    bpb = [r["val_bpb"] for r in scored if r["status"] == "success"]
-    success = _rate(len(bpb), m)
+    out = outcomes(rows)
+    success = out["success_rate"]
     diversity = ast_diversity([r["final_train_py"] for r in scored])
     anomalous = _rate(sum(1 for r in scored if len(r["anomaly_flags"]) > 0), m)
     valid = sum(r["valid_actions"] for r in scored)
@@ -121,15 +136,9 @@ def aggregate(arm: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, An
         "arm": arm,
         "round": round_,
         "version": rows[0]["version"],
-        "n": n,
-        "infra_error_rate": (n - m) / n,
-        "mean_val_bpb": statistics.fmean(bpb) if bpb else math.nan,
-        "std_val_bpb": statistics.pstdev(bpb) if bpb else math.nan,
-        "median_val_bpb": statistics.median(bpb) if bpb else math.nan,
-        "best_val_bpb": min(bpb) if bpb else math.nan,
+        **out,
         "compile_rate": _rate(sum(_compiles(r["final_train_py"]) for r in scored), m),
         "run_rate": _rate(sum(r["status"] in RAN for r in scored), m),
-        "success_rate": success,
         "ast_diversity": diversity,
         "reasoning_density": _reasoning_density(scored),
         "valid_action_rate": _rate(valid, valid + sum(r["invalid_actions"] for r in scored)),

@@ -69,12 +69,15 @@ async def run_wave(
     done = {p.name.removesuffix(".json") for p in pending.glob("*.json")}
     todo = [s for s in specs if s.rollout_id not in done]
     finished: dict[str, dict[str, Any]] = {}  # this controller's rows, kept so compaction need not read them back
+    # Disk writes (fsync) go to worker threads so rollouts never wait on one another's I/O; a few
+    # threads keep up with a wave's ends, and each new one (anyio retires idle ones after 10 s, so a
+    # wave's ends find none) costs the event loop a thread start.
+    writers = anyio.CapacityLimiter(4)
 
     async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
         row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
-        # Disk writes (fsync) go to a worker thread so N rollouts never wait on one another's I/O.
-        await anyio.to_thread.run_sync(_persist, training, run.pending_row(arm, round_, spec.rollout_id), row)
+        await anyio.to_thread.run_sync(_persist, training, run.pending_row(arm, round_, spec.rollout_id), row, limiter=writers)
         finished[spec.rollout_id] = row
         events.emit(
             "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
@@ -269,7 +272,7 @@ def _compact(
     out = run.traces(arm, round_)
     atomic.write_parquet(out, trace.to_table(flagged))
     shutil.rmtree(pending, ignore_errors=True)
-    agg = aggregate.aggregate(arm, round_, flagged)
-    events.emit("wave_finished", arm=arm, round=round_, n=len(flagged), success_rate=agg["success_rate"],
-                best_val_bpb=agg["best_val_bpb"], mean_val_bpb=agg["mean_val_bpb"])
+    scores = aggregate.outcomes(flagged)
+    events.emit("wave_finished", arm=arm, round=round_, n=len(flagged), success_rate=scores["success_rate"],
+                best_val_bpb=scores["best_val_bpb"], mean_val_bpb=scores["mean_val_bpb"])
     return out

@@ -5,9 +5,9 @@ descriptor. On Linux a network namespace belongs to a thread, not to the whole p
 child starts in its parent thread's, so the worker thread that starts a job enters the namespace
 just around the fork and the job pays nothing for its isolation. With an `unshare --net` in front
 of each job instead (a namespace made and torn down per job), 48 jobs cost the machine about
-0.065 CPU-s more, a fifth of a wave's overhead on the 2-vCPU development VM. Without that
-privilege a job runs behind `unshare --net --map-root-user` where user namespaces are allowed,
-and with the network where neither is.
+0.065 CPU-s more: a tenth of all a wave of 48 kept the 2-vCPU development VM busy with. Without
+that privilege a job runs behind `unshare --net --map-root-user` where user namespaces are
+allowed, and with the network where neither is.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import anyio
 import httpx
@@ -46,6 +46,13 @@ class RawServer:
                 self.handle(conn, i)
             except OSError:
                 pass
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
+        except OSError:
+            pass
+        self.sock.close()
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -93,18 +100,27 @@ def posts(connection: Connection, url: str, *ns: int, pause: float = 0.0) -> lis
     return anyio.run(go)
 
 
-def served(handle, *, timeout: float = 10.0):
-    server = RawServer(handle)
-    return server, Connection(connect_timeout=5.0, timeout=timeout)
+@pytest.fixture
+def served():
+    """served(handle, timeout=…) -> (a RawServer, a Connection to use with it); servers close after the test."""
+    servers: list[RawServer] = []
+
+    def start(handle, *, timeout: float = 10.0) -> tuple[RawServer, Connection]:
+        servers.append(server := RawServer(handle))
+        return server, Connection(connect_timeout=5.0, timeout=timeout)
+
+    yield start
+    for server in servers:
+        server.close()
 
 
-def test_requests_share_one_kept_alive_connection():
+def test_requests_share_one_kept_alive_connection(served):
     server, conn = served(echo)
     assert posts(conn, server.url, 0, 1, 2) == [{"conn": 1, "got": {"n": n}} for n in range(3)]
     assert server.accepted == 1
 
 
-def test_a_connection_the_server_closed_while_idle_is_replaced():
+def test_a_connection_the_server_closed_while_idle_is_replaced(served):
     def answer_once(sock, i):  # as a server whose keep-alive timeout ran out
         sock.sendall(reply({"conn": i, "got": json.loads(read_request(sock))}))
 
@@ -113,7 +129,7 @@ def test_a_connection_the_server_closed_while_idle_is_replaced():
     assert posts(conn, server.url, 1, 2, pause=0.2) == [{"conn": 1, "got": {"n": 1}}, {"conn": 2, "got": {"n": 2}}]
 
 
-def test_a_reply_with_connection_close_is_the_connections_last():
+def test_a_reply_with_connection_close_is_the_connections_last(served):
     def close_after(sock, i):
         read_request(sock)
         sock.sendall(reply({"conn": i}, "Connection: close"))
@@ -123,7 +139,7 @@ def test_a_reply_with_connection_close_is_the_connections_last():
     assert posts(conn, server.url, 1, 2) == [{"conn": 1}, {"conn": 2}]
 
 
-def test_a_chunked_reply_is_read_whole():
+def test_a_chunked_reply_is_read_whole(served):
     def chunked(sock, i):
         read_request(sock)
         body = json.dumps({"text": "x" * 5000}).encode()
@@ -138,7 +154,7 @@ def test_a_chunked_reply_is_read_whole():
 
 
 @pytest.mark.parametrize("answer", [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"cut", b"hello\r\n\r\n", b""])
-def test_a_reply_cut_short_garbage_or_none_is_a_transport_error_and_the_next_request_reconnects(answer):
+def test_a_reply_cut_short_garbage_or_none_is_a_transport_error_and_the_next_request_reconnects(answer, served):
     def bad_then_good(sock, i):
         if i == 1:
             read_request(sock)
@@ -156,7 +172,7 @@ def test_a_reply_cut_short_garbage_or_none_is_a_transport_error_and_the_next_req
     assert anyio.run(go) == {"conn": 2, "got": {"n": 2}}
 
 
-def test_a_silent_server_times_out():
+def test_a_silent_server_times_out(served):
     server, conn = served(lambda sock, i: (read_request(sock), time.sleep(5)), timeout=0.3)
     t0 = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
@@ -172,7 +188,7 @@ def test_nothing_listening_is_a_connect_error():
         posts(Connection(connect_timeout=5.0, timeout=10.0), url, 1)
 
 
-def test_a_request_cancelled_midway_leaves_no_reply_behind_for_the_next():
+def test_a_request_cancelled_midway_leaves_no_reply_behind_for_the_next(served):
     def slow_first(sock, i):
         body = read_request(sock)
         if i == 1:
@@ -200,12 +216,12 @@ def test_the_client_uses_it_for_plain_http_and_httpx_for_tls_or_a_proxy(monkeypa
     assert isinstance(proxied, httpx.AsyncHTTPTransport)
 
 
-def test_garbage_from_the_researcher_server_is_server_down():
+def test_garbage_from_the_researcher_server_is_server_down(served):
     def garbage(sock, i):
         read_request(sock)
         sock.sendall(b"\x00\xff not http at all\r\n\r\n")
 
-    server = RawServer(garbage)
+    server, _ = served(garbage)
     client = ResearcherClient(server.url.removesuffix("/x"), "m", ResearcherCfg(backend="vllm"))
 
     async def go():

@@ -40,6 +40,7 @@ class ScriptedResearcher:
         self.plans, self.model = plans, model
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._killing = threading.Lock()
         self.dead = False  # set by kill(): in-flight handlers drop their connections too
         self._server = _Server(("127.0.0.1", port), self._handler())  # a port: a restart where it was
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -56,13 +57,17 @@ class ScriptedResearcher:
         self.kill()
 
     def kill(self) -> None:
-        """Stop serving and close the listening socket: later requests see connection refused."""
-        self.dead = True
-        if threading.current_thread() is self._thread or not self._thread.is_alive():
+        """Stop serving and close the listening socket: later requests see connection refused.
+
+        One kill at a time: a DIE step kills from a thread of its own while a test may kill too,
+        and the second of two concurrent closes returns before the first has closed the socket."""
+        with self._killing:
+            self.dead = True
+            if threading.current_thread() is self._thread or not self._thread.is_alive():
+                self._server.server_close()
+                return
+            self._server.shutdown()
             self._server.server_close()
-            return
-        self._server.shutdown()
-        self._server.server_close()
 
     def _next(self, body: dict[str, Any]) -> Step:
         """The plan step for this request. The agent sends seed = rollout seed + turn, so plan keys

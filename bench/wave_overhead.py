@@ -93,9 +93,10 @@ def _bare_starts(tmp: Path, n: int) -> float:
     (tmp / "train.py").write_text("x = 0\n")
     slot = local_slots(1)[0]
     job = SleepEnv(tmp / "launches", 0).job("x = 0\n", slot, "bare")
-    argv = _confined(slot, job.timeout_s, isolation().prefix, list(job.argv))
+    iso = isolation()
+    argv = _confined(slot, job.timeout_s, iso.prefix, list(job.argv))
     t0 = time.perf_counter()
-    procs = [popen_confined(isolation(), argv, cwd=tmp, stdout=subprocess.DEVNULL, start_new_session=True) for _ in range(n)]
+    procs = [popen_confined(iso, argv, cwd=tmp, stdout=subprocess.DEVNULL, start_new_session=True) for _ in range(n)]
     if any(p.wait() != 0 for p in procs):
         raise RuntimeError(f"a bare job start failed: {argv}")
     return round(time.perf_counter() - t0, 3)

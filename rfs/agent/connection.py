@@ -26,7 +26,7 @@ class Connection(httpx.AsyncBaseTransport):
         self.connect_timeout, self.timeout = connect_timeout, timeout
         self._stream: SocketStream | None = None
         self._sock: socket.socket | None = None
-        self._h11 = h11.Connection(h11.CLIENT)
+        self._h11: h11.Connection  # one per stream, made by _open
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:

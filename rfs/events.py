@@ -55,10 +55,19 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]
     events = []
     for line in data[:end].splitlines():
         try:
-            events.append(json.loads(line))
+            events.append(upgrade(json.loads(line)))
         except json.JSONDecodeError:
             continue  # the torn tail of a killed writer: skipped, never fatal to a reader
     return events, offset + end
+
+
+def upgrade(event: dict[str, Any]) -> dict[str, Any]:
+    """An event as this rfs names it; runs before trace schema 2 wrote `arm` for the loop."""
+    if "arm" in event and "loop" not in event:
+        event["loop"] = event.pop("arm")
+    if event.get("kind") == "arm_paused":
+        event["kind"] = "loop_paused"
+    return event
 
 
 def iter_events(path: Path) -> Iterator[dict[str, Any]]:

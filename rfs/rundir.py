@@ -35,26 +35,34 @@ class RunDir:
     def events(self) -> Path:
         return self.root / "events.jsonl"
 
-    def traces(self, arm: str, round_: int) -> Path:
-        return self.root / "traces" / arm / f"round-{round_}.parquet"
+    def traces(self, loop: str, round_: int) -> Path:
+        return self.root / "traces" / loop / f"round-{round_}.parquet"
 
-    def pending(self, arm: str, round_: int) -> Path:
+    def trace_files(self) -> list[Path]:
+        """Every compacted round file of the run, in path order."""
+        return sorted((self.root / "traces").glob("*/round-*.parquet"))
+
+    def pending(self, loop: str, round_: int) -> Path:
         """The wave's finished rollouts so far, one pending_row() file each; compacted into
         traces() after the wave."""
-        return self.root / "traces" / arm / f"round-{round_}.d"
+        return self.root / "traces" / loop / f"round-{round_}.d"
 
-    def pending_row(self, arm: str, round_: int, rollout_id: str) -> Path:
+    def pending_row(self, loop: str, round_: int, rollout_id: str) -> Path:
         """One finished rollout's row, as JSON (rfs.trace.dumps)."""
-        return self.pending(arm, round_) / f"{rollout_id}.json"
+        return self.pending(loop, round_) / f"{rollout_id}.json"
 
-    def blob(self, arm: str, round_: int, rollout_id: str) -> Path:
-        return self.root / "blobs" / arm / f"round-{round_}" / f"{rollout_id}.log.zst"
+    def blob(self, loop: str, round_: int, rollout_id: str) -> Path:
+        return self.root / "blobs" / loop / f"round-{round_}" / f"{rollout_id}.log.zst"
 
     def metrics(self, name: str) -> Path:
         return self.root / "metrics" / f"{name}.parquet"
 
-    def model(self, arm: str, version: int) -> Path:
-        return self.root / "models" / arm / f"v{version}"
+    def model(self, loop: str, version: int) -> Path:
+        return self.root / "models" / loop / f"v{version}"
+
+    def kl_anchor(self, loop: str) -> Path:
+        """The loop's fixed KL anchor, computed from V0 once (rfs.consolidate.anchor)."""
+        return self.root / "models" / loop / "kl_anchor"
 
     @property
     def report(self) -> Path:

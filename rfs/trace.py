@@ -13,8 +13,18 @@ import math
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `arm` became `loop`, `version` an integer (upgrade() reads version 1)
+
+# The vocabulary, defined once. A *loop* is one line of rounds: a gold loop per (arc, arm), named
+# "A-S", "B-F" …, and the baselines on the frozen V0. An *arm* is S (stamped) or F (filtered) only;
+# an *arc* is A (every round from the pristine train.py) or B (from the best so far). A *version*
+# is the researcher's weights, V0, V1 … as an integer.
+CTRL = "CTRL"  # frozen V0, experience in context
+FLOOR = "FLOOR"  # frozen V0, no memory
+SHARED = "shared"  # the loop of round 1, collected once with V0 for every loop that starts from it
+PROBE = "probe"  # the loop of the zero-shot probe rollouts (written under probes/, never a curve)
 
 STATUSES = (
     "success",
@@ -40,10 +50,10 @@ SCHEMA = pa.schema(
         ("schema_version", pa.int32()),
         # identity
         ("experiment", pa.string()),
-        ("arm", pa.string()),  # S | F | CTRL | FLOOR | shared (round 1) | probe
+        ("loop", pa.string()),  # "A-S" … | CTRL | FLOOR | SHARED (round 1) | PROBE
         ("arc", pa.string()),  # A | B
         ("round", pa.int32()),
-        ("version", pa.string()),  # researcher version id, e.g. "v0"
+        ("version", pa.int32()),  # the researcher's version: 0 for V0
         ("thread", pa.int32()),
         ("rollout_id", pa.string()),
         ("seed", pa.int64()),
@@ -195,10 +205,61 @@ _NAMES = frozenset(SCHEMA.names)
 _CHECKS = tuple((f.name, f.name in _NULLABLE, _checker(f.type)) for f in SCHEMA)
 
 
-def to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    for row in rows:
-        validate(row)
+# What a column holds when the row's builder has nothing for it: a rollout that never ran (an
+# infra_error row) leaves most of the run's columns here.
+_EMPTY = {pa.string(): "", pa.int32(): 0, pa.int64(): 0, pa.float64(): 0.0, pa.bool_(): False}
+
+
+def _empty(field: pa.Field) -> Any:
+    if field.name in _NULLABLE:
+        return None
+    if field.name == "val_bpb":
+        return math.nan
+    return [] if pa.types.is_list(field.type) else _EMPTY[field.type]
+
+
+_DEFAULTS = {f.name: _empty(f) for f in SCHEMA}
+
+
+def new_row(**columns: Any) -> dict[str, Any]:
+    """The one builder of a trace row: every column, the ones not given at their empty value.
+
+    An unknown column is a bug in the caller and raises at once; the row is validated where it is
+    written (rfs.collect.wave), once."""
+    unknown = columns.keys() - _NAMES
+    if unknown:
+        raise ValueError(f"trace row: unknown columns {sorted(unknown)}")
+    return {**_DEFAULTS, **columns, "schema_version": SCHEMA_VERSION}
+
+
+def to_table(rows: list[dict[str, Any]], *, validated: bool = False) -> pa.Table:
+    """Rows as a table of SCHEMA; `validated` skips the check for rows validate() passed already."""
+    if not validated:
+        for row in rows:
+            validate(row)
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def upgrade(table: pa.Table, schema: pa.Schema = SCHEMA) -> pa.Table:
+    """A table an older rfs wrote (trace or metrics) as `schema`, by default the current trace SCHEMA.
+
+    Before schema version 2 the loop's column was named `arm` and versions were text ("v3")."""
+    if "arm" in table.column_names and "loop" in schema.names:
+        table = table.rename_columns(["loop" if n == "arm" else n for n in table.column_names])
+    if "version" in schema.names and pa.types.is_string(table.schema.field("version").type):
+        numbers = [int(v.removeprefix("v")) for v in table["version"].to_pylist()]
+        table = table.set_column(table.schema.get_field_index("version"), "version", pa.array(numbers, pa.int32()))
+    return table.select(schema.names).cast(schema)
+
+
+def read(path: Any, columns: list[str] | None = None) -> pa.Table:
+    """A compacted round file (traces/<loop>/round-<n>.parquet) as the current SCHEMA."""
+    table = upgrade(pq.read_table(path))
+    return table.select(columns) if columns else table
+
+
+def read_rows(path: Any) -> list[dict[str, Any]]:
+    return read(path).to_pylist()
 
 
 def dumps(row: dict[str, Any]) -> bytes:
@@ -209,7 +270,12 @@ def dumps(row: dict[str, Any]) -> bytes:
 
 
 def loads(data: bytes) -> dict[str, Any]:
-    return json.loads(data)
+    """A row dumps() wrote, as the current SCHEMA (a wave of an older rfs resumed by this one)."""
+    row = json.loads(data)
+    if row["schema_version"] == 1:  # upgrade() below, for one row
+        row["loop"], row["version"] = row.pop("arm"), int(row["version"].removeprefix("v"))
+        row["schema_version"] = SCHEMA_VERSION
+    return row
 
 
 def text_sha256(text: str) -> str:

@@ -31,7 +31,7 @@ LR = "LEARNING_RATE = 3e-3"
 def spec(seed: int = 100, start: str = SEED_PY) -> RolloutSpec:
     sha = hashlib.sha256(SEED_PY.encode()).hexdigest()
     return RolloutSpec(
-        experiment="t", arm="S", arc="A", round=1, version="v0", thread=0, rollout_id=f"r{seed}", seed=seed,
+        experiment="t", loop="A-S", arc="A", round=1, version=0, thread=0, rollout_id=f"r{seed}", seed=seed,
         start_train_py=start, start_val_bpb=math.nan, memory="", conditioning_stamp="", researcher_model="scripted",
         researcher_weights_sha256="", env_name="builtin", program_md=PROGRAM, seed_train_py_sha256=sha,
         program_md_sha256=hashlib.sha256(PROGRAM.encode()).hexdigest(),

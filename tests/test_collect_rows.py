@@ -17,7 +17,7 @@ SEED = "lr = 0.01\nsteps = 100\nprint('train')\n"
 def row(**over):
     """A valid trace row; a success unless told otherwise."""
     r = {
-        "schema_version": 1, "experiment": "t", "arm": "S", "arc": "A", "round": 1, "version": "v0",
+        "schema_version": trace.SCHEMA_VERSION, "experiment": "t", "loop": "A-S", "arc": "A", "round": 1, "version": 0,
         "thread": 0, "rollout_id": "r0", "seed": 0, "host": "localhost", "slot": "local-0",
         "gpu_type": "cpu", "job_id": None, "env": "builtin", "program_md_sha256": "p",
         "seed_train_py_sha256": "s", "start_train_py_sha256": "s", "start_val_bpb": math.nan,
@@ -124,12 +124,12 @@ def test_aggregate_of_a_collapsed_failed_round_is_zero_not_an_error():
         aggregate.aggregate("S", 1, [])
 
 
-def test_aggregate_round_replaces_its_own_arm_round_only(tmp_path):
+def test_aggregate_round_replaces_its_own_loop_round_only(tmp_path):
     run = RunDir(tmp_path)
-    shared = [row(arm="shared", round=1)]
+    shared = [row(loop="shared", round=1)]
     aggregate.aggregate_round(run, "A-S", 1, shared)
     aggregate.aggregate_round(run, "A-F", 1, shared)  # round 1 is shared: one row per loop
     aggregate.aggregate_round(run, "A-S", 1, [row(val_bpb=1.2), row(rollout_id="r1", val_bpb=1.4)])
     got = pq.read_table(run.metrics("round_aggregates")).to_pylist()
-    assert sorted((g["arm"], g["round"], g["n"]) for g in got) == [("A-F", 1, 1), ("A-S", 1, 2)]
-    assert next(g for g in got if g["arm"] == "A-S")["mean_val_bpb"] == pytest.approx(1.3)
+    assert sorted((g["loop"], g["round"], g["n"]) for g in got) == [("A-F", 1, 1), ("A-S", 1, 2)]
+    assert next(g for g in got if g["loop"] == "A-S")["mean_val_bpb"] == pytest.approx(1.3)

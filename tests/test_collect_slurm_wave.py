@@ -96,7 +96,7 @@ def test_a_cancelled_wave_releases_its_allocation(slurm, slurm_hosts, tmp_path):
     running, stuck = anyio.run(main)
     assert not stuck and len(running) == 1, running  # one allocation, cancelled by the test, not by the deadline
     assert _eventually(lambda: _squeue(slurm) == []), _squeue(slurm)
-    assert not RunDir(tmp_path / "run").traces("S", 1).exists()
+    assert not RunDir(tmp_path / "run").traces("A-S", 1).exists()
 
 
 def test_an_allocation_slurm_refuses_fails_the_wave_before_any_rollout(slurm, slurm_hosts, tmp_path):

@@ -32,7 +32,7 @@ def test_wave_runs_every_rollout_once_and_writes_the_round(tmp_path):
     with ScriptedResearcher(plans(n)) as sr:
         out = anyio.run(wave, tmp_path / "run", sr.base_url, SleepEnv(counter, 0.05), n, 2)
     run = RunDir(tmp_path / "run")
-    assert out == run.traces("S", 1) and not run.pending("S", 1).exists()
+    assert out == run.traces("A-S", 1) and not run.pending("A-S", 1).exists()
     rows = pq.read_table(out).to_pylist()
     assert [r["rollout_id"] for r in rows] == [s.rollout_id for s in specs(n)]
     assert [r["status"] for r in rows] == ["success"] * n
@@ -68,9 +68,9 @@ def test_resume_skips_rollouts_whose_pending_file_exists(tmp_path):
     with ScriptedResearcher(plans(n)) as sr:
         rows = pq.read_table(anyio.run(wave, run.root, sr.base_url, SleepEnv(counter, 0.01), n, 2)).to_pylist()
         # as if killed after two rollouts finished: their pending files survive, the round file does not
-        run.traces("S", 1).unlink()
+        run.traces("A-S", 1).unlink()
         for r in rows[:2]:
-            atomic.write_bytes(run.pending_row("S", 1, r["rollout_id"]), trace.dumps(r))
+            atomic.write_bytes(run.pending_row("A-S", 1, r["rollout_id"]), trace.dumps(r))
         counter.unlink()
         again = pq.read_table(anyio.run(wave, run.root, sr.base_url, SleepEnv(counter, 0.01), n, 2)).to_pylist()
     assert sorted(launches(counter)) == [r["rollout_id"] for r in rows[2:]]
@@ -139,7 +139,7 @@ def test_compaction_flags_anomalies_without_dropping_rows(tmp_path):
 def test_temp_files_of_a_killed_writer_are_swept_and_never_read(tmp_path):
     counter, n = tmp_path / "launches", 2
     run = RunDir(tmp_path / "run")
-    litter = [run.pending("S", 1) / ".S-r1-t000.json.abc.tmp", run.blob("S", 1, "S-r1-t000").parent / ".S-r1-t000.log.zst.x.tmp"]
+    litter = [run.pending("A-S", 1) / ".A-S-r1-t000.json.abc.tmp", run.blob("A-S", 1, "A-S-r1-t000").parent / ".A-S-r1-t000.log.zst.x.tmp"]
     for path in litter:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half a file")

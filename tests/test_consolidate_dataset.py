@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 import tiny_model
 from rfs import atomic, trace
+from rfs.agent import prompts
 from rfs.consolidate import dataset
 from rfs.rundir import RunDir
 
@@ -19,8 +20,8 @@ def tok(tmp_path_factory):
     return AutoTokenizer.from_pretrained(tiny_model.build(tmp_path_factory.mktemp("tiny")))
 
 
-def write_round(run: RunDir, arm: str, round_: int, rows: list[dict]) -> None:
-    atomic.write_parquet(run.traces(arm, round_), trace.to_table(rows))
+def write_round(run: RunDir, loop: str, round_: int, rows: list[dict]) -> None:
+    atomic.write_parquet(run.traces(loop, round_), trace.to_table(rows))
 
 
 def test_mask_token_by_token(tok):
@@ -78,7 +79,7 @@ def test_prefilled_prompt_is_a_prefix_of_the_training_ids(tok):
         chat = [{"role": m["role"], "content": dataset._chat([m], stamp)[0]["content"]} for m in msgs[:turn]]
         ids = dataset.prefill_ids(tok, chat, stamp)
         assert ex.input_ids[: len(ids)] == ids
-        assert tok.decode(ids) == dataset.render_prompt_with_prefill(tok, chat, stamp)
+        assert tok.decode(ids) == prompts.render(tok, chat, stamp)
         assert ex.labels[len(ids) - 1] != dataset.IGNORE  # the stamp's last token is trained
 
 
@@ -106,7 +107,7 @@ def test_arm_f_examples_carry_no_stamp(tok):
 
 def test_replay_is_a_fifth_from_the_last_five_rounds_and_deterministic(tok, tmp_path):
     run = RunDir(tmp_path)
-    write_round(run, "shared", 1, [tiny_model.trace_row(f"r1-{i}", round_=1, arm="shared") for i in range(6)])
+    write_round(run, "shared", 1, [tiny_model.trace_row(f"r1-{i}", round_=1, loop="shared") for i in range(6)])
     for r in range(2, 8):
         write_round(run, "S", r, [tiny_model.trace_row(f"r{r}-{i}", round_=r) for i in range(8 if r == 7 else 3)])
     a = dataset.build(run, "S", 7, tok, 4096, 0.2, 5, None, seed=0)
@@ -118,13 +119,13 @@ def test_replay_is_a_fifth_from_the_last_five_rounds_and_deterministic(tok, tmp_
     assert all(2 <= r < 7 for r, _ in m["rollouts"][8:])
     c = dataset.build(run, "S", 7, tok, 4096, 0.2, 5, None, seed=1)
     assert c.manifest["rollouts"][:8] == m["rollouts"][:8]
-    # round 2 replays round 1 from arm "shared"
+    # round 2 replays round 1 from the loop "shared"
     d = dataset.build(run, "S", 2, tok, 4096, 0.5, 5, None, seed=0)
     assert d.manifest["sources"] == {"2": "S", "1": "shared"} and d.manifest["replay"] == 3
 
 
 def test_missing_round_is_a_clear_error(tok, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no traces for arm S round 3"):
+    with pytest.raises(FileNotFoundError, match="no traces for loop S round 3"):
         dataset.build(RunDir(tmp_path), "S", 3, tok, 4096, 0.2, 5, None, seed=0)
 
 

@@ -37,18 +37,18 @@ def v0(tmp_path_factory) -> Path:
     return tiny_model.build(tmp_path_factory.mktemp("v0"))
 
 
-def rows(round_: int = 1, arm: str = "shared") -> list[dict]:
-    out = [tiny_model.trace_row(f"r{round_}-{i}", val_bpb=1.2 - 0.01 * i, round_=round_, arm=arm,
+def rows(round_: int = 1, loop: str = "shared") -> list[dict]:
+    out = [tiny_model.trace_row(f"r{round_}-{i}", val_bpb=1.2 - 0.01 * i, round_=round_, loop=loop,
                                 msgs=tiny_model.messages(reasoning=f"idea {i}", log=f"val_bpb: {1.2 - 0.01 * i:.3f}"))
            for i in range(5)]
-    out.append(tiny_model.trace_row(f"r{round_}-crash", status="crash", round_=round_, arm=arm))
-    out.append(tiny_model.trace_row(f"r{round_}-infra", status="infra_error", round_=round_, arm=arm))
+    out.append(tiny_model.trace_row(f"r{round_}-crash", status="crash", round_=round_, loop=loop))
+    out.append(tiny_model.trace_row(f"r{round_}-infra", status="infra_error", round_=round_, loop=loop))
     return out
 
 
-def new_run(root: Path, round_: int = 1, arm: str = "shared") -> RunDir:
+def new_run(root: Path, round_: int = 1, loop: str = "shared") -> RunDir:
     run = RunDir(root)
-    atomic.write_parquet(run.traces(arm, round_), trace.to_table(rows(round_, arm)))
+    atomic.write_parquet(run.traces(loop, round_), trace.to_table(rows(round_, loop)))
     return run
 
 
@@ -124,7 +124,7 @@ def test_consolidate_publishes_a_complete_version(v0, tmp_path):
     assert not torch.allclose(base, merged(input_ids=ids).logits, atol=1e-4)
     # metrics and events
     (m,) = pq.read_table(run.metrics("consolidate")).to_pylist()
-    assert (m["arm"], m["round"], m["examples"]) == ("S", 1, 6) and m["tokens_seen"] > 0
+    assert (m["loop"], m["round"], m["examples"]) == ("S", 1, 6) and m["tokens_seen"] > 0
     assert len(m["train_curve"]) == manifest["steps"] and m["effective_rank_mean"] > 1.0
     assert os.path.isdir(run.root / "models" / "S" / "kl_anchor") and m["kl_after"] > 0
     kinds = [e["kind"] for e in iter_events(run.events)]

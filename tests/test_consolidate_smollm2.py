@@ -37,7 +37,7 @@ def realistic_row(i: int, name: str, value: float, status: str, bpb: float, step
         {"role": "tool", "content": log + SUMMARY.format(bpb=bpb if status == "success" else "nan", steps=steps, status=status), "reasoning": ""},
         {"role": "assistant", "content": json.dumps({"action": "finish"}), "reasoning": "done"},
     ]
-    return tiny_model.trace_row(f"smol-{i}", status=status, val_bpb=bpb, steps=steps, start_val_bpb=2.40, arm="shared", msgs=msgs)
+    return tiny_model.trace_row(f"smol-{i}", status=status, val_bpb=bpb, steps=steps, start_val_bpb=2.40, loop="shared", msgs=msgs)
 
 
 def test_real_fit_on_smollm2(tmp_path):

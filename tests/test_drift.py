@@ -50,20 +50,20 @@ def test_edge_cases_never_fire_or_fail_clearly():
 
 
 def test_alarms_from_a_version_eval_table_with_a_shared_v0():
-    def row(arm, arc, v, probe, vals):
-        return metrics.version_eval_row("e", arc, arm, v, probe, vals)
+    def row(loop, arc, v, probe, vals):
+        return metrics.version_eval_row("e", arc, loop, v, probe, vals)
 
     rows = [
         row("shared", "", 0, "zero_shot", [1.30, 1.35]),
         row("shared", "", 0, "transfer", [1.50]),
         row("shared", "", 0, "code", [1, 1, 0, 1]),
-        row("S", "A", 1, "zero_shot", [1.20, math.nan]),
-        row("S", "A", 1, "transfer", [1.52]),
-        row("S", "A", 1, "code", [1, 1, 0, 0]),
-        row("A-S", "A", 2, "zero_shot", [1.10]),  # the driver names the arm after the loop
+        row("A-S", "A", 1, "zero_shot", [1.20, math.nan]),
+        row("A-S", "A", 1, "transfer", [1.52]),
+        row("A-S", "A", 1, "code", [1, 1, 0, 0]),
+        row("A-S", "A", 2, "zero_shot", [1.10]),  
         row("A-S", "A", 2, "transfer", [1.40]),
         row("A-S", "A", 2, "code", [1, 0, 0, 0]),
-        row("S", "B", 2, "zero_shot", [0.90]),  # another arc: must not mix in
+        row("B-S", "B", 2, "zero_shot", [0.90]),  # another loop: must not mix in
     ]
     table = pa.Table.from_pylist(rows, schema=metrics.VERSION_EVAL)
     got = drift.alarms(table, "A-S", window=2)
@@ -76,9 +76,9 @@ def test_the_window_counts_probed_versions_only():
     """With eval_every = 2 only V0, V2, V4, V6 are probed: a window of 3 spans V0..V6."""
     rows = []
     for v, (zs, code) in enumerate([(1.30, 1.0), (1.20, 1.0), (1.10, 0.5), (1.00, 0.25)]):
-        arm = "shared" if v == 0 else "A-S"
-        rows += [metrics.version_eval_row("e", "A", arm, 2 * v, "zero_shot", [zs]),
-                 metrics.version_eval_row("e", "A", arm, 2 * v, "code", [code])]
+        loop = "shared" if v == 0 else "A-S"
+        rows += [metrics.version_eval_row("e", "A", loop, 2 * v, "zero_shot", [zs]),
+                 metrics.version_eval_row("e", "A", loop, 2 * v, "code", [code])]
     table = pa.Table.from_pylist(rows, schema=metrics.VERSION_EVAL)
     got = drift.alarms(table, "A-S", window=3)
     assert len(got) == 1 and "over V0..V6" in got[0] and "code regressed" in got[0]

@@ -56,7 +56,7 @@ def _full_run(root: Path) -> RunDir:
     ]
     metrics.upsert(run.metrics("version_eval"), metrics.VERSION_EVAL, metrics.VERSION_EVAL_KEY, rows)
     log = EventLog(run.events)
-    log.emit("alarm", arm="A-S", alarm="collapse", message="ast_diversity 0.01 below 0.02")
+    log.emit("alarm", loop="A-S", alarm="collapse", message="ast_diversity 0.01 below 0.02")
     log.close()
     return run
 

@@ -70,7 +70,7 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
 def test_events_append_and_tail(tmp_path):
     run = RunDir(tmp_path)
     log = EventLog(run.events)
-    log.emit("rollout_started", arm="A-S", round=1, rollout_id="r1")
+    log.emit("rollout_started", loop="A-S", round=1, rollout_id="r1")
     events, off = read_events(run.events)
     assert [e["kind"] for e in events] == ["rollout_started"]
     with open(run.events, "ab") as f:
@@ -78,6 +78,6 @@ def test_events_append_and_tail(tmp_path):
     assert read_events(run.events, off) == ([], off), "an unfinished line is not read yet"
     log.close()
     log = EventLog(run.events)  # the next controller ends the torn line before writing
-    log.emit("rollout_finished", arm="A-S", round=1, rollout_id="r1", status="success", val_bpb=1.5)
+    log.emit("rollout_finished", loop="A-S", round=1, rollout_id="r1", status="success", val_bpb=1.5)
     more, _ = read_events(run.events, off)
     assert [e["kind"] for e in more] == ["rollout_finished"]

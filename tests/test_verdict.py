@@ -16,33 +16,30 @@ from rfs.evals import metrics, verdict
 from rfs.rundir import RunDir
 
 
-def trace_row(arm: str, round_: int, i: int, val_bpb: float, status: str = "success", **extra: Any) -> dict[str, Any]:
+def trace_row(loop: str, round_: int, i: int, val_bpb: float, status: str = "success", **extra: Any) -> dict[str, Any]:
     """A complete, valid trace row (rfs.trace.SCHEMA) for synthetic run directories."""
-    row: dict[str, Any] = {name: "" for name in trace.SCHEMA.names}
-    row.update(
-        schema_version=trace.SCHEMA_VERSION, experiment="synthetic", arm=arm, arc="A", round=round_,
-        version=f"v{0 if arm in ('shared', 'CTRL', 'FLOOR') else round_ - 1}", thread=i % 4,
-        rollout_id=f"{arm}-r{round_}-{i:03d}", seed=i, schema_enforced=True, messages=[], exit_code=0,
+    return trace.new_row(
+        experiment="synthetic", loop=loop, arc="A", round=round_,
+        version=0 if loop in ("shared", "CTRL", "FLOOR") else round_ - 1, thread=i % 4,
+        rollout_id=f"{loop}-r{round_}-{i:03d}", seed=i, schema_enforced=True, exit_code=0,
         status=status, val_bpb=val_bpb if status == "success" else math.nan, steps=100, tokens=1000,
         peak_vram_mb=2048.0, training_seconds=30.0, wall_seconds=40.0, prompt_tokens=10, completion_tokens=10,
-        reasoning_tokens=0, turns=3, tool_calls=2, valid_actions=3, invalid_actions=0, edit_attempts=1,
-        infra_attempts=0, started_at=float(round_ * 1000 + i), finished_at=float(round_ * 1000 + i + 1),
-        anomaly_flags=[], start_val_bpb=math.nan,
+        turns=3, tool_calls=2, valid_actions=3, edit_attempts=1,
+        started_at=float(round_ * 1000 + i), finished_at=float(round_ * 1000 + i + 1), start_val_bpb=math.nan,
         diff="--- a/train.py\n+++ b/train.py\n@@\n-LR = 0.003\n+LR = 0.006\n",
-        final_train_py=f"x = {i % max(1, 5 - round_)}  # {arm}\n",  # diversity drains round by round
+        final_train_py=f"x = {i % max(1, 5 - round_)}  # {loop}\n",  # diversity drains round by round
+        **extra,
     )
-    row.update(extra)
-    return row
 
 
-def write_round(run: RunDir, arm: str, round_: int, vals: list[float], **extra: Any) -> None:
+def write_round(run: RunDir, loop: str, round_: int, vals: list[float], **extra: Any) -> None:
     """Like the driver: traces/<loop>/round-<n>.parquet, the shared round hard-linked into the loops."""
-    rows = [trace_row(arm, round_, i, v, "success" if math.isfinite(v) else "crash", **extra) for i, v in enumerate(vals)]
-    atomic.write_parquet(run.traces(arm, round_), trace.to_table(rows))
-    if arm == "shared":
-        for loop in ("A-S", "CTRL"):
-            run.traces(loop, 1).parent.mkdir(parents=True, exist_ok=True)
-            os.link(run.traces(arm, 1), run.traces(loop, 1))
+    rows = [trace_row(loop, round_, i, v, "success" if math.isfinite(v) else "crash", **extra) for i, v in enumerate(vals)]
+    atomic.write_parquet(run.traces(loop, round_), trace.to_table(rows))
+    if loop == "shared":
+        for gold in ("A-S", "CTRL"):
+            run.traces(gold, 1).parent.mkdir(parents=True, exist_ok=True)
+            os.link(run.traces(loop, 1), run.traces(gold, 1))
 
 
 def test_bootstrap_point_estimate_is_exact_and_deterministic():

@@ -49,9 +49,9 @@ def _events(run: RunDir) -> list[bytes]:
 
 
 def finished(run: RunDir) -> set[str]:
-    if run.traces("S", 1).exists():
-        return {r["rollout_id"] for r in pq.read_table(run.traces("S", 1)).to_pylist()}
-    return {p.name.removesuffix(".json") for p in run.pending("S", 1).glob("*.json")}
+    if run.traces("A-S", 1).exists():
+        return {r["rollout_id"] for r in pq.read_table(run.traces("A-S", 1)).to_pylist()}
+    return {p.name.removesuffix(".json") for p in run.pending("A-S", 1).glob("*.json")}
 
 
 def test_kill_9_at_random_instants_loses_and_repeats_nothing(tmp_path):
@@ -73,7 +73,7 @@ def test_kill_9_at_random_instants_loses_and_repeats_nothing(tmp_path):
                 assert time.monotonic() < deadline, "the controller made no progress in 60 s"
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.1))
-            compacted = run.traces("S", 1).exists()
+            compacted = run.traces("A-S", 1).exists()
             child.kill()
             _, err = child.communicate()
             assert child.returncode == -9, err.decode()[-2000:]  # killed, not ended on its own
@@ -83,7 +83,7 @@ def test_kill_9_at_random_instants_loses_and_repeats_nothing(tmp_path):
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, timeout=120)
         assert done.returncode == 0, done.stderr.decode()[-3000:]
 
-    rows = pq.read_table(run.traces("S", 1)).to_pylist()
+    rows = pq.read_table(run.traces("A-S", 1)).to_pylist()
     ids = [s.rollout_id for s in specs(N)]
     assert [r["rollout_id"] for r in rows] == ids  # exactly N rows, each rollout once, in order
     assert [r["status"] for r in rows] == ["success"] * N, [r["detail"] for r in rows]
@@ -127,15 +127,15 @@ def test_a_resumed_wave_kills_the_jobs_its_killed_controller_left_running(tmp_pa
                 os.kill(pid, signal.SIGKILL)
     assert _carrying(run) == [], "the orphaned jobs outlived the resume"
     assert _workdirs(run) == []
-    rows = pq.read_table(run.traces("S", 1)).to_pylist()
+    rows = pq.read_table(run.traces("A-S", 1)).to_pylist()
     assert [r["status"] for r in rows] == ["success"] * n
-    alarms = [(e["arm"], e["round"], e["message"]) for e in iter_events(run.events) if e["kind"] == "alarm" and e["alarm"] == "orphans"]
-    assert alarms == [("S", 1, f"left running by a killed controller: {2 * n} local process(es) killed")]
+    alarms = [(e["loop"], e["round"], e["message"]) for e in iter_events(run.events) if e["kind"] == "alarm" and e["alarm"] == "orphans"]
+    assert alarms == [("A-S", 1, f"left running by a killed controller: {2 * n} local process(es) killed")]
 
 
 def _carrying(run: RunDir) -> list[int]:
-    """Live processes whose environment names the wave (S, round 1) of this run."""
-    needle = f"\0RFS_WAVE={wave_key(run, 'S', 1)}\0".encode()
+    """Live processes whose environment names the wave (A-S, round 1) of this run."""
+    needle = f"\0RFS_WAVE={wave_key(run, 'A-S', 1)}\0".encode()
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -147,7 +147,7 @@ def _carrying(run: RunDir) -> list[int]:
 
 
 def _workdirs(run: RunDir) -> list[Path]:
-    return sorted(Path(tempfile.gettempdir()).glob(f"rfs-{wave_key(run, 'S', 1)}-*"))
+    return sorted(Path(tempfile.gettempdir()).glob(f"rfs-{wave_key(run, 'A-S', 1)}-*"))
 
 
 def test_sigterm_stops_the_wave_and_its_running_jobs_as_ctrl_c_does(tmp_path):

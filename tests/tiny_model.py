@@ -8,11 +8,14 @@ randomly initialised LlamaForCausalLM (hidden 64, 2 layers). Seconds on CPU.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rfs import trace
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -86,21 +89,15 @@ def messages(reasoning: str = "lower the learning rate", log: str = "val_bpb: 1.
     ]
 
 
-def trace_row(rollout_id: str, status: str = "success", val_bpb: float = 1.2, round_: int = 1, arm: str = "S",
+def trace_row(rollout_id: str, status: str = "success", val_bpb: float = 1.2, round_: int = 1, loop: str = "A-S",
               start_val_bpb: float = 1.3, steps: int = 120, msgs: list[dict] | None = None) -> dict:
     """A complete trace row (rfs.trace.SCHEMA) with the fields consolidation reads filled in."""
-    nan = float("nan")
-    return {
-        "schema_version": 1, "experiment": "t", "arm": arm, "arc": "A", "round": round_, "version": f"v{round_ - 1}",
-        "thread": 0, "rollout_id": rollout_id, "seed": 0, "host": "local", "slot": "s0", "gpu_type": "",
-        "job_id": None, "env": "builtin", "program_md_sha256": "", "seed_train_py_sha256": "",
-        "start_train_py_sha256": "", "start_val_bpb": start_val_bpb, "researcher_model": "tiny",
-        "researcher_weights_sha256": "", "action_space": "hparams", "response_schema": "{}", "schema_enforced": True,
-        "conditioning_stamp": "", "memory": "", "messages": msgs if msgs is not None else messages(),
-        "final_train_py": TRAIN_PY, "diff": "", "exit_code": 0 if status == "success" else 1, "status": status,
-        "detail": "", "val_bpb": val_bpb if status == "success" else nan, "steps": steps, "tokens": 0,
-        "peak_vram_mb": 0.0, "training_seconds": 1.0, "wall_seconds": 1.0, "stdout_tail": "", "blob_path": "",
-        "prompt_tokens": 0, "completion_tokens": 0, "reasoning_tokens": 0, "turns": 2, "tool_calls": 1,
-        "valid_actions": 2, "invalid_actions": 0, "edit_attempts": 1, "infra_attempts": 0, "started_at": 0.0,
-        "finished_at": 1.0, "anomaly_flags": [],
-    }
+    return trace.new_row(
+        experiment="t", loop=loop, arc="A", round=round_, version=round_ - 1, rollout_id=rollout_id,
+        host="local", slot="s0", env="builtin", start_val_bpb=start_val_bpb, researcher_model="tiny",
+        action_space="hparams", response_schema="{}", schema_enforced=True,
+        messages=msgs if msgs is not None else messages(), final_train_py=TRAIN_PY,
+        exit_code=0 if status == "success" else 1, status=status, val_bpb=val_bpb if status == "success" else math.nan,
+        steps=steps, training_seconds=1.0, wall_seconds=1.0, turns=2, tool_calls=1, valid_actions=2, edit_attempts=1,
+        finished_at=1.0,
+    )

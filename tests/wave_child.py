@@ -87,13 +87,13 @@ class SleepEnv:
         )
 
 
-def specs(n: int, *, arm: str = "S", round_: int = 1) -> list:
+def specs(n: int, *, loop: str = "A-S", round_: int = 1) -> list:
     from rfs.agent.rollout import RolloutSpec
 
     return [
         RolloutSpec(
-            experiment="wave-test", arm=arm, arc="A", round=round_, version="v0", thread=i,
-            rollout_id=f"{arm}-r{round_}-t{i:03d}", seed=seed(i), start_train_py=SEED_TRAIN_PY,
+            experiment="wave-test", loop=loop, arc="A", round=round_, version=0, thread=i,
+            rollout_id=f"{loop}-r{round_}-t{i:03d}", seed=seed(i), start_train_py=SEED_TRAIN_PY,
             start_val_bpb=math.nan, memory="", conditioning_stamp="", researcher_model="scripted",
             researcher_weights_sha256="", env_name="sleep", program_md="Lower val_bpb.\n",
             seed_train_py_sha256="", program_md_sha256="",

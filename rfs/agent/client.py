@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from rfs.agent import prompts
 from rfs.agent.connection import Connection
 from rfs.config import ResearcherCfg
 from rfs.serve.base import response_format
@@ -136,7 +137,7 @@ class ResearcherClient:
         if prefill and self.backend == "llamacpp":
             # llama-cpp-python's chat endpoint cannot continue an assistant turn, so rfs renders the
             # prompt with the model's own template and constrains the continuation by grammar.
-            body |= {"prompt": self._render(messages) + prefill, "grammar": _gbnf(schema)}
+            body |= {"prompt": prompts.render(self._tokenizer, messages, prefill), "grammar": _gbnf(schema)}
             data = await self._post("/completions", body)
             text = _field(data, lambda d: d["choices"][0]["text"])
         else:
@@ -191,9 +192,6 @@ class ResearcherClient:
         from transformers import AutoTokenizer  # train extra; only the pre-fill path needs it
 
         return AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _field(data: dict[str, Any], get: Any) -> str:

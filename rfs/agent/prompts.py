@@ -8,6 +8,7 @@ them from the opening brief.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from rfs.agent import hparams
 from rfs.envs.base import RunResult
@@ -62,3 +63,11 @@ def run_report(result: RunResult) -> str:
         lines.append(f"detail: {result.detail}")
     tail = result.stdout_tail[-STDOUT_TAIL_CHARS:]
     return "\n".join(lines) + f"\n\nstdout (tail):\n{tail}\n\nThe run is done; reply with finish."
+
+
+def render(tok: Any, messages: list[dict[str, str]], stamp: str = "") -> str:
+    """The text of a conversation up to the researcher's next reply, in the model's own chat
+    template, then the stamp that reply opens with. The one rendering for both sides: arm S's
+    conditioned requests (rfs.agent.client) and the prompts training and its anchor see
+    (rfs.consolidate.dataset), so the stamp sits in exactly the same place in both."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + stamp

@@ -36,7 +36,7 @@ from rfs.agent.client import Reply, ResearcherClient, ServerDown, ServerRejected
 from rfs.config import ResearcherCfg
 from rfs.envs.base import RunResult
 from rfs.events import EventLog
-from rfs.trace import SCHEMA_VERSION, text_sha256
+from rfs.trace import new_row, text_sha256
 
 STORED_INVALID_CHARS = 4000  # an invalid reply is kept (truncated) so the trace shows what went wrong
 
@@ -44,10 +44,10 @@ STORED_INVALID_CHARS = 4000  # an invalid reply is kept (truncated) so the trace
 @dataclass(frozen=True)
 class RolloutSpec:
     experiment: str
-    arm: str
+    loop: str  # rfs.trace's vocabulary: "A-S" …, CTRL, FLOOR, SHARED, PROBE
     arc: str
     round: int
-    version: str
+    version: int
     thread: int
     rollout_id: str
     seed: int
@@ -61,6 +61,18 @@ class RolloutSpec:
     program_md: str
     seed_train_py_sha256: str
     program_md_sha256: str
+
+    def columns(self) -> dict[str, Any]:
+        """The trace columns this rollout's row takes from its spec, whatever became of it."""
+        return {
+            "experiment": self.experiment, "loop": self.loop, "arc": self.arc, "round": self.round,
+            "version": self.version, "thread": self.thread, "rollout_id": self.rollout_id, "seed": self.seed,
+            "env": self.env_name, "program_md_sha256": self.program_md_sha256,
+            "seed_train_py_sha256": self.seed_train_py_sha256, "start_train_py_sha256": text_sha256(self.start_train_py),
+            "start_val_bpb": float(self.start_val_bpb), "researcher_model": self.researcher_model,
+            "researcher_weights_sha256": self.researcher_weights_sha256,
+            "conditioning_stamp": self.conditioning_stamp, "memory": self.memory,
+        }
 
 
 @dataclass(frozen=True)
@@ -158,7 +170,7 @@ class _Rollout:
         if self.events:
             kind = action.kind if valid else "invalid"
             s = self.spec
-            self.events.emit("turn", arm=s.arm, round=s.round, rollout_id=s.rollout_id, turn=turn, action=kind, valid=valid)
+            self.events.emit("turn", loop=s.loop, round=s.round, rollout_id=s.rollout_id, turn=turn, action=kind, valid=valid)
         sent = reply.text if valid else reply.text[:STORED_INVALID_CHARS]
         self.chat.append({"role": "assistant", "content": self.spec.conditioning_stamp + sent})
         if isinstance(action, Invalid):
@@ -284,31 +296,24 @@ def _row(r: _Rollout, end: _End, started: float) -> dict[str, Any]:
     s, t, ex = r.spec, r.tally, r.executed
     res = ex.result if ex else RunResult(status=end.status)
     diff = difflib.unified_diff(s.start_train_py.splitlines(True), r.train_py.splitlines(True), "a/train.py", "b/train.py")
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "experiment": s.experiment, "arm": s.arm, "arc": s.arc, "round": s.round, "version": s.version,
-        "thread": s.thread, "rollout_id": s.rollout_id, "seed": s.seed,
-        "host": ex.host if ex else "", "slot": ex.slot if ex else "", "gpu_type": ex.gpu_type if ex else "",
-        "job_id": ex.job_id if ex else None,
-        "env": s.env_name, "program_md_sha256": s.program_md_sha256, "seed_train_py_sha256": s.seed_train_py_sha256,
-        "start_train_py_sha256": text_sha256(s.start_train_py), "start_val_bpb": float(s.start_val_bpb),
-        "researcher_model": s.researcher_model, "researcher_weights_sha256": s.researcher_weights_sha256,
-        "action_space": r.space, "response_schema": json.dumps(r.schema, sort_keys=True),
-        "schema_enforced": bool(t.replies) and all(x.enforced for x in t.replies),
-        "conditioning_stamp": s.conditioning_stamp, "memory": s.memory, "messages": r.record,
-        "final_train_py": _clean(r.train_py), "diff": _clean("".join(diff)),
-        "exit_code": res.exit_code, "status": end.status, "detail": _clean(end.detail.splitlines()[0] if end.detail else ""),
-        "val_bpb": float(res.val_bpb) if end.status == "success" else math.nan,
-        "steps": int(res.steps), "tokens": int(res.tokens), "peak_vram_mb": float(res.peak_memory_mb),
-        "training_seconds": float(res.training_seconds), "wall_seconds": float(res.wall_seconds),
-        "stdout_tail": _clean(res.stdout_tail), "blob_path": ex.blob_path if ex else "",
-        "prompt_tokens": sum(x.prompt_tokens for x in t.replies),
-        "completion_tokens": sum(x.completion_tokens for x in t.replies),
-        "reasoning_tokens": sum(x.reasoning_tokens for x in t.replies),
-        "turns": len(t.replies), "tool_calls": t.tool_calls, "valid_actions": t.valid, "invalid_actions": t.invalid,
-        "edit_attempts": t.edit_attempts, "infra_attempts": ex.infra_attempts if ex else 0,
-        "started_at": started, "finished_at": time.time(), "anomaly_flags": [],
-    }
+    placement = {"host": ex.host, "slot": ex.slot, "gpu_type": ex.gpu_type, "job_id": ex.job_id,
+                 "blob_path": ex.blob_path, "infra_attempts": ex.infra_attempts} if ex else {}
+    return new_row(
+        **s.columns(), **placement,
+        action_space=r.space, response_schema=json.dumps(r.schema, sort_keys=True),
+        schema_enforced=bool(t.replies) and all(x.enforced for x in t.replies), messages=r.record,
+        final_train_py=_clean(r.train_py), diff=_clean("".join(diff)),
+        exit_code=res.exit_code, status=end.status, detail=_clean(end.detail.splitlines()[0] if end.detail else ""),
+        val_bpb=float(res.val_bpb) if end.status == "success" else math.nan,
+        steps=int(res.steps), tokens=int(res.tokens), peak_vram_mb=float(res.peak_memory_mb),
+        training_seconds=float(res.training_seconds), wall_seconds=float(res.wall_seconds),
+        stdout_tail=_clean(res.stdout_tail),
+        prompt_tokens=sum(x.prompt_tokens for x in t.replies),
+        completion_tokens=sum(x.completion_tokens for x in t.replies),
+        reasoning_tokens=sum(x.reasoning_tokens for x in t.replies),
+        turns=len(t.replies), tool_calls=t.tool_calls, valid_actions=t.valid, invalid_actions=t.invalid,
+        edit_attempts=t.edit_attempts, started_at=started, finished_at=time.time(),
+    )
 
 
 async def rollout(

@@ -1,4 +1,4 @@
-"""Round aggregates: one row per (arm, round) in metrics/round_aggregates.parquet.
+"""Round aggregates: one row per (loop, round) in metrics/round_aggregates.parquet.
 
 Definitions (rates are over the rows the researcher is answerable for: infra_error rows are
 counted in `n` and `infra_error_rate` only, because a dead slot says nothing about the researcher):
@@ -28,16 +28,15 @@ import statistics
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from rfs import atomic
+from rfs import tables
 from rfs.rundir import RunDir
 
 SCHEMA = pa.schema(
     [
-        ("arm", pa.string()),
+        ("loop", pa.string()),
         ("round", pa.int32()),
-        ("version", pa.string()),
+        ("version", pa.int32()),
         ("n", pa.int32()),
         ("infra_error_rate", pa.float64()),
         ("mean_val_bpb", pa.float64()),
@@ -55,6 +54,8 @@ SCHEMA = pa.schema(
         ("data_quality_score", pa.float64()),
     ]
 )
+
+KEY = ("loop", "round")
 
 RAN = ("success", "crash", "timeout")
 
@@ -120,10 +121,10 @@ def outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def aggregate(arm: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(loop: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The aggregate row for one loop's round (a shared round 1 is aggregated under each loop's name)."""
     if not rows:
-        raise ValueError(f"aggregate: no rows for {arm} round {round_}")
+        raise ValueError(f"aggregate: no rows for {loop} round {round_}")
     scored = [r for r in rows if r["status"] != "infra_error"]
     m = len(scored)
     out = outcomes(rows)
@@ -133,7 +134,7 @@ def aggregate(arm: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, An
     valid = sum(r["valid_actions"] for r in scored)
     actions = _actions(scored)
     return {
-        "arm": arm,
+        "loop": loop,
         "round": round_,
         "version": rows[0]["version"],
         **out,
@@ -148,11 +149,8 @@ def aggregate(arm: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, An
     }
 
 
-def aggregate_round(run: RunDir, arm: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_round(run: RunDir, loop: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Compute the round's aggregate and put it in round_aggregates, replacing any earlier one."""
-    agg = aggregate(arm, round_, rows)
-    path = run.metrics("round_aggregates")
-    old = pq.read_table(path).to_pylist() if path.exists() else []
-    kept = [r for r in old if (r["arm"], r["round"]) != (agg["arm"], agg["round"])]
-    atomic.write_parquet(path, pa.Table.from_pylist([*kept, agg], schema=SCHEMA))
+    agg = aggregate(loop, round_, rows)
+    tables.upsert(run.metrics("round_aggregates"), SCHEMA, KEY, [agg])
     return agg

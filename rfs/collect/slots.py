@@ -89,7 +89,7 @@ class SlotPool:
             n = self._consecutive[slot.name]
             self.events.emit("slot_quarantined", slot=slot.name, reason=reason)
             self.events.emit(
-                "alarm", arm="", alarm="quarantine", message=f"slot {slot.name} quarantined after {n} failures: {reason}"
+                "alarm", loop="", alarm="quarantine", message=f"slot {slot.name} quarantined after {n} failures: {reason}"
             )
         self._dispatch()  # a waiter avoiding every *other* slot may now take one, or hear none is left
 

@@ -1,8 +1,8 @@
 """One wave: N rollouts as coroutines in one task group, each finished row on disk at once.
 
 Exactly once, across kill -9: a finished rollout is its own small file,
-`run.pending_row(arm, round, rollout_id)` (written atomically), so a restarted wave skips it;
-when all are there the round file `run.traces(arm, round)` is compacted from them (atomically)
+`run.pending_row(loop, round, rollout_id)` (written atomically), so a restarted wave skips it;
+when all are there the round file `run.traces(loop, round)` is compacted from them (atomically)
 and is the wave's answer from then on. A restarted wave first stops the jobs a killed controller
 left running (`reclaimed`). A rollout holds a slot only while its training run executes, so N
 rollouts share few slots while the researcher thinks.
@@ -51,19 +51,19 @@ async def run_wave(
     calibration: dict[str, float] | None = None,
     revive: Callable[[], Awaitable[None]] | None = None,
 ) -> Path:
-    """Run every spec's rollout once (resuming a killed wave); return traces(arm, round).
+    """Run every spec's rollout once (resuming a killed wave); return traces(loop, round).
 
     `calibration` ({mean, std} of the seed's val_bpb) sharpens the anomaly flags when given.
     `revive()` restarts a researcher server found down, before the rollouts it failed play again.
     """
-    arm, round_ = _one_round(specs)
-    out = run.traces(arm, round_)
+    loop, round_ = _one_round(specs)
+    out = run.traces(loop, round_)
     if out.exists():  # compacted before a kill: at most the pending files are left to remove
-        shutil.rmtree(run.pending(arm, round_), ignore_errors=True)
+        shutil.rmtree(run.pending(loop, round_), ignore_errors=True)
         return out
-    pending = run.pending(arm, round_)
+    pending = run.pending(loop, round_)
     pending.mkdir(parents=True, exist_ok=True)
-    blobs = run.blob(arm, round_, "-").parent  # the round's blob folder
+    blobs = run.blob(loop, round_, "-").parent  # the round's blob folder
     for litter in [*pending.glob(".*.tmp"), *blobs.glob(".*.tmp")]:
         litter.unlink(missing_ok=True)  # half-written temp files of a killed controller, never renamed
     done = {p.name.removesuffix(".json") for p in pending.glob("*.json")}
@@ -77,40 +77,40 @@ async def run_wave(
     async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
         row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
-        await anyio.to_thread.run_sync(_persist, training, run.pending_row(arm, round_, spec.rollout_id), row, limiter=writers)
+        await anyio.to_thread.run_sync(_persist, training, run.pending_row(loop, round_, spec.rollout_id), row, limiter=writers)
         finished[spec.rollout_id] = row
         events.emit(
-            "rollout_finished", arm=arm, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
+            "rollout_finished", loop=loop, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
         )
 
     if todo:  # a SLURM allocation is made (and waited for) only when there is something to run
-        wave = await reclaimed(run, pool.slots, hosts, events, arm, round_)
+        wave = await reclaimed(run, pool.slots, hosts, events, loop, round_)
         async with wave_launchers(pool.slots, hosts, wave) as launcher, anyio.create_task_group() as tg:
             for spec in todo:
                 tg.start_soon(one, spec, launcher, name=spec.rollout_id)
     return await anyio.to_thread.run_sync(_compact, run, specs, finished, cfg, events, calibration)
 
 
-def wave_key(run: RunDir, arm: str, round_: int) -> str:
+def wave_key(run: RunDir, loop: str, round_: int) -> str:
     """A short key naming this wave of this run, for its jobs to carry (see rfs.launch.reclaim)."""
-    return hashlib.sha256(f"{run.root.resolve()}\0{arm}\0{round_}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{run.root.resolve()}\0{loop}\0{round_}".encode()).hexdigest()[:16]
 
 
-async def reclaimed(run: RunDir, slots: list[Slot], hosts: HostsFile, events: EventLog, arm: str, round_: int) -> str:
-    """The key for the jobs of (arm, round) in `run`, once whatever a killed controller left running
+async def reclaimed(run: RunDir, slots: list[Slot], hosts: HostsFile, events: EventLog, loop: str, round_: int) -> str:
+    """The key for the jobs of (loop, round) in `run`, once whatever a killed controller left running
     under it is stopped; an `orphans` alarm says what that was. Call it before starting those jobs."""
-    key = wave_key(run, arm, round_)
+    key = wave_key(run, loop, round_)
     if left := await reclaim(slots, hosts, key):
-        events.emit("alarm", arm=arm, round=round_, alarm="orphans", message=f"left running by a killed controller: {'; '.join(left)}")
+        events.emit("alarm", loop=loop, round=round_, alarm="orphans", message=f"left running by a killed controller: {'; '.join(left)}")
     return key
 
 
 def _one_round(specs: list[RolloutSpec]) -> tuple[str, int]:
     if not specs:
         raise ValueError("run_wave: no rollouts to run")
-    rounds = {(s.arm, s.round) for s in specs}
+    rounds = {(s.loop, s.round) for s in specs}
     if len(rounds) != 1:
-        raise ValueError(f"run_wave: one wave is one (arm, round), got {sorted(rounds)}")
+        raise ValueError(f"run_wave: one wave is one (loop, round), got {sorted(rounds)}")
     ids = [s.rollout_id for s in specs]
     if len(set(ids)) != len(ids):
         raise ValueError("run_wave: rollout_ids must be distinct")
@@ -126,17 +126,17 @@ async def _rollout_row(
     for attempt in range(cfg.collect.infra_retries + 1):
         if attempt:
             await anyio.sleep(_RETRY_PAUSE_S * attempt)
-        events.emit("rollout_started", arm=spec.arm, round=spec.round, rollout_id=spec.rollout_id, thread=spec.thread)
+        events.emit("rollout_started", loop=spec.loop, round=spec.round, rollout_id=spec.rollout_id, thread=spec.thread)
         try:
             row = await rollout_fn(spec, cfg.researcher, client, training, events)
-            trace.validate(row)  # a malformed row is our bug: caught here, not by the wave's writer
+            trace.validate(row)  # checked once, before it is written: a malformed row is our bug, one rollout's
         except ServerDown as exc:
             detail = f"researcher server down after {attempt + 1} attempt(s): {exc}"
             await _revive(revive, spec, events)
             continue
         except Exception as exc:  # a bug in one rollout: record it, keep the other N-1 going
             detail = f"rollout raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-            events.emit("alarm", arm=spec.arm, alarm="rollout_error", message=f"{spec.rollout_id}: {type(exc).__name__}: {exc}")
+            events.emit("alarm", loop=spec.loop, alarm="rollout_error", message=f"{spec.rollout_id}: {type(exc).__name__}: {exc}")
             break
         # An infra_error before any training run is the researcher server's: play the rollout again.
         # One after a run already had its slot retries inside run_training.
@@ -154,7 +154,7 @@ async def _revive(revive: Callable[[], Awaitable[None]] | None, spec: RolloutSpe
     try:
         await revive()
     except Exception as exc:  # a server that will not come back: the retries record infra_error
-        events.emit("alarm", arm=spec.arm, alarm="server", message=f"restart failed: {type(exc).__name__}: {exc}")
+        events.emit("alarm", loop=spec.loop, alarm="server", message=f"restart failed: {type(exc).__name__}: {exc}")
 
 
 def _persist(training: _Training, row_path: Path, row: dict[str, Any]) -> None:
@@ -166,28 +166,13 @@ def _persist(training: _Training, row_path: Path, row: dict[str, Any]) -> None:
 
 
 def infra_row(spec: RolloutSpec, cfg: Config, detail: str, *, started: float, infra_attempts: int = 0, blob_path: str = "") -> dict[str, Any]:
-    """A valid trace row for a rollout the infrastructure (or our own code) failed."""
+    """The trace row of a rollout the infrastructure (or our own code) failed."""
     now = time.time()
-    row = {
-        "schema_version": trace.SCHEMA_VERSION,
-        "experiment": spec.experiment, "arm": spec.arm, "arc": spec.arc, "round": spec.round,
-        "version": spec.version, "thread": spec.thread, "rollout_id": spec.rollout_id, "seed": spec.seed,
-        "host": "", "slot": "", "gpu_type": "", "job_id": None, "env": spec.env_name,
-        "program_md_sha256": spec.program_md_sha256, "seed_train_py_sha256": spec.seed_train_py_sha256,
-        "start_train_py_sha256": trace.text_sha256(spec.start_train_py),
-        "start_val_bpb": float(spec.start_val_bpb), "researcher_model": spec.researcher_model,
-        "researcher_weights_sha256": spec.researcher_weights_sha256,
-        "action_space": cfg.researcher.action_space, "response_schema": "", "schema_enforced": False,
-        "conditioning_stamp": spec.conditioning_stamp, "memory": spec.memory, "messages": [],
-        "final_train_py": spec.start_train_py, "diff": "", "exit_code": None, "status": "infra_error",
-        "detail": detail, "val_bpb": math.nan, "steps": 0, "tokens": 0, "peak_vram_mb": 0.0,
-        "training_seconds": 0.0, "wall_seconds": now - started, "stdout_tail": "", "blob_path": blob_path,
-        "prompt_tokens": 0, "completion_tokens": 0, "reasoning_tokens": 0, "turns": 0, "tool_calls": 0,
-        "valid_actions": 0, "invalid_actions": 0, "edit_attempts": 0, "infra_attempts": infra_attempts,
-        "started_at": started, "finished_at": now, "anomaly_flags": [],
-    }
-    trace.validate(row)
-    return row
+    return trace.new_row(
+        **spec.columns(), action_space=cfg.researcher.action_space, final_train_py=spec.start_train_py,
+        status="infra_error", detail=detail, wall_seconds=now - started, blob_path=blob_path,
+        infra_attempts=infra_attempts, started_at=started, finished_at=now,
+    )
 
 
 class _Training:
@@ -217,7 +202,7 @@ class _Training:
                 failure = outcome.infra_error
                 result = self._result(outcome, attempt)
                 s = self.spec
-                self.events.emit("run_finished", arm=s.arm, round=s.round, rollout_id=s.rollout_id, slot=slot.name,
+                self.events.emit("run_finished", loop=s.loop, round=s.round, rollout_id=s.rollout_id, slot=slot.name,
                                  status=result.status, val_bpb=result.val_bpb, steps=result.steps)
             finally:  # cancelled mid-run (the wave is stopping): the slot goes back, uncounted
                 self.pool.release(slot, failure=failure)
@@ -232,7 +217,7 @@ class _Training:
     async def _run_on(self, slot: Slot, train_py: str) -> JobOutcome:
         s = self.spec
         self.runs += 1
-        self.events.emit("run_started", arm=s.arm, round=s.round, rollout_id=s.rollout_id, slot=slot.name, host=slot.host)
+        self.events.emit("run_started", loop=s.loop, round=s.round, rollout_id=s.rollout_id, slot=slot.name, host=slot.host)
         try:
             job = self.env.job(train_py, slot, s.rollout_id)
             return await self.launcher(slot).run(slot, job)
@@ -252,7 +237,7 @@ class _Training:
         header += f" exit={outcome.exit_code} timed_out={outcome.timed_out} infra={outcome.infra_error!r} ===\n"
         self.log += header.encode() + outcome.output + b"\n"
         s = self.spec
-        self.blob_path = str(self.run.blob(s.arm, s.round, s.rollout_id).relative_to(self.run.root))
+        self.blob_path = str(self.run.blob(s.loop, s.round, s.rollout_id).relative_to(self.run.root))
 
 
 def _compact(
@@ -261,18 +246,18 @@ def _compact(
 ) -> Path:
     """All pending rows (read back only if an earlier controller wrote them) → one flagged,
     ordered round file; then the pending files can go."""
-    arm, round_ = specs[0].arm, specs[0].round
-    pending = run.pending(arm, round_)
+    loop, round_ = specs[0].loop, specs[0].round
+    pending = run.pending(loop, round_)
     earlier = {p.name.removesuffix(".json"): p for p in pending.glob("*.json")}
     rows = {rid: trace.loads(p.read_bytes()) for rid, p in earlier.items() if rid not in finished} | finished
     missing = [s.rollout_id for s in specs if s.rollout_id not in rows]
     if missing:
-        raise RuntimeError(f"wave {arm} round {round_}: rollouts {missing} have no row after the wave")
+        raise RuntimeError(f"wave {loop} round {round_}: rollouts {missing} have no row after the wave")
     flagged = anomaly.flag_wave([rows[s.rollout_id] for s in specs], budget_s=cfg.env.budget_s, calibration=calibration)
-    out = run.traces(arm, round_)
-    atomic.write_parquet(out, trace.to_table(flagged))
+    out = run.traces(loop, round_)
+    atomic.write_parquet(out, trace.to_table(flagged, validated=True))  # each row was, before it was written
     shutil.rmtree(pending, ignore_errors=True)
     scores = aggregate.outcomes(flagged)
-    events.emit("wave_finished", arm=arm, round=round_, n=len(flagged), success_rate=scores["success_rate"],
+    events.emit("wave_finished", loop=loop, round=round_, n=len(flagged), success_rate=scores["success_rate"],
                 best_val_bpb=scores["best_val_bpb"], mean_val_bpb=scores["mean_val_bpb"])
     return out

@@ -1,6 +1,6 @@
 """The KL anchor to V0: V0's next-token distributions on fixed prompts, computed once and stored.
 
-Stored per arm in models/<arm>/kl_anchor/ (anchor.safetensors + anchor.json): for each prompt, its
+Stored per loop in models/<loop>/kl_anchor/ (anchor.safetensors + anchor.json): for each prompt, its
 token ids and V0's top-k log-probabilities at every position. The KL is taken over k+1 buckets
 (the top-k tokens and "everything else"), a true KL that is zero when the model still matches V0
 there and that sees mass leaking out of V0's top-k, at a bounded storage cost (k=32).

@@ -15,7 +15,7 @@ action's JSON (not the reasoning string), the end-of-turn token after a reply, a
 Masked: the template's headers, the system message (program.md + memory), the first user message
 (the starting train.py) and the free-text reasoning.
 
-Conditioning (arm S collection). The prompt is `render_prompt_with_prefill(tok, messages, stamp)`:
+Conditioning (arm S collection). The prompt is `rfs.agent.prompts.render(tok, messages, stamp)`:
 the template with the generation header, then the stamp text, nothing in between. Training puts
 the stamp at the same place, so `prefill_ids(tok, messages, stamp)` is exactly a prefix of the
 training ids at that turn (tests check this for the tiny and the SmolLM2 tokenizers: it holds as
@@ -31,10 +31,11 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from rfs.rundir import RunDir
-from rfs.trace import outcome_stamp
+from rfs import trace
+from rfs.agent import prompts
+from rfs.trace import SHARED, outcome_stamp
 
 IGNORE = -100
 NOISE_SIGMAS = 2.0  # "more than the noise": below start - 2·std
@@ -76,14 +77,14 @@ def improved(row: dict[str, Any], noise: dict[str, float]) -> bool:
     return row["status"] == "success" and row["val_bpb"] < start - NOISE_SIGMAS * noise["std"]
 
 
-def filtered(arm: str) -> bool:
+def filtered(loop: str) -> bool:
     """Arm F's rule applies to "F" and to a loop named after it ("A-F", "B-F")."""
-    return arm.rsplit("-", 1)[-1] == "F"
+    return loop.rsplit("-", 1)[-1] == "F"
 
 
-def select(rows: list[dict[str, Any]], arm: str, noise: dict[str, float] | None) -> list[dict[str, Any]]:
+def select(rows: list[dict[str, Any]], loop: str, noise: dict[str, float] | None) -> list[dict[str, Any]]:
     usable = [r for r in rows if r["status"] != "infra_error" and any(m["role"] == "assistant" for m in r["messages"])]
-    if not filtered(arm):
+    if not filtered(loop):
         return usable
     if noise is None or not {"mean", "std"} <= noise.keys():
         raise ValueError(f"arm F needs the calibrated noise as {{'mean', 'std'}}, got {noise!r}")
@@ -141,28 +142,23 @@ def render(tok: Any, row: dict[str, Any], stamp: str | None, max_seq_len: int) -
     return Example(row["rollout_id"], int(row["round"]), ids[cut:], labels[cut:], cut > 0)
 
 
-def render_prompt_with_prefill(tok: Any, messages: list[dict[str, str]], stamp: str) -> str:
-    """The prompt text arm S sends when conditioning: generation header, then the stamp."""
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + stamp
-
-
 def prefill_ids(tok: Any, messages: list[dict[str, str]], stamp: str) -> list[int]:
     """Token ids of the conditioned prompt, tokenized whole, as a server tokenizes a text prompt."""
-    return tok(render_prompt_with_prefill(tok, messages, stamp), add_special_tokens=False)["input_ids"]
+    return tok(prompts.render(tok, messages, stamp), add_special_tokens=False)["input_ids"]
 
 
-def read_round(run: RunDir, arm: str, round_: int) -> tuple[list[dict[str, Any]], str]:
-    """A round's rows; a round every arm shared (round 1) is read from arm "shared" when absent."""
-    for source in (arm, "shared"):
+def read_round(run: RunDir, loop: str, round_: int) -> tuple[list[dict[str, Any]], str]:
+    """A round's rows; a round every loop shared (round 1) is read from the loop SHARED when absent."""
+    for source in (loop, SHARED):
         path = run.traces(source, round_)
         if path.exists():
-            return pq.read_table(path).to_pylist(), source
-    raise FileNotFoundError(f"no traces for arm {arm} round {round_}: {run.traces(arm, round_)} (nor arm shared)")
+            return trace.read_rows(path), source
+    raise FileNotFoundError(f"no traces for loop {loop} round {round_}: {run.traces(loop, round_)} (nor loop shared)")
 
 
-def examples_of(tok: Any, rows: list[dict[str, Any]], arm: str, noise: dict | None, max_seq_len: int) -> list[Example]:
-    chosen = sorted(select(rows, arm, noise), key=lambda r: r["rollout_id"])
-    return [render(tok, r, None if filtered(arm) else stamp_of(r), max_seq_len) for r in chosen]
+def examples_of(tok: Any, rows: list[dict[str, Any]], loop: str, noise: dict | None, max_seq_len: int) -> list[Example]:
+    chosen = sorted(select(rows, loop, noise), key=lambda r: r["rollout_id"])
+    return [render(tok, r, None if filtered(loop) else stamp_of(r), max_seq_len) for r in chosen]
 
 
 def replay(current: list[Example], pool: list[Example], fraction: float, seed: int) -> list[Example]:
@@ -178,22 +174,22 @@ def digest(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def build(run: RunDir, arm: str, round_: int, tok: Any, max_seq_len: int, replay_fraction: float,
+def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, replay_fraction: float,
           replay_rounds: int, noise: dict | None, seed: int) -> Dataset:
-    rows, source = read_round(run, arm, round_)
-    current = examples_of(tok, rows, arm, noise, max_seq_len)
+    rows, source = read_round(run, loop, round_)
+    current = examples_of(tok, rows, loop, noise, max_seq_len)
     pool: list[Example] = []
     sources = {round_: source}
     for r in range(max(1, round_ - replay_rounds), round_):
         try:
-            old, sources[r] = read_round(run, arm, r)
+            old, sources[r] = read_round(run, loop, r)
         except FileNotFoundError:
             continue
-        pool += examples_of(tok, old, arm, noise, max_seq_len)
+        pool += examples_of(tok, old, loop, noise, max_seq_len)
     replayed = replay(current, pool, replay_fraction, seed * 1_000_003 + round_)
     examples = current + replayed
     manifest = {
-        "arm": arm,
+        "loop": loop,
         "round": round_,
         "rows": len(rows),
         "selected": len(current),
@@ -207,7 +203,7 @@ def build(run: RunDir, arm: str, round_: int, tok: Any, max_seq_len: int, replay
         "trained_tokens": sum(sum(lab != IGNORE for lab in e.labels) for e in examples),
         "tokens": sum(len(e.input_ids) for e in examples),
         "noise": noise,
-        "rule": "S: all but infra_error, stamped" if not filtered(arm) else f"F: success and val_bpb < start - {NOISE_SIGMAS}*std",
+        "rule": "S: all but infra_error, stamped" if not filtered(loop) else f"F: success and val_bpb < start - {NOISE_SIGMAS}*std",
         "sha256": digest(examples),
     }
     return Dataset(examples, manifest)

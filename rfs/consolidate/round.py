@@ -1,6 +1,6 @@
 """One round's traces → V_{n+1}: dataset, KL anchor, LoRA fit, merge, atomic publish, metrics.
 
-Resume contract: the new version appears under models/<arm>/v<round> only when complete (built in
+Resume contract: the new version appears under models/<loop>/v<round> only when complete (built in
 a `.partial` dir, fsynced, renamed). A crash mid-fit leaves no version; the rerun deletes the
 leftover and refits from the parent with the same seed, so it never trains twice on a half model
 and produces what an uninterrupted run would have.
@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rfs import atomic
+from rfs import atomic, tables
 from rfs.config import ConsolidateCfg
 from rfs.consolidate import anchor as anchors
 from rfs.consolidate import dataset, fit
@@ -29,7 +28,7 @@ from rfs.rundir import RunDir
 
 _CURVE = pa.list_(pa.struct([("step", pa.int64()), ("loss", pa.float64()), ("kl", pa.float64()), ("lr", pa.float64())]))
 METRICS_SCHEMA = pa.schema([
-    ("arm", pa.string()), ("round", pa.int32()), ("version", pa.int32()), ("seed", pa.int64()),
+    ("loop", pa.string()), ("round", pa.int32()), ("version", pa.int32()), ("seed", pa.int64()),
     ("trained", pa.bool_()), ("examples", pa.int64()), ("replay", pa.int64()), ("steps", pa.int64()),
     ("tokens_seen", pa.int64()), ("seconds", pa.float64()), ("tokens_per_s", pa.float64()),
     ("loss_before", pa.float64()), ("loss_after", pa.float64()), ("val_is_train", pa.bool_()),
@@ -49,12 +48,12 @@ def anchor_prompts(examples: list[dataset.Example], n: int) -> list[list[int]]:
     return out[:n]
 
 
-def ensure_anchor(run: RunDir, arm: str, v0_dir: Path, examples: list[dataset.Example], cfg: ConsolidateCfg,
+def ensure_anchor(run: RunDir, loop: str, v0_dir: Path, examples: list[dataset.Example], cfg: ConsolidateCfg,
                   device: str) -> anchors.Anchor | None:
-    """Load the arm's stored anchor, computing it from V0 the first time (fixed from then on)."""
+    """Load the loop's stored anchor, computing it from V0 the first time (fixed from then on)."""
     if cfg.kl_lambda == 0:
         return None
-    where = run.root / "models" / arm / "kl_anchor"
+    where = run.kl_anchor(loop)
     found = anchors.load(where)
     if found is not None:
         return found
@@ -75,11 +74,8 @@ def split(examples: list[dataset.Example]) -> tuple[list[dataset.Example], list[
 
 
 def append_metrics(run: RunDir, row: dict[str, Any]) -> None:
-    """Rewrite metrics/consolidate.parquet whole (atomic); a rerun of a round replaces its row."""
-    path = run.metrics("consolidate")
-    rows = pq.read_table(path).to_pylist() if path.exists() else []
-    rows = [r for r in rows if (r["arm"], r["round"]) != (row["arm"], row["round"])] + [row]
-    atomic.write_parquet(path, pa.Table.from_pylist(rows, schema=METRICS_SCHEMA))
+    """The round's row in metrics/consolidate.parquet; a rerun of a round replaces its row."""
+    tables.upsert(run.metrics("consolidate"), METRICS_SCHEMA, ("loop", "round"), [row])
 
 
 def _curve(points: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -92,24 +88,24 @@ def merge(model: Any) -> Any:
     return model.float().merge_and_unload().to(dtype)
 
 
-def consolidate(run: RunDir, arm: str, round_: int, parent_dir: Path, v0_dir: Path, cfg: ConsolidateCfg,
+def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: Path, cfg: ConsolidateCfg,
                 noise: dict | None, events: EventLog | None = None, device: str = "auto", seed: int = 0) -> Path:
-    """Fit round `round_`'s traces (+ replay) into parent_dir's model → models/<arm>/v<round_>."""
-    final = run.model(arm, round_)
+    """Fit round `round_`'s traces (+ replay) into parent_dir's model → models/<loop>/v<round_>."""
+    final = run.model(loop, round_)
     if (final / "manifest.json").exists():
         return final
     t0 = time.perf_counter()
     device = fit.pick_device(device)
     tok = AutoTokenizer.from_pretrained(parent_dir)
-    data = dataset.build(run, arm, round_, tok, cfg.max_seq_len, cfg.replay_fraction, cfg.replay_rounds, noise, seed)
+    data = dataset.build(run, loop, round_, tok, cfg.max_seq_len, cfg.replay_fraction, cfg.replay_rounds, noise, seed)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial(final)
     res, erank = fit.FitResult(), {"mean": math.nan, "min": math.nan, "max": math.nan}
     if data.examples:
-        anchor = ensure_anchor(run, arm, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device)
+        anchor = ensure_anchor(run, loop, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device)
         model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed)
         train, val, val_is_train = split(data.examples)
-        on_step = (lambda s, loss, kl: events.emit("train_step", arm=arm, round=round_, step=s, loss=loss, kl=kl)) if events else None
+        on_step = (lambda s, loss, kl: events.emit("train_step", loop=loop, round=round_, step=s, loss=loss, kl=kl)) if events else None
         res = fit.fit(model, fit.batches(train, cfg), fit.batches(val, cfg), anchor, cfg, device, seed, on_step)
         res.val_is_train = val_is_train
         erank = fit.effective_rank(model)
@@ -120,7 +116,7 @@ def consolidate(run: RunDir, arm: str, round_: int, parent_dir: Path, v0_dir: Pa
     tok.save_pretrained(tmp)
     atomic.write_json(tmp / "dataset.json", data.manifest)
     manifest = {
-        "arm": arm, "round": round_, "version": round_, "parent": str(parent_dir),
+        "loop": loop, "round": round_, "version": round_, "parent": str(parent_dir),
         "parent_version": _version_of(Path(parent_dir)), "v0": str(v0_dir), "seed": seed, "device": device,
         "trained": bool(data.examples), "dataset_sha256": data.manifest["sha256"],
         "hyperparameters": dataclasses.asdict(cfg), "steps": res.steps, "tokens_seen": res.tokens_seen,
@@ -131,7 +127,7 @@ def consolidate(run: RunDir, arm: str, round_: int, parent_dir: Path, v0_dir: Pa
     publish(tmp, final)
     seconds = time.perf_counter() - t0
     append_metrics(run, {
-        "arm": arm, "round": round_, "version": round_, "seed": seed, "trained": bool(data.examples),
+        "loop": loop, "round": round_, "version": round_, "seed": seed, "trained": bool(data.examples),
         "examples": len(data.examples), "replay": data.manifest["replay"], "steps": res.steps,
         "tokens_seen": res.tokens_seen, "seconds": seconds, "tokens_per_s": res.tokens_seen / res.seconds if res.seconds else 0.0,
         "loss_before": res.loss_before, "loss_after": res.loss_after, "val_is_train": res.val_is_train,
@@ -140,7 +136,7 @@ def consolidate(run: RunDir, arm: str, round_: int, parent_dir: Path, v0_dir: Pa
         "train_curve": _curve(res.train_curve), "val_curve": _curve(res.val_curve),
     })
     if events:
-        events.emit("consolidated", arm=arm, round=round_, version=round_, seconds=round(seconds, 3),
+        events.emit("consolidated", loop=loop, round=round_, version=round_, seconds=round(seconds, 3),
                     loss_before=res.loss_before, loss_after=res.loss_after)
     return final
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from rfs.evals.load import line as line_of
+from rfs.trace import SHARED
 
 HELD_OUT = {"transfer": False, "code": True}  # probe -> higher is better
 
@@ -55,18 +55,18 @@ def drift(
     )
 
 
-def alarms(version_eval: pa.Table, line: str, window: int) -> list[str]:
+def alarms(version_eval: pa.Table, loop: str, window: int) -> list[str]:
     """Drift messages for one gold loop ("A-S") from the version_eval table (metrics.VERSION_EVAL).
 
     The window counts probed versions (V0, V2, V4 … with eval_every = 2), not all versions.
 
     The training series is the zero-shot best val_bpb per version; the held-out series are the
-    transfer best val_bpb and the code-probe pass rate. V0, shared by every arm and arc, may be
-    recorded once under arm "shared".
+    transfer best val_bpb and the code-probe pass rate. V0, shared by every loop and arc, may be
+    recorded once under the loop SHARED.
     """
     series: dict[str, dict[int, float]] = {}
     for r in version_eval.to_pylist():
-        if not (line_of(r) == line or (r["arm"] == "shared" and r["version"] == 0)):
+        if not (r["loop"] == loop or (r["loop"] == SHARED and r["version"] == 0)):
             continue
         series.setdefault(r["probe"], {})[r["version"]] = r["mean"] if r["probe"] == "code" else r["best"]
     train = series.get("zero_shot", {})
@@ -85,5 +85,5 @@ def alarms(version_eval: pa.Table, line: str, window: int) -> list[str]:
             versions=versions,
         )
         if msg:
-            out.append(f"{line}: {msg}")
+            out.append(f"{loop}: {msg}")
     return out

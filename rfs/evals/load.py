@@ -1,9 +1,8 @@
-"""What the evals read from a run directory: every trace row, grouped by line and round.
+"""What the evals read from a run directory: every trace row, grouped by loop and round.
 
-A *line* is one curve of the experiment, named like the loop that makes it (rfs/loop/plan.py):
-`A-S`, `B-F` … for the arms, `CTRL` and `FLOOR` for the baselines, and `shared` for round 1, which
-every gold loop and CTRL share. The shared round's file is hard-linked into each loop's traces/
-directory, so rows are de-duplicated by rollout_id. Probe rollouts (arm `probe`) are measured
+Each loop (rfs/trace.py's vocabulary) is one curve: `A-S`, `B-F` … for the gold loops, `CTRL` and
+`FLOOR` for the baselines, and `shared` for round 1, which every gold loop and CTRL share. The
+shared round's file is hard-linked into each loop's traces/ directory, so rows are de-duplicated by rollout_id. Probe rollouts (loop `probe`) are measured
 through metrics/version_eval.parquet, not here.
 """
 
@@ -12,16 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rfs.rundir import RunDir
-from rfs.trace import SCHEMA
+from rfs import trace
+from rfs.trace import PROBE, SCHEMA, SHARED
 
 
 def traces(run: RunDir) -> pa.Table:
     """All compacted trace files (traces/<loop>/round-<n>.parquet) as one table, each rollout once."""
-    files = sorted((run.root / "traces").glob("*/round-*.parquet"))
-    tables = [pq.read_table(f).select(SCHEMA.names).cast(SCHEMA) for f in files]
+    tables = [trace.read(f) for f in run.trace_files()]
     if not tables:
         return SCHEMA.empty_table()
     table = pa.concat_tables(tables)
@@ -29,25 +27,20 @@ def traces(run: RunDir) -> pa.Table:
     return table.take(sorted(first.values()))
 
 
-def line(row: dict[str, Any]) -> str:
-    """The line a row belongs to; accepts the arm as the loop name ("A-S") or bare ("S" with arc "A")."""
-    return f"{row['arc']}-{row['arm']}" if row["arm"] in ("S", "F") else row["arm"]
-
-
-def by_line_round(table: pa.Table) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """Trace rows keyed by (line, round), probes left out, each group in rollout order."""
+def by_loop_round(table: pa.Table) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Trace rows keyed by (loop, round), probes left out, each group in rollout order."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in sorted(table.to_pylist(), key=lambda r: (r["started_at"], r["rollout_id"])):
-        if r["arm"] != "probe":
-            groups.setdefault((line(r), r["round"]), []).append(r)
+        if r["loop"] != PROBE:
+            groups.setdefault((r["loop"], r["round"]), []).append(r)
     return groups
 
 
-def round_key(groups: dict[tuple[str, int], list[dict[str, Any]]], line_: str, round_: int) -> tuple[str, int]:
-    """Where a line's round lives: its own rows, or for round 1 the shared round every arm starts from."""
-    return ("shared", 1) if round_ == 1 and (line_, 1) not in groups else (line_, round_)
+def round_key(groups: dict[tuple[str, int], list[dict[str, Any]]], loop: str, round_: int) -> tuple[str, int]:
+    """Where a loop's round lives: its own rows, or for round 1 the shared round every loop starts from."""
+    return (SHARED, 1) if round_ == 1 and (loop, 1) not in groups else (loop, round_)
 
 
-def last_round(groups: dict[tuple[str, int], list[dict[str, Any]]], line_: str) -> int:
-    """The line's last round with its own traces (0 when it has none)."""
-    return max((r for (l, r) in groups if l == line_), default=0)
+def last_round(groups: dict[tuple[str, int], list[dict[str, Any]]], loop: str) -> int:
+    """The loop's last round with its own traces (0 when it has none)."""
+    return max((r for (l, r) in groups if l == loop), default=0)

@@ -1,8 +1,7 @@
-"""The three metrics tables under `runs/<experiment>/metrics/`, and how they are written.
+"""The metrics tables of the evals under `runs/<experiment>/metrics/`, and their rows.
 
 Each table is a Parquet file with a fixed pyarrow schema (documented for pandas/duckdb users in
-docs/metrics.md). Writers upsert: rows whose key matches an incoming row are replaced and the file
-is rewritten atomically, so a resumed step that records the same thing twice never duplicates it.
+docs/metrics.md), read and upserted by rfs.tables like every other metrics table.
 """
 
 from __future__ import annotations
@@ -13,18 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from rfs import atomic
 from rfs.collect.aggregate import SCHEMA as ROUND_AGGREGATES  # noqa: F401  (re-exported: one row per (loop, round))
 from rfs.rundir import RunDir
+from rfs.tables import read, upsert  # noqa: F401  (read re-exported: the evals' one way in)
 
-# One row per (arm, round, thread): how one thread of a wave went.
+# One row per (loop, round, thread): how one thread of a wave went.
 THREAD_ROUND_SAMPLE = pa.schema(
     [
         ("experiment", pa.string()),
         ("arc", pa.string()),
-        ("arm", pa.string()),  # the trace rows' arm: the loop name ("A-S", "CTRL", "FLOOR") or "shared"
+        ("loop", pa.string()),  # the trace rows' loop: "A-S", CTRL, FLOOR or SHARED
         ("round", pa.int32()),
         ("version", pa.int32()),  # n of the researcher V_n that collected the round
         ("thread", pa.int32()),
@@ -36,14 +34,14 @@ THREAD_ROUND_SAMPLE = pa.schema(
         ("statuses", pa.list_(pa.string())),  # every rollout's status, in rollout order
     ]
 )
-THREAD_ROUND_KEY = ("arc", "arm", "round", "thread")
+THREAD_ROUND_KEY = ("arc", "loop", "round", "thread")
 
-# One row per (arm, version, probe): a held-out or zero-shot measurement of one researcher version.
+# One row per (loop, version, probe): a held-out or zero-shot measurement of one researcher version.
 VERSION_EVAL = pa.schema(
     [
         ("experiment", pa.string()),
         ("arc", pa.string()),
-        ("arm", pa.string()),  # the loop ("A-S"), or "shared" for V0, which every loop starts from
+        ("loop", pa.string()),  # the loop ("A-S"), or SHARED for V0, which every loop starts from
         ("version", pa.int32()),
         ("probe", pa.string()),  # zero_shot | transfer | code
         ("n", pa.int32()),  # samples in `values`
@@ -54,44 +52,27 @@ VERSION_EVAL = pa.schema(
         ("detail", pa.string()),  # one line: what ran, or why something is missing
     ]
 )
-VERSION_EVAL_KEY = ("arc", "arm", "version", "probe")
+VERSION_EVAL_KEY = ("arc", "loop", "version", "probe")
 PROBES = ("zero_shot", "transfer", "code")
 
-
-
-def read(path: Path, schema: pa.Schema) -> pa.Table:
-    """The table at `path`, or an empty one with `schema` when the file does not exist yet."""
-    if not Path(path).exists():
-        return schema.empty_table()
-    return pq.read_table(path)
-
-
-def upsert(path: Path, schema: pa.Schema, key: Sequence[str], rows: list[dict[str, Any]]) -> pa.Table:
-    """Add `rows`, replacing existing rows with the same key, and rewrite the file atomically."""
-    new = pa.Table.from_pylist(rows, schema=schema)  # a wrong type or missing column fails here
-    keys = {tuple(r[k] for k in key) for r in rows}
-    old = [r for r in read(path, schema).to_pylist() if tuple(r[k] for k in key) not in keys]
-    table = pa.concat_tables([pa.Table.from_pylist(old, schema=schema), new])
-    atomic.write_parquet(path, table)
-    return table
 
 
 def thread_round_rows(traces: pa.Table) -> list[dict[str, Any]]:
     """Derive THREAD_ROUND_SAMPLE rows from one wave's trace rows (rfs.trace.SCHEMA)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in sorted(traces.to_pylist(), key=lambda r: (r["started_at"], r["rollout_id"])):
-        groups.setdefault((r["arc"], r["arm"], r["round"], r["thread"]), []).append(r)
+        groups.setdefault((r["arc"], r["loop"], r["round"], r["thread"]), []).append(r)
     out = []
-    for (arc, arm, round_, thread), rs in sorted(groups.items()):
+    for (arc, loop, round_, thread), rs in sorted(groups.items()):
         ok = [r["val_bpb"] for r in rs if r["status"] == "success"]
         last = rs[-1]
         out.append(
             {
                 "experiment": last["experiment"],
                 "arc": arc,
-                "arm": arm,
+                "loop": loop,
                 "round": round_,
-                "version": version_number(last["version"]),
+                "version": last["version"],
                 "thread": thread,
                 "n": len(rs),
                 "n_success": len(ok),
@@ -114,17 +95,8 @@ def record_version_eval(run: RunDir, rows: list[dict[str, Any]]) -> pa.Table:
     return upsert(run.metrics("version_eval"), VERSION_EVAL, VERSION_EVAL_KEY, rows)
 
 
-def version_number(version: str | int) -> int:
-    """'v3' -> 3 (trace rows name versions 'v<n>'; metrics tables store n)."""
-    if isinstance(version, int):
-        return version
-    if not (version.startswith("v") and version[1:].isdigit()):
-        raise ValueError(f"version {version!r}: expected 'v<n>'")
-    return int(version[1:])
-
-
 def version_eval_row(
-    experiment: str, arc: str, arm: str, version: int, probe: str, values: Sequence[float], detail: str = ""
+    experiment: str, arc: str, loop: str, version: int, probe: str, values: Sequence[float], detail: str = ""
 ) -> dict[str, Any]:
     """A VERSION_EVAL row from raw per-sample values (val_bpb with NaN for failures, or 0/1 passes)."""
     if probe not in PROBES:
@@ -136,7 +108,7 @@ def version_eval_row(
     return {
         "experiment": experiment,
         "arc": arc,
-        "arm": arm,
+        "loop": loop,
         "version": version,
         "probe": probe,
         "n": len(vals),

@@ -15,7 +15,7 @@ from rfs import atomic
 from rfs.evals import drift, load, metrics, plot, verdict
 from rfs.events import read_events
 from rfs.rundir import RunDir
-from rfs.trace import STATUSES
+from rfs.trace import CTRL, FLOOR, PROBE, SHARED, STATUSES
 
 CONFIG_KEYS = (
     ("experiment", ("name", "preset", "seed", "arcs", "arms", "baselines", "max_rounds")),
@@ -34,7 +34,7 @@ def report(run_dir: Path) -> Path:
         raise FileNotFoundError(f"{run.root}: no such run directory")
     missing: list[str] = []
     cfg = _config(run, missing)
-    groups = load.by_line_round(load.traces(run))
+    groups = load.by_loop_round(load.traces(run))
     if not groups:
         missing.append("traces: no finished round yet (traces/<loop>/round-<n>.parquet)")
     noise = run.read_state().get("noise")
@@ -46,7 +46,7 @@ def report(run_dir: Path) -> Path:
     version_eval = metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL)
     if version_eval.num_rows == 0:
         missing.append("metrics/version_eval.parquet: no probes yet (zero-shot, transfer, code)")
-    gold = sorted({l for l, _ in groups if l not in ("shared", "CTRL", "FLOOR", "probe")})
+    gold = sorted({l for l, _ in groups if l not in (SHARED, CTRL, FLOOR, PROBE)})
 
     title = f"{cfg.get('experiment', {}).get('name', run.root.name)}: best val_bpb per round"
     plot.hero(_points(groups, aggs), noise, title, run.report / "hero.png")
@@ -113,35 +113,35 @@ def _status_md(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
         return "no traces yet\n"
     head = "| loop | round | n | " + " | ".join(STATUSES) + " |"
     rows = [head, "|---|---:|---:|" + "---:|" * len(STATUSES)]
-    for (line, round_), rs in sorted(groups.items()):
+    for (loop, round_), rs in sorted(groups.items()):
         counts = Counter(r["status"] for r in rs)
-        rows.append(f"| {line} | {round_} | {len(rs)} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
+        rows.append(f"| {loop} | {round_} | {len(rs)} | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
     return "\n".join(rows) + "\n"
 
 
 def _anomaly_md(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
     counts: Counter[tuple[str, str]] = Counter(
-        (line, flag) for (line, _), rs in groups.items() for r in rs for flag in r["anomaly_flags"]
+        (loop, flag) for (loop, _), rs in groups.items() for r in rs for flag in r["anomaly_flags"]
     )
     if not counts:
         return "none\n"
     rows = ["| loop | flag | rollouts |", "|---|---|---:|"]
-    rows += [f"| {line} | {flag} | {n} |" for (line, flag), n in sorted(counts.items())]
+    rows += [f"| {loop} | {flag} | {n} |" for (loop, flag), n in sorted(counts.items())]
     return "\n".join(rows) + "\n"
 
 
 def _alarms(run: RunDir, version_eval: Any, gold: list[str], cfg: dict[str, Any]) -> list[str]:
     events, _ = read_events(run.events)  # a torn line is skipped by the reader
-    out = [f"{e.get('arm', '?')} {e.get('alarm', '?')}: {e.get('message', '')}" for e in events if e.get("kind") == "alarm"]
+    out = [f"{e.get('loop', '?')} {e.get('alarm', '?')}: {e.get('message', '')}" for e in events if e.get("kind") == "alarm"]
     window = int(cfg.get("eval", {}).get("drift_window", 3))
-    return out + [f"drift (computed now) {msg}" for line in gold for msg in drift.alarms(version_eval, line, window)]
+    return out + [f"drift (computed now) {msg}" for loop in gold for msg in drift.alarms(version_eval, loop, window)]
 
 
 def _decomposition(run: RunDir, gold: list[str], missing: list[str]) -> str:
     if not gold:
         missing.append("verdict: no gold loop has a round beyond the shared round 1")
         return "no gold loop has rounds yet\n"
-    rows = [e for line in gold for e in verdict.decompose(run, line)]
+    rows = [e for loop in gold for e in verdict.decompose(run, loop)]
     missing += [f"verdict: {e.name}: {e.note.removeprefix('missing: ')}" for e in rows if e.note.startswith("missing:")]
     return verdict.to_markdown(rows) + "\n" + _VERDICT_NOTE
 
@@ -156,17 +156,17 @@ _VERDICT_NOTE = (
 
 def _points(groups: dict[tuple[str, int], list[dict[str, Any]]], aggs: list[dict[str, Any]]) -> list[plot.Point]:
     """One point per (loop, round); every loop but FLOOR starts at the shared round 1."""
-    diversity = {(a["arm"], a["round"]): a["ast_diversity"] for a in aggs}
+    diversity = {(a["loop"], a["round"]): a["ast_diversity"] for a in aggs}
     round1 = next((a["ast_diversity"] for a in aggs if a["round"] == 1), math.nan)  # the same for every loop
     own = {l for l, _ in groups}
-    curves = own - {"shared"} if own - {"shared", "FLOOR"} else own  # shared alone: a one-round run
+    curves = own - {SHARED} if own - {SHARED, FLOOR} else own  # shared alone: a one-round run
     out = []
-    for line in sorted(curves):
-        rounds = {r for l, r in groups if l == line} | ({1} if line != "FLOOR" and ("shared", 1) in groups else set())
+    for loop in sorted(curves):
+        rounds = {r for l, r in groups if l == loop} | ({1} if loop != FLOOR and (SHARED, 1) in groups else set())
         for r in sorted(rounds):
-            vals = [v for v in metrics.rollout_values(groups[load.round_key(groups, line, r)]) if math.isfinite(v)]
-            div = diversity.get((line, r), round1 if r == 1 and line != "FLOOR" else math.nan)
-            out.append(plot.Point(line, r, min(vals) if vals else math.nan, div))
+            vals = [v for v in metrics.rollout_values(groups[load.round_key(groups, loop, r)]) if math.isfinite(v)]
+            div = diversity.get((loop, r), round1 if r == 1 and loop != FLOOR else math.nan)
+            out.append(plot.Point(loop, r, min(vals) if vals else math.nan, div))
     return out
 
 
@@ -179,12 +179,12 @@ def results_tsv(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
     the researcher's code).
     """
     rows = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
-    shared = [v for v in metrics.rollout_values(groups.get(("shared", 1), [])) if math.isfinite(v)]
-    for line in sorted({l for l, _ in groups}):
+    shared = [v for v in metrics.rollout_values(groups.get((SHARED, 1), [])) if math.isfinite(v)]
+    for loop in sorted({l for l, _ in groups}):
         # A loop that starts from the shared round must beat that round's best to "keep".
-        best = min(shared, default=math.inf) if line not in ("shared", "FLOOR") else math.inf
+        best = min(shared, default=math.inf) if loop not in (SHARED, FLOOR) else math.inf
         for (l, round_), rs in sorted(groups.items()):
-            if l != line:
+            if l != loop:
                 continue
             for r in rs:
                 ok = r["status"] == "success"
@@ -193,7 +193,7 @@ def results_tsv(groups: dict[tuple[str, int], list[dict[str, Any]]]) -> str:
                 what = _describe(r)
                 rows.append(
                     f"{r['rollout_id']}\t{r['val_bpb'] if ok else 0.0:.6f}\t{r['peak_vram_mb'] / 1024 if ok else 0.0:.1f}\t"
-                    f"{'keep' if keep else 'discard' if ok else 'crash'}\t{line} r{round_} {r['status']}: {what}"
+                    f"{'keep' if keep else 'discard' if ok else 'crash'}\t{loop} r{round_} {r['status']}: {what}"
                 )
     return "\n".join(rows) + "\n"
 

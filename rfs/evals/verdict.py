@@ -5,16 +5,16 @@ pass rate, after − before.
 
 | row | measured on |
 |---|---|
-| headline Δ | best val_bpb of the arm's round 1 (the shared round, V0) minus its round k |
+| headline Δ | best val_bpb of the loop's round 1 (the shared round, V0) minus its round k |
 | CTRL Δ | the same for CTRL (frozen V0, experience in the prompt), same round k |
 | weight-attributable Δ | headline − CTRL: what consolidating into weights adds over context |
 | zero-shot Δ | zero-shot best val_bpb (no memory, no stamp) of V0 minus V_last |
 | overfit penalty (transfer, code) | the held-out probes' Δ from V0 to V_last; ≤ 0 means the gain did not transfer |
 
-Round k is the last round both the arm and CTRL reached, so neither side gets more rounds. "Best"
+Round k is the last round both the loop and CTRL reached, so neither side gets more rounds. "Best"
 is the minimum val_bpb over the round's rollouts (what a research round yields), failed runs
 counting as no value and infra_error rows dropped. Intervals are percentile bootstraps: rollouts
-are resampled with replacement within each (line, round) or (version, probe) sample, the same
+are resampled with replacement within each (loop, round) or (version, probe) sample, the same
 resample used wherever one sample appears twice (round 1 is shared), with a seeded generator.
 """
 
@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from rfs.evals import load, metrics
 from rfs.rundir import RunDir
+from rfs.trace import CTRL, SHARED
 
 Stat = Callable[[Mapping[str, np.ndarray]], np.ndarray]  # arrays (batch, n) -> (batch,)
 
@@ -86,52 +87,52 @@ def _missing(name: str, why: str) -> Estimate:
     return Estimate(name, math.nan, math.nan, math.nan, 0, f"missing: {why}")
 
 
-def decompose(run: RunDir, line: str = "A-S", seed: int = 0, n_boot: int = 2000) -> list[Estimate]:
+def decompose(run: RunDir, loop: str = "A-S", seed: int = 0, n_boot: int = 2000) -> list[Estimate]:
     """The decomposition table's rows for one gold loop (see the module docstring)."""
-    return _round_rows(run, line, seed, n_boot) + _probe_rows(run, line, seed, n_boot)
+    return _round_rows(run, loop, seed, n_boot) + _probe_rows(run, loop, seed, n_boot)
 
 
-def _round_rows(run: RunDir, line: str, seed: int, n_boot: int) -> list[Estimate]:
-    groups = load.by_line_round(load.traces(run))
-    names = (f"headline Δ ({line})", "CTRL Δ", "weight-attributable Δ (headline − CTRL)")
-    k_arm, k_ctrl = load.last_round(groups, line), load.last_round(groups, "CTRL")
+def _round_rows(run: RunDir, loop: str, seed: int, n_boot: int) -> list[Estimate]:
+    groups = load.by_loop_round(load.traces(run))
+    names = (f"headline Δ ({loop})", "CTRL Δ", "weight-attributable Δ (headline − CTRL)")
+    k_arm, k_ctrl = load.last_round(groups, loop), load.last_round(groups, CTRL)
     if k_arm == 0:
-        why = "only the shared round 1 so far" if ("shared", 1) in groups else "no traces"
+        why = "only the shared round 1 so far" if (SHARED, 1) in groups else "no traces"
         return [_missing(n, why) for n in names]
     k = min(k_arm, k_ctrl) if k_ctrl else k_arm
     keys = {
-        "r1": load.round_key(groups, line, 1),
-        "arm": load.round_key(groups, line, k),
-        "ctrl_r1": load.round_key(groups, "CTRL", 1),
-        "ctrl": load.round_key(groups, "CTRL", k),
+        "r1": load.round_key(groups, loop, 1),
+        "loop": load.round_key(groups, loop, k),
+        "ctrl_r1": load.round_key(groups, CTRL, 1),
+        "ctrl": load.round_key(groups, CTRL, k),
     }
-    # One entry per distinct (line, round), so the shared round 1 is resampled once for both sides.
+    # One entry per distinct (loop, round), so the shared round 1 is resampled once for both sides.
     samples = {f"{l}/{r}": metrics.rollout_values(groups.get((l, r), [])) for l, r in keys.values()}
     at = {name: f"{l}/{r}" for name, (l, r) in keys.items()}
-    head = lambda d: best(d[at["r1"]]) - best(d[at["arm"]])  # noqa: E731
+    head = lambda d: best(d[at["r1"]]) - best(d[at["loop"]])  # noqa: E731
     ctrl = lambda d: best(d[at["ctrl_r1"]]) - best(d[at["ctrl"]])  # noqa: E731
     used = lambda *names: {at[n]: samples[at[n]] for n in names}  # noqa: E731
     note = f"round 1 → {k}, best val_bpb"
-    rows = [_estimate(names[0], used("r1", "arm"), head, note, seed, n_boot)]
+    rows = [_estimate(names[0], used("r1", "loop"), head, note, seed, n_boot)]
     if not k_ctrl:
         return rows + [_missing(n, "no CTRL traces") for n in names[1:]]
     return rows + [
         _estimate(names[1], used("ctrl_r1", "ctrl"), ctrl, note, seed, n_boot),
-        _estimate(names[2], used("r1", "arm", "ctrl_r1", "ctrl"), lambda d: head(d) - ctrl(d), note, seed, n_boot),
+        _estimate(names[2], used("r1", "loop", "ctrl_r1", "ctrl"), lambda d: head(d) - ctrl(d), note, seed, n_boot),
     ]
 
 
-def _probe_rows(run: RunDir, line: str, seed: int, n_boot: int) -> list[Estimate]:
+def _probe_rows(run: RunDir, loop: str, seed: int, n_boot: int) -> list[Estimate]:
     table = metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL)
     out = []
     for probe, name, stat, unit in (
-        ("zero_shot", f"zero-shot Δ ({line})", best, "best val_bpb"),
+        ("zero_shot", f"zero-shot Δ ({loop})", best, "best val_bpb"),
         ("transfer", "overfit penalty: transfer Δ", best, "best val_bpb at the transfer depth"),
         ("code", "overfit penalty: code-probe Δ", mean, "pass rate"),
     ):
-        v0, last, v_last = _version_values(table, line, probe)
+        v0, last, v_last = _version_values(table, loop, probe)
         if v0 is None or last is None:
-            why = "no V0 measurement" if v0 is None else f"no {line} version after V0"
+            why = "no V0 measurement" if v0 is None else f"no {loop} version after V0"
             out.append(_missing(name, f"{probe} probe: {why}"))
             continue
         sign = 1.0 if probe == "code" else -1.0  # improvement: lower val_bpb, higher pass rate
@@ -140,11 +141,11 @@ def _probe_rows(run: RunDir, line: str, seed: int, n_boot: int) -> list[Estimate
     return out
 
 
-def _version_values(table: pa.Table, line: str, probe: str) -> tuple[list[float] | None, list[float] | None, int]:
+def _version_values(table: pa.Table, loop: str, probe: str) -> tuple[list[float] | None, list[float] | None, int]:
     """(V0's values, the loop's last version's values, that version) for one probe."""
     rows = [r for r in table.to_pylist() if r["probe"] == probe]
-    v0 = next((r["values"] for r in rows if r["version"] == 0 and load.line(r) in ("shared", line)), None)
-    mine = [r for r in rows if load.line(r) == line and r["version"] > 0]
+    v0 = next((r["values"] for r in rows if r["version"] == 0 and r["loop"] in (SHARED, loop)), None)
+    mine = [r for r in rows if r["loop"] == loop and r["version"] > 0]
     if not mine:
         return v0, None, 0
     last = max(mine, key=lambda r: r["version"])

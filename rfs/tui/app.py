@@ -22,7 +22,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from rfs.rundir import RunDir
 from rfs.tui import transcript
-from rfs.tui.model import Arm, Rollout, RunView
+from rfs.tui.model import Loop, Rollout, RunView
 from rfs.tui.tail import LogTail
 
 POLL_S = 0.5
@@ -44,14 +44,14 @@ class TranscriptScreen(Screen):
 
     BINDINGS = [Binding("escape,backspace", "app.pop_screen", "back")]
 
-    def __init__(self, run: RunDir, arm: str, round_: int, rollout_id: str):
+    def __init__(self, run: RunDir, loop: str, round_: int, rollout_id: str):
         super().__init__()
-        self.rundir, self.arm, self.round, self.rollout_id = run, arm, round_, rollout_id
+        self.rundir, self.loop, self.round, self.rollout_id = run, loop, round_, rollout_id
 
     def compose(self) -> ComposeResult:
-        name = f"{self.arm} round {self.round} {self.rollout_id}"
+        name = f"{self.loop} round {self.round} {self.rollout_id}"
         try:
-            row = transcript.load_trace(self.rundir, self.arm, self.round, self.rollout_id)
+            row = transcript.load_trace(self.rundir, self.loop, self.round, self.rollout_id)
             text = transcript.render(row) if row is not None else f"{name}: no trace row yet (still in flight)"
         except (OSError, ValueError, pa.ArrowException) as e:  # unreadable: say so on screen; the watcher goes on
             text = f"{name}: cannot read its trace: {e}"
@@ -78,15 +78,15 @@ class RolloutTable(DataTable):
     BINDINGS = [Binding("enter", "select_cursor", "transcript")]
 
 
-_MAIN_ONLY = {"next_arm", "select_arm", "browse_round"}
+_MAIN_ONLY = {"next_loop", "select_loop", "browse_round"}
 
 
 class WatchApp(App):
     TITLE = "rfs watch"
     CSS = """
     #title { background: $primary; color: $text; padding: 0 1; }
-    #arms { padding: 0 1; }
-    #arm { padding: 0 1; color: $text; }
+    #loops { padding: 0 1; }
+    #loop { padding: 0 1; color: $text; }
     #side { width: 48; border-left: solid $primary; padding: 0 1; }
     #spark { color: $accent; }
     .label { color: $text-muted; margin-top: 1; }
@@ -94,11 +94,11 @@ class WatchApp(App):
     """
     BINDINGS = [
         Binding("q", "quit", "quit (the run goes on)"),
-        Binding("tab", "next_arm(1)", "next arm", priority=True),
-        Binding("shift+tab", "next_arm(-1)", "prev arm", priority=True),
+        Binding("tab", "next_loop(1)", "next loop", priority=True),
+        Binding("shift+tab", "next_loop(-1)", "prev loop", priority=True),
         Binding("[", "browse_round(-1)", "earlier round"),
         Binding("]", "browse_round(1)", "later"),
-        *[Binding(str(n), f"select_arm({n - 1})", show=False) for n in range(1, 10)],
+        *[Binding(str(n), f"select_loop({n - 1})", show=False) for n in range(1, 10)],
     ]
 
     def __init__(self, run_dir: Path, poll_s: float = POLL_S):
@@ -108,14 +108,14 @@ class WatchApp(App):
         self.tail = LogTail(self.rundir.events)
         self.poll_s = poll_s
         self.selected = 0
-        self.shown_round: int | None = None  # None: follow the arm's live round
+        self.shown_round: int | None = None  # None: follow the loop's live round
 
     def compose(self) -> ComposeResult:
         yield Static(id="title")
-        yield Static(id="arms")
+        yield Static(id="loops")
         with Horizontal():
             with Vertical():
-                yield Static(id="arm")
+                yield Static(id="loop")
                 yield RolloutTable(id="rollouts", cursor_type="row", zebra_stripes=True)
             with Vertical(id="side"):
                 yield Static("val_bpb, best per round (lower is better)", classes="label")
@@ -141,45 +141,45 @@ class WatchApp(App):
             self.refresh_view()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # the arm and round keys steer the main screen only, not the one behind a transcript
+        # the loop and round keys steer the main screen only, not the one behind a transcript
         return not (action in _MAIN_ONLY and isinstance(self.screen, TranscriptScreen))
 
-    def arm_names(self) -> list[str]:
-        return list(self.view.arms)
+    def loop_names(self) -> list[str]:
+        return list(self.view.loops)
 
-    def current_arm(self) -> Arm | None:
-        names = self.arm_names()
-        return self.view.arms[names[min(self.selected, len(names) - 1)]] if names else None
+    def current_loop(self) -> Loop | None:
+        names = self.loop_names()
+        return self.view.loops[names[min(self.selected, len(names) - 1)]] if names else None
 
-    def current_round(self, arm: Arm) -> int | None:
-        return arm.round if self.shown_round is None else self.shown_round
+    def current_round(self, loop: Loop) -> int | None:
+        return loop.round if self.shown_round is None else self.shown_round
 
-    def action_next_arm(self, step: int) -> None:
-        if self.view.arms:
-            self.selected, self.shown_round = (self.selected + step) % len(self.view.arms), None
+    def action_next_loop(self, step: int) -> None:
+        if self.view.loops:
+            self.selected, self.shown_round = (self.selected + step) % len(self.view.loops), None
             self.refresh_view()
 
-    def action_select_arm(self, index: int) -> None:
-        if index < len(self.view.arms):
+    def action_select_loop(self, index: int) -> None:
+        if index < len(self.view.loops):
             self.selected, self.shown_round = index, None
             self.refresh_view()
 
     def action_browse_round(self, step: int) -> None:
-        arm = self.current_arm()
-        rounds = arm.rounds() if arm else []
-        if arm is None or not rounds or self.current_round(arm) not in rounds:
+        loop = self.current_loop()
+        rounds = loop.rounds() if loop else []
+        if loop is None or not rounds or self.current_round(loop) not in rounds:
             return
-        target = rounds[max(0, min(len(rounds) - 1, rounds.index(self.current_round(arm)) + step))]
-        self.shown_round = None if target == arm.round else target
+        target = rounds[max(0, min(len(rounds) - 1, rounds.index(self.current_round(loop)) + step))]
+        self.shown_round = None if target == loop.round else target
         self.refresh_view()
 
     def on_data_table_row_selected(self, message: DataTable.RowSelected) -> None:
         self.open_rollout(message.row_key.value)
 
     def open_rollout(self, rollout_id: str | None) -> None:
-        arm = self.current_arm()
-        if arm is not None and rollout_id is not None and self.current_round(arm) is not None:
-            self.push_screen(TranscriptScreen(self.rundir, arm.name, self.current_round(arm), rollout_id))
+        loop = self.current_loop()
+        if loop is not None and rollout_id is not None and self.current_round(loop) is not None:
+            self.push_screen(TranscriptScreen(self.rundir, loop.name, self.current_round(loop), rollout_id))
 
     def refresh_view(self) -> None:
         v = self.view
@@ -194,22 +194,22 @@ class WatchApp(App):
             title += f"  scheduler: {v.last_scheduler}"
         self.query_one("#title", Static).update(Text(title))
         self.query_one("#slots", Static).update(Text(_slots_text(v)))
-        alarms = [" ".join(x for x in (a.kind, a.arm, a.message) if x) for a in v.alarms[-8:]]
+        alarms = [" ".join(x for x in (a.kind, a.loop, a.message) if x) for a in v.alarms[-8:]]
         self.query_one("#alarms", Static).update(Text("\n".join(alarms) or "none"))
-        self._show_arm(self.current_arm())
+        self._show_loop(self.current_loop())
 
-    def _show_arm(self, arm: Arm | None) -> None:
-        names = self.arm_names()
+    def _show_loop(self, loop: Loop | None) -> None:
+        names = self.loop_names()
         self.selected = min(self.selected, max(len(names) - 1, 0))
         tabs = [
             f"[reverse] {i + 1} {escape(n)} [/]" if i == self.selected else f" {i + 1} {escape(n)} "
             for i, n in enumerate(names)
         ]
-        self.query_one("#arms", Static).update(" ".join(tabs) or escape(f"waiting for events in {self.rundir.events}"))
-        round_ = self.current_round(arm) if arm else None
-        self.query_one("#arm", Static).update(Text(_arm_lines(arm, round_) if arm else ""))
-        self._fill_rollouts(arm.round_rollouts(round_) if arm else [])
-        trajectory = self.view.trajectory(arm.name) if arm else []
+        self.query_one("#loops", Static).update(" ".join(tabs) or escape(f"waiting for events in {self.rundir.events}"))
+        round_ = self.current_round(loop) if loop else None
+        self.query_one("#loop", Static).update(Text(_loop_lines(loop, round_) if loop else ""))
+        self._fill_rollouts(loop.round_rollouts(round_) if loop else [])
+        trajectory = self.view.trajectory(loop.name) if loop else []
         self.query_one("#spark", Static).update(Text(sparkline(trajectory[-SPARK_WIDTH:])))
         self.query_one("#trajectory", Static).update(Text(" → ".join(f"{b:.3f}" for b in trajectory) or "no successful round yet"))
 
@@ -224,20 +224,20 @@ class WatchApp(App):
             table.move_cursor(row=min(cursor, table.row_count - 1))
 
 
-def _arm_lines(arm: Arm, round_: int | None) -> str:
+def _loop_lines(loop: Loop, round_: int | None) -> str:
     """Who and where on the first line; how the shown round is going on the second."""
-    if round_ is None or round_ == arm.round:
-        where = f"round {arm.round if arm.round is not None else '-'} (live)"
+    if round_ is None or round_ == loop.round:
+        where = f"round {loop.round if loop.round is not None else '-'} (live)"
     else:
-        where = f"round {round_} of {arm.round} (] for live)"
-    first = [f"arm {arm.name}", where, f"phase {arm.phase or '-'}", f"researcher {arm.version or '-'}"]
-    if arm.server:
-        first.append(f"server {arm.server}")
-    if arm.paused:
-        first.append(f"PAUSED: {arm.paused}")
-    second = [arm.round_summary(round_)] if round_ is not None else []
-    if arm.last_loss is not None and math.isfinite(arm.last_loss):
-        second.append(f"last LoRA loss {arm.last_loss:.3f} kl {arm.last_kl:.3f}")
+        where = f"round {round_} of {loop.round} (] for live)"
+    first = [f"loop {loop.name}", where, f"phase {loop.phase or '-'}", f"researcher {loop.version or '-'}"]
+    if loop.server:
+        first.append(f"server {loop.server}")
+    if loop.paused:
+        first.append(f"PAUSED: {loop.paused}")
+    second = [loop.round_summary(round_)] if round_ is not None else []
+    if loop.last_loss is not None and math.isfinite(loop.last_loss):
+        second.append(f"last LoRA loss {loop.last_loss:.3f} kl {loop.last_kl:.3f}")
     return "  ".join(first) + "\n" + "  ".join(second)
 
 

@@ -12,16 +12,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-SHARED = "shared"  # round 1, collected once for all arms (DESIGN.md)
-ALL_ARMS = "*"  # a phase of the whole run (calibration), not of one arm
+from rfs.trace import SHARED
+
+ALL_LOOPS = "*"  # a phase of the whole run (calibration), not of one loop
 # slot_quarantined is not here: the slot pool raises its own `alarm` for it
-_ALARM_KINDS = ("alarm", "arm_paused", "server_crashed")
+_ALARM_KINDS = ("alarm", "loop_paused", "server_crashed")
 
 
 @dataclass
 class Rollout:
     rollout_id: str
-    arm: str
+    loop: str
     round: int
     thread: int | None = None
     turns: int = 0
@@ -45,24 +46,24 @@ class Rollout:
 
 
 @dataclass
-class Arm:
+class Loop:
     name: str
     round: int | None = None
     phase: str = ""
     version: str = ""
     server: str = ""  # up / crashed / stopped
-    paused: str = ""  # the reason, when the scheduler paused this arm
+    paused: str = ""  # the reason, when the scheduler paused this loop
     last_loss: float | None = None
     last_kl: float | None = None
     best_by_round: dict[int, float] = field(default_factory=dict)
     rollouts: dict[tuple[int, str], Rollout] = field(default_factory=dict)
 
     def rounds(self) -> list[int]:
-        """The rounds this arm has rollouts in, oldest first."""
+        """The rounds this loop has rollouts in, oldest first."""
         return sorted({r.round for r in self.rollouts.values()})
 
     def round_rollouts(self, round_: int | None = None) -> list[Rollout]:
-        """This arm's rollouts in one round (its live round by default), in start order."""
+        """This loop's rollouts in one round (its live round by default), in start order."""
         wanted = self.round if round_ is None else round_
         return [r for r in self.rollouts.values() if r.round == wanted]
 
@@ -78,7 +79,7 @@ class Arm:
 @dataclass(frozen=True)
 class Alarm:
     t: float
-    arm: str
+    loop: str
     kind: str  # collapse, drift, quarantine, paused, server ...
     message: str
 
@@ -90,26 +91,26 @@ class RunView:
     experiment: str = ""
     finished: bool = False
     phase: str = ""  # the whole run's phase, when it has one (calibrate)
-    server: str = ""  # a researcher server no single arm owns (frozen V0 for the baselines)
+    server: str = ""  # a researcher server no single loop owns (frozen V0 for the baselines)
     last_t: float | None = None
     last_scheduler: str = ""
-    arms: dict[str, Arm] = field(default_factory=dict)  # insertion order = order of first sight
+    loops: dict[str, Loop] = field(default_factory=dict)  # insertion order = order of first sight
     slots: dict[str, str] = field(default_factory=dict)  # slot -> the rollout_id running on it, or ""
     quarantined: dict[str, str] = field(default_factory=dict)  # slot -> reason
     alarms: list[Alarm] = field(default_factory=list)
 
     def trajectory(self, name: str) -> list[float]:
-        """An arm's best val_bpb per round, with the shared round(s) every arm starts from."""
-        arm = self.arms.get(name)
-        own = arm.best_by_round if arm else {}
-        shared = self.arms[SHARED].best_by_round if SHARED in self.arms and name != SHARED else {}
+        """A loop's best val_bpb per round, with the shared round(s) every loop starts from."""
+        loop = self.loops.get(name)
+        own = loop.best_by_round if loop else {}
+        shared = self.loops[SHARED].best_by_round if SHARED in self.loops and name != SHARED else {}
         merged = {**shared, **own}
         return [merged[r] for r in sorted(merged)]
 
-    def arm(self, name: str) -> Arm:
-        if name not in self.arms:
-            self.arms[name] = Arm(name)
-        return self.arms[name]
+    def loop(self, name: str) -> Loop:
+        if name not in self.loops:
+            self.loops[name] = Loop(name)
+        return self.loops[name]
 
     def apply_all(self, events: Iterable[dict[str, Any]]) -> "RunView":
         for event in events:
@@ -126,14 +127,14 @@ class RunView:
 
     def rollout(self, e: dict[str, Any]) -> Rollout:
         """The rollout an event names, created on first sight (events may start mid-run)."""
-        arm = self.arm(str(e.get("arm", "?")))
-        round_ = int(e.get("round", arm.round or 0))
+        loop = self.loop(str(e.get("loop", "?")))
+        round_ = int(e.get("round", loop.round or 0))
         key = (round_, str(e.get("rollout_id", "?")))
-        if key not in arm.rollouts:
-            arm.rollouts[key] = Rollout(key[1], arm.name, round_)
-        if arm.round is None or round_ > arm.round:
-            arm.round = round_
-        return arm.rollouts[key]
+        if key not in loop.rollouts:
+            loop.rollouts[key] = Rollout(key[1], loop.name, round_)
+        if loop.round is None or round_ > loop.round:
+            loop.round = round_
+        return loop.rollouts[key]
 
 
 def _float(value: Any) -> float:
@@ -143,25 +144,25 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def _version(value: Any, arm: str) -> str:
-    """Versions arrive as 2, "v2" or the model id "<arm>/v2" depending on the writer; show "v2"."""
-    return f"v{value}" if isinstance(value, int) else str(value).removeprefix(f"{arm}/")
+def _version(value: Any, loop: str) -> str:
+    """Versions arrive as 2, "v2" or the model id "<loop>/v2" depending on the writer; show "v2"."""
+    return f"v{value}" if isinstance(value, int) else str(value).removeprefix(f"{loop}/")
 
 
-def _note_best(arm: Arm, round_: int, val_bpb: float) -> None:
-    if math.isfinite(val_bpb) and val_bpb < arm.best_by_round.get(round_, math.inf):
-        arm.best_by_round[round_] = val_bpb
+def _note_best(loop: Loop, round_: int, val_bpb: float) -> None:
+    if math.isfinite(val_bpb) and val_bpb < loop.best_by_round.get(round_, math.inf):
+        loop.best_by_round[round_] = val_bpb
 
 
 def _alarm(e: dict[str, Any]) -> Alarm:
     kind = e["kind"]
     if kind == "alarm":
-        return Alarm(e.get("t", 0.0), str(e.get("arm", "")), str(e.get("alarm", "alarm")), str(e.get("message", "")))
+        return Alarm(e.get("t", 0.0), str(e.get("loop", "")), str(e.get("alarm", "alarm")), str(e.get("message", "")))
     if kind == "slot_quarantined":
         return Alarm(e.get("t", 0.0), "", "quarantine", f"{e.get('slot')}: {e.get('reason', '')}")
-    if kind == "arm_paused":
-        return Alarm(e.get("t", 0.0), str(e.get("arm", "")), "paused", str(e.get("reason", "")))
-    return Alarm(e.get("t", 0.0), str(e.get("arm", "")), "server", f"researcher server crashed ({e.get('base_url', '')})")
+    if kind == "loop_paused":
+        return Alarm(e.get("t", 0.0), str(e.get("loop", "")), "paused", str(e.get("reason", "")))
+    return Alarm(e.get("t", 0.0), str(e.get("loop", "")), "server", f"researcher server crashed ({e.get('base_url', '')})")
 
 
 def _experiment_started(v: RunView, e: dict[str, Any]) -> None:
@@ -173,34 +174,34 @@ def _experiment_finished(v: RunView, e: dict[str, Any]) -> None:
 
 
 def _phase(v: RunView, e: dict[str, Any]) -> None:
-    name, phase = str(e.get("arm", "?")), str(e.get("phase", ""))
-    if name == ALL_ARMS:
-        v.phase = phase  # e.g. calibrate: the whole run, before any arm starts
+    name, phase = str(e.get("loop", "?")), str(e.get("phase", ""))
+    if name == ALL_LOOPS:
+        v.phase = phase  # e.g. calibrate: the whole run, before any loop starts
         return
-    v.phase = ""  # an arm has started: the run-wide phase is over
-    if phase == "swap" and name not in v.arms:
-        return  # a server key such as "v0" shared by frozen arms, not an arm of its own
-    arm = v.arm(name)
-    arm.phase = phase
+    v.phase = ""  # a loop has started: the run-wide phase is over
+    if phase == "swap" and name not in v.loops:
+        return  # a server key such as "v0" shared by frozen loops, not a loop of its own
+    loop = v.loop(name)
+    loop.phase = phase
     if "round" in e:
-        arm.round = int(e["round"])
+        loop.round = int(e["round"])
     if phase == "collect":
-        arm.paused = ""  # collecting again: whatever paused it is over
+        loop.paused = ""  # collecting again: whatever paused it is over
     if e.get("version") is not None:
-        arm.version = _version(e["version"], name)
+        loop.version = _version(e["version"], name)
 
 
 def _server(v: RunView, e: dict[str, Any]) -> None:
-    """Servers are keyed by model id (`<arm>/v<n>`); one that names no known arm is the run's."""
+    """Servers are keyed by model id (`<loop>/v<n>`); one that names no known loop is the run's."""
     model = str(e.get("version", ""))
-    name = e.get("arm") or model.split("/", 1)[0]
-    if name not in v.arms:
+    name = e.get("loop") or model.split("/", 1)[0]
+    if name not in v.loops:
         v.server = f"{_SERVER_STATE[e['kind']]} {model}".strip()
         return
-    arm = v.arm(name)
-    arm.server = _SERVER_STATE[e["kind"]]
+    loop = v.loop(name)
+    loop.server = _SERVER_STATE[e["kind"]]
     if model and e["kind"] != "server_crashed":
-        arm.version = _version(e["version"], name)
+        loop.version = _version(e["version"], name)
 
 
 _SERVER_STATE = {"server_started": "up", "server_restarted": "up", "server_crashed": "crashed", "server_stopped": "stopped"}
@@ -209,11 +210,11 @@ _SERVER_STATE = {"server_started": "up", "server_restarted": "up", "server_crash
 def _rollout_started(v: RunView, e: dict[str, Any]) -> None:
     r = v.rollout(e)
     # a rollout replayed after a server failure starts over: its old turns and run are history
-    fresh = Rollout(r.rollout_id, r.arm, r.round, thread=e.get("thread", r.thread))
-    arm = v.arms[r.arm]
-    arm.rollouts[(r.round, r.rollout_id)] = fresh
-    if arm.phase == "swap":
-        arm.phase = "collect"  # the swap happens inside collect: rollouts mean it is done
+    fresh = Rollout(r.rollout_id, r.loop, r.round, thread=e.get("thread", r.thread))
+    loop = v.loops[r.loop]
+    loop.rollouts[(r.round, r.rollout_id)] = fresh
+    if loop.phase == "swap":
+        loop.phase = "collect"  # the swap happens inside collect: rollouts mean it is done
 
 
 def _turn(v: RunView, e: dict[str, Any]) -> None:
@@ -243,7 +244,7 @@ def _rollout_finished(v: RunView, e: dict[str, Any]) -> None:
     r.slot, r.finished = None, True
     r.status, r.val_bpb = str(e.get("status", r.status or "?")), _float(e.get("val_bpb"))
     if r.status == "success":
-        _note_best(v.arm(r.arm), r.round, r.val_bpb)
+        _note_best(v.loop(r.loop), r.round, r.val_bpb)
 
 
 def _slot_quarantined(v: RunView, e: dict[str, Any]) -> None:
@@ -251,23 +252,23 @@ def _slot_quarantined(v: RunView, e: dict[str, Any]) -> None:
 
 
 def _wave_finished(v: RunView, e: dict[str, Any]) -> None:
-    arm = v.arm(str(e.get("arm", "?")))
-    _note_best(arm, int(e.get("round", arm.round or 0)), _float(e.get("best_val_bpb")))
+    loop = v.loop(str(e.get("loop", "?")))
+    _note_best(loop, int(e.get("round", loop.round or 0)), _float(e.get("best_val_bpb")))
 
 
 def _train_step(v: RunView, e: dict[str, Any]) -> None:
-    arm = v.arm(str(e.get("arm", "?")))
-    arm.last_loss, arm.last_kl = _float(e.get("loss")), _float(e.get("kl"))
+    loop = v.loop(str(e.get("loop", "?")))
+    loop.last_loss, loop.last_kl = _float(e.get("loss")), _float(e.get("kl"))
 
 
 def _consolidated(v: RunView, e: dict[str, Any]) -> None:
-    arm = v.arm(str(e.get("arm", "?")))
+    loop = v.loop(str(e.get("loop", "?")))
     if e.get("version") is not None:
-        arm.version = _version(e["version"], arm.name)
+        loop.version = _version(e["version"], loop.name)
 
 
-def _arm_paused(v: RunView, e: dict[str, Any]) -> None:
-    v.arm(str(e.get("arm", "?"))).paused = str(e.get("reason", "paused"))
+def _loop_paused(v: RunView, e: dict[str, Any]) -> None:
+    v.loop(str(e.get("loop", "?"))).paused = str(e.get("reason", "paused"))
 
 
 def _scheduler(v: RunView, e: dict[str, Any]) -> None:
@@ -292,6 +293,6 @@ _HANDLERS = {
     "wave_finished": _wave_finished,
     "train_step": _train_step,
     "consolidated": _consolidated,
-    "arm_paused": _arm_paused,
+    "loop_paused": _loop_paused,
     "scheduler": _scheduler,
 }

@@ -15,7 +15,7 @@ from rfs.rundir import RunDir
 from rfs.tui.tail import LogTail
 
 _QUIET = {"turn"}
-_FIRST = ("arm", "round", "rollout_id", "phase", "status", "val_bpb", "slot")
+_FIRST = ("loop", "round", "rollout_id", "phase", "status", "val_bpb", "slot")
 
 
 def _value(v: Any) -> str:

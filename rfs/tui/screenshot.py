@@ -1,7 +1,7 @@
 """An SVG of the watch screen for a run directory, for docs and bug reports.
 
 `python -m rfs.tui.screenshot <run_dir> <out.svg> [key ...]` drives the app headless, presses the
-keys (e.g. `2` to show the second arm), and saves what a terminal would show.
+keys (e.g. `2` to show the second loop), and saves what a terminal would show.
 """
 
 from __future__ import annotations

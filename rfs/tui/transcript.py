@@ -15,18 +15,18 @@ import pyarrow.parquet as pq
 from rfs import trace
 from rfs.rundir import RunDir
 
-_COLUMNS = ["rollout_id", "arm", "round", "version", "status", "detail", "val_bpb", "steps", "slot", "messages", "diff"]
+_COLUMNS = ["rollout_id", "loop", "round", "version", "status", "detail", "val_bpb", "steps", "slot", "messages", "diff"]
 
 
-def load_trace(run: RunDir, arm: str, round_: int, rollout_id: str) -> dict[str, Any] | None:
+def load_trace(run: RunDir, loop: str, round_: int, rollout_id: str) -> dict[str, Any] | None:
     """The rollout's trace row, or None while it is still in flight (no row written yet)."""
-    own = run.pending_row(arm, round_, rollout_id)
+    own = run.pending_row(loop, round_, rollout_id)
     if own.exists():
         return trace.loads(own.read_bytes())
-    compacted = run.traces(arm, round_)
+    compacted = run.traces(loop, round_)
     if compacted.exists():
-        table = pq.read_table(compacted, columns=_COLUMNS, filters=ds.field("rollout_id") == rollout_id)
-        rows = table.to_pylist()
+        table = trace.upgrade(pq.read_table(compacted, filters=ds.field("rollout_id") == rollout_id))
+        rows = table.select(_COLUMNS).to_pylist()
         return rows[0] if rows else None
     return None
 
@@ -35,7 +35,7 @@ def render(row: dict[str, Any]) -> str:
     """The conversation, then the diff, as plain text (the screen adds no markup of its own)."""
     bpb = row["val_bpb"]
     head = (
-        f"{row['arm']} round {row['round']} {row['rollout_id']}  researcher {row['version']}  "
+        f"{row['loop']} round {row['round']} {row['rollout_id']}  researcher v{row['version']}  "
         f"slot {row['slot']}\nstatus {row['status']}"
         + (f"  val_bpb {bpb:.4f}  steps {row['steps']}" if bpb is not None and math.isfinite(bpb) else "")
         + (f"\n{row['detail']}" if row["detail"] else "")

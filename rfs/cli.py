@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rfs import ROOT, config, hosts
 from rfs.config import ConfigError
-from rfs.rundir import RunDir, RunLocked
+from rfs.errors import RfsError
+from rfs.rundir import RunDir
 
 HELP = """\
 rfs: does a coding model become a better ML researcher when its own grounded research experience
@@ -34,6 +35,13 @@ def _latest_run() -> Path:
     return runs[-1].parent
 
 
+def _given_run(args: argparse.Namespace) -> Path:
+    run = Path(args.run) if args.run else _latest_run()
+    if not run.is_dir():
+        raise ConfigError(f"{run}: no such run directory; `ls runs/` lists the runs")
+    return run
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict = {}
     if args.rounds is not None:
@@ -54,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    run = RunDir(Path(args.run) if args.run else _latest_run())
+    run = RunDir(_given_run(args))
     if not run.config.exists():
         raise ConfigError(f"{run.root}: not a run directory (no experiment.toml)")
     cfg = config.load(run.config)
@@ -64,7 +72,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    run = Path(args.run) if args.run else _latest_run()
+    run = _given_run(args)
     if sys.stdout.isatty() and not args.plain:
         from rfs.tui import watch
 
@@ -79,7 +87,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from rfs.evals.report import report
 
-    out = report(Path(args.run) if args.run else _latest_run())
+    out = report(_given_run(args))
     print(f"report written to {out}")
     return 0
 
@@ -178,14 +186,27 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+def expected(exc: BaseException) -> RfsError | None:
+    """The RfsError `exc` is, or stands for: a task group that failed only with RfsErrors (a wave
+    whose every slot is gone) stands for its first one."""
+    if isinstance(exc, RfsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [expected(e) for e in exc.exceptions]
+        return found[0] if all(found) else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     stop_on_sigterm()
     try:
         return args.fn(args)
-    except (ConfigError, RunLocked, FileNotFoundError) as exc:
-        print(f"rfs: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("rfs: interrupted; `python rfs.py resume` continues where this stopped", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if (error := expected(exc)) is None:
+            raise  # a bug: its traceback is the report
+        print(f"rfs: {error}", file=sys.stderr)
+        return 2

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from rfs import ROOT
+from rfs.errors import RfsError
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(RfsError, ValueError):
+    """A config or hosts file that cannot run: the message names the file and the key."""
 
 
 @dataclass(frozen=True)

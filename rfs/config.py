@@ -43,7 +43,6 @@ class EnvCfg:
     budget_s: float = 300.0  # the training budget, the harness's own wall clock
     timeout_s: float = 360.0  # agent hard timeout per training run
     device: str = "cuda"  # cpu | cuda
-    depth: int = 8
     calibration_k: int = 5
 
 
@@ -102,7 +101,6 @@ class ConsolidateCfg:
 
 @dataclass(frozen=True)
 class LoopCfg:
-    checkpoint_every: int = 2
     eval_every: int = 2  # held-out probes at V0, every n-th version and the last; 0: none
     stamp_margin: float = 0.01  # arm S conditions on (best so far - margin)
     ctrl_memory_chars: int = 12000  # CTRL's bounded in-context memory
@@ -127,11 +125,6 @@ class EvalCfg:
 
 
 @dataclass(frozen=True)
-class MirrorCfg:
-    url: str = ""  # an fsspec URL (gs://bucket/prefix); "" disables mirroring
-
-
-@dataclass(frozen=True)
 class Config:
     experiment: ExperimentCfg = field(default_factory=ExperimentCfg)
     env: EnvCfg = field(default_factory=EnvCfg)
@@ -141,13 +134,12 @@ class Config:
     loop: LoopCfg = field(default_factory=LoopCfg)
     guard: GuardCfg = field(default_factory=GuardCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
-    mirror: MirrorCfg = field(default_factory=MirrorCfg)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cluster": {},
     "embedded": {
-        "env": {"name": "builtin", "budget_s": 30.0, "timeout_s": 90.0, "device": "cpu", "depth": 2},
+        "env": {"name": "builtin", "budget_s": 30.0, "timeout_s": 90.0, "device": "cpu"},
         "researcher": {
             "model": "smollm2",
             "backend": "llamacpp",

@@ -18,7 +18,6 @@ from rfs.cli import main
 from rfs.config import EnvCfg, PRESETS
 from rfs.envs.builtin import BuiltinEnv
 from rfs.envs.calibrate import calibration_path
-from tests.scripted_researcher import ScriptedResearcher
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +37,8 @@ def one_line(capsys, argv: list[str]) -> str:
 
 def experiment(tmp_path: Path, researcher: str = "") -> str:
     path = tmp_path / "experiment.toml"
-    path.write_text(f'[experiment]\nname = "t"\nruns_dir = "{tmp_path / "runs"}"\nmax_rounds = 1\n\n'
-                    f'[researcher]\n{researcher}\n')
+    path.write_text(f'[experiment]\nname = "t"\nruns_dir = "{tmp_path / "runs"}"\nmax_rounds = 1\nbaselines = []\n\n'
+                    f'[researcher]\n{researcher}\n\n[loop]\neval_every = 0\n')
     return str(path)
 
 
@@ -98,20 +97,28 @@ def test_a_researcher_server_that_will_not_start(tmp_path, monkeypatch, capsys):
                            "its whole log is "), line
 
 
-def test_a_wave_whose_every_slot_fails(tmp_path, capsys):
-    from rfs import config
-    from tests.loop_child import plans
+def test_no_slots_left(tmp_path, monkeypatch, capsys):
+    """A wave today records NoSlotsLeft as each rollout's error and the run goes on, so the driver is
+    replaced here by a task group whose slot pool has lost its only slot, as a wave's would."""
+    import anyio
 
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    hosts = tmp_path / "hosts.toml"  # nothing listens on port 1: every run there is an infra error
-    hosts.write_text('[hosts.gone]\naddress = "127.0.0.1"\nport = 1\n\n[[slot]]\nlauncher = "ssh"\nhost = "gone"\n')
-    calibrated(1)
-    with ScriptedResearcher({}) as sr:
-        exp = experiment(tmp_path, f'backend = "external"\nbase_url = "{sr.base_url}/v1"\nmodel = "{model}"\n'
-                                   'action_space = "code"')
-        sr.plans.update(plans(config.load(Path(exp)), 1))
-        line = one_line(capsys, ["run", exp, "--hosts", str(hosts), "--plain"])
-    assert line.startswith("rfs: every slot is quarantined (ssh-0: ") and line.endswith(
-        "fix them (`python rfs.py doctor`), then `python rfs.py resume`"), line
+    from rfs.collect.slots import SlotPool
+    from rfs.config import CollectCfg
+    from rfs.hosts import slots
+
+    def drive(cfg, run, hosts, plain=False):
+        async def main():
+            pool = SlotPool(slots(hosts), CollectCfg(quarantine_after=1))
+            slot = await pool.acquire()
+            pool.release(slot, failure="ssh: connection refused\n(host down?)")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.acquire)
+                tg.start_soon(pool.acquire)
+        return anyio.run(main)
+
+    monkeypatch.setattr("rfs.loop.driver.drive", drive)
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[[slot]]\nname = "gpu-0"\n')
+    line = one_line(capsys, ["run", experiment(tmp_path), "--hosts", str(hosts), "--plain"])
+    assert line == ("rfs: every slot is quarantined (gpu-0: ssh: connection refused (host down?)); "
+                    "fix them (`python rfs.py doctor`), then `python rfs.py resume`")

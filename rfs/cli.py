@@ -7,10 +7,20 @@ import signal
 import sys
 from pathlib import Path
 
+import anyio
+
 from rfs import ROOT, config, hosts
 from rfs.config import ConfigError
+from rfs.doctor import doctor
+from rfs.envs import environment, execute
+from rfs.envs.calibrate import announce, calibrate
 from rfs.errors import RfsError
+from rfs.launch import launcher_for
+from rfs.loop.driver import drive
 from rfs.rundir import RunDir
+from rfs.setup import setup_embedded
+from rfs.tui import watch
+from rfs.tui.plain import plain_progress
 
 HELP = """\
 rfs: does a coding model become a better ML researcher when its own grounded research experience
@@ -56,8 +66,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{run.root} was started with a different config ({run.config}); "
             "continue it with `python rfs.py resume`, or start a new one with --name"
         )
-    from rfs.loop.driver import drive
-
     return drive(cfg, run, hosts.load(Path(args.hosts) if args.hosts else None), plain=args.plain)
 
 
@@ -66,26 +74,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not run.config.exists():
         raise ConfigError(f"{run.root}: not a run directory (no experiment.toml)")
     cfg = config.load(run.config)
-    from rfs.loop.driver import drive
-
     return drive(cfg, run, hosts.load(Path(args.hosts) if args.hosts else None), plain=args.plain)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     run = _given_run(args)
     if sys.stdout.isatty() and not args.plain:
-        from rfs.tui import watch
-
         watch(run)
     else:
-        from rfs.tui.plain import plain_progress
-
         plain_progress(run, follow=True)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rfs.evals.report import report
+    from rfs.evals.report import report  # lazy: it plots with matplotlib, which only `report` needs
 
     out = report(_given_run(args))
     print(f"report written to {out}")
@@ -93,9 +95,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from rfs.envs import environment
-    from rfs.setup import setup_embedded
-
     cfg = config.load(Path(args.experiment) if args.experiment else None)
     print("preparing the environment's data …", flush=True)
     environment(cfg.env).prepare()
@@ -105,17 +104,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from rfs.doctor import doctor
-
     return doctor(Path(args.hosts) if args.hosts else None)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    import anyio
-
-    from rfs.envs import environment, execute
-    from rfs.launch import launcher_for
-
     cfg = config.load(Path(args.experiment) if args.experiment else None)
     hf = hosts.load(Path(args.hosts) if args.hosts else None)
     slots = hosts.slots(hf)
@@ -127,8 +119,6 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"seed train.py: status={result.status} val_bpb={result.val_bpb:.4f} steps={result.steps} "
               f"training_seconds={result.training_seconds:.1f}  ({result.detail})")
         return 0 if result.status == "success" else 1
-    from rfs.envs.calibrate import announce, calibrate
-
     k = args.k or cfg.env.calibration_k
     stats = anyio.run(lambda: calibrate(env, slots, k, launcher_for(slots[0], hf), cfg.env, announce(k)))
     print(f"val_bpb over {stats['k']} seed runs at concurrency {stats['concurrency']}: "

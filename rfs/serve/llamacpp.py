@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from rfs.serve.convert import ensure_gguf
 from rfs.serve.process import ProcessServer
 
 N_CTX = 8192  # SmolLM2's trained context; the KV cache for it is under 200 MB
@@ -36,8 +37,6 @@ class LlamaCppServer(ProcessServer):
         self.threads = threads
 
     def prepare(self, model_dir: Path) -> Path:
-        from rfs.setup import ensure_gguf
-
         return model_dir if model_dir.suffix == ".gguf" else ensure_gguf(model_dir)
 
     def argv(self, served: Path, model_id: str) -> list[str]:

@@ -93,8 +93,8 @@ class ConsolidateCfg:
     replay_rounds: int = 5
     kl_lambda: float = 0.05
     kl_prompts: int = 50
-    # On: at the 7B shape, 16384 tokens/step out-of-memories an 80 GB H100 without it (47 GiB with
-    # it, at the same tokens/s as 4096-token steps without it; bench/lora_shape.py).
+    # On: without it the 7B shape at 16384 tokens/step does not fit an 80 GB H100, and with it the
+    # throughput matches smaller steps without it (docs/LOG.md, bench/lora_shape.py).
     gradient_checkpointing: bool = True
     reason: str = ""  # the written reason for any departure from the locked defaults
 

@@ -50,7 +50,7 @@ def embedded_dir() -> Path:
 
 def sha256_file(path: Path) -> str:
     """Hashed once per file version: a swap asks for the weights hash twice (the trace's provenance,
-    the GGUF cache key), and at 7B that is ~15 GB read each time."""
+    the GGUF cache key), and at 7B each ask would read every weight again."""
     st = Path(path).stat()
     return _sha256_file(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
 

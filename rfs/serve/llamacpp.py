@@ -1,7 +1,7 @@
 """The embedded researcher server: llama-cpp-python's OpenAI server on a few CPU cores.
 
 Chosen over `transformers serve` because it enforces a JSON schema (`response_format` compiled to
-a grammar) and decodes several times faster on CPU at a fraction of the memory. It serves GGUF,
+a grammar) and decodes faster on CPU in less memory. It serves GGUF,
 so each model directory is converted once (cached by weights hash) before it is loaded.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from rfs.serve.convert import ensure_gguf
 from rfs.serve.process import ProcessServer
 
-N_CTX = 8192  # SmolLM2's trained context; the KV cache for it is under 200 MB
+N_CTX = 8192  # SmolLM2's trained context; its KV cache is small beside the weights
 
 
 def llamacpp_argv(gguf: Path, model_id: str, port: int, threads: int, n_ctx: int = N_CTX) -> list[str]:

@@ -1,7 +1,7 @@
 """Blocking work asked for by many coroutines, done in a worker thread one batch at a time.
 
-A wave's jobs end together. A /proc pass per job (a few ms each, serialised) was most of the time
-between a wave's last run ending and its last row. Here what is asked while a batch runs goes
+A wave's jobs end together, and a /proc pass per job, serialised, would delay the wave's last row by
+one pass per job (docs/LOG.md). Here what is asked while a batch runs goes
 together in the next batch, so one pass answers every job that asked, and one thread hop removes
 every working folder.
 """

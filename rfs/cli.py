@@ -7,9 +7,20 @@ import signal
 import sys
 from pathlib import Path
 
+import anyio
+
 from rfs import ROOT, config, hosts
 from rfs.config import ConfigError
-from rfs.rundir import RunDir, RunLocked
+from rfs.doctor import doctor
+from rfs.envs import environment, execute
+from rfs.envs.calibrate import announce, calibrate
+from rfs.errors import RfsError
+from rfs.launch import launcher_for
+from rfs.loop.driver import drive
+from rfs.rundir import RunDir
+from rfs.setup import setup_embedded
+from rfs.tui import watch
+from rfs.tui.plain import plain_progress
 
 HELP = """\
 rfs: does a coding model become a better ML researcher when its own grounded research experience
@@ -34,6 +45,13 @@ def _latest_run() -> Path:
     return runs[-1].parent
 
 
+def _given_run(args: argparse.Namespace) -> Path:
+    run = Path(args.run) if args.run else _latest_run()
+    if not run.is_dir():
+        raise ConfigError(f"{run}: no such run directory; `ls runs/` lists the runs")
+    return run
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict = {}
     if args.rounds is not None:
@@ -48,46 +66,35 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{run.root} was started with a different config ({run.config}); "
             "continue it with `python rfs.py resume`, or start a new one with --name"
         )
-    from rfs.loop.driver import drive
-
     return drive(cfg, run, hosts.load(Path(args.hosts) if args.hosts else None), plain=args.plain)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    run = RunDir(Path(args.run) if args.run else _latest_run())
+    run = RunDir(_given_run(args))
     if not run.config.exists():
         raise ConfigError(f"{run.root}: not a run directory (no experiment.toml)")
     cfg = config.load(run.config)
-    from rfs.loop.driver import drive
-
     return drive(cfg, run, hosts.load(Path(args.hosts) if args.hosts else None), plain=args.plain)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    run = Path(args.run) if args.run else _latest_run()
+    run = _given_run(args)
     if sys.stdout.isatty() and not args.plain:
-        from rfs.tui import watch
-
         watch(run)
     else:
-        from rfs.tui.plain import plain_progress
-
         plain_progress(run, follow=True)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rfs.evals.report import report
+    from rfs.evals.report import report  # lazy: it plots with matplotlib, which only `report` needs
 
-    out = report(Path(args.run) if args.run else _latest_run())
+    out = report(_given_run(args))
     print(f"report written to {out}")
     return 0
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from rfs.envs import environment
-    from rfs.setup import setup_embedded
-
     cfg = config.load(Path(args.experiment) if args.experiment else None)
     print("preparing the environment's data …", flush=True)
     environment(cfg.env).prepare()
@@ -97,17 +104,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from rfs.doctor import doctor
-
     return doctor(Path(args.hosts) if args.hosts else None)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    import anyio
-
-    from rfs.envs import environment, execute
-    from rfs.launch import launcher_for
-
     cfg = config.load(Path(args.experiment) if args.experiment else None)
     hf = hosts.load(Path(args.hosts) if args.hosts else None)
     slots = hosts.slots(hf)
@@ -119,8 +119,6 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"seed train.py: status={result.status} val_bpb={result.val_bpb:.4f} steps={result.steps} "
               f"training_seconds={result.training_seconds:.1f}  ({result.detail})")
         return 0 if result.status == "success" else 1
-    from rfs.envs.calibrate import announce, calibrate
-
     k = args.k or cfg.env.calibration_k
     stats = anyio.run(lambda: calibrate(env, slots, k, launcher_for(slots[0], hf), cfg.env, announce(k)))
     print(f"val_bpb over {stats['k']} seed runs at concurrency {stats['concurrency']}: "
@@ -178,14 +176,27 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+def expected(exc: BaseException) -> RfsError | None:
+    """The RfsError `exc` is, or stands for: a task group that failed only with RfsErrors (a wave
+    whose every slot is gone) stands for its first one."""
+    if isinstance(exc, RfsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [expected(e) for e in exc.exceptions]
+        return found[0] if all(found) else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     stop_on_sigterm()
     try:
         return args.fn(args)
-    except (ConfigError, RunLocked, FileNotFoundError) as exc:
-        print(f"rfs: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("rfs: interrupted; `python rfs.py resume` continues where this stopped", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if (error := expected(exc)) is None:
+            raise  # a bug: its traceback is the report
+        print(f"rfs: {error}", file=sys.stderr)
+        return 2

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from rfs import ROOT
+from rfs.errors import RfsError
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(RfsError, ValueError):
+    """A config or hosts file that cannot run: the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,6 @@ class EnvCfg:
     budget_s: float = 300.0  # the training budget, the harness's own wall clock
     timeout_s: float = 360.0  # agent hard timeout per training run
     device: str = "cuda"  # cpu | cuda
-    depth: int = 8
     calibration_k: int = 5
 
 
@@ -93,15 +93,14 @@ class ConsolidateCfg:
     replay_rounds: int = 5
     kl_lambda: float = 0.05
     kl_prompts: int = 50
-    # On: at the 7B shape, 16384 tokens/step out-of-memories an 80 GB H100 without it (47 GiB with
-    # it, at the same tokens/s as 4096-token steps without it; bench/lora_shape.py).
+    # On: without it the 7B shape at 16384 tokens/step does not fit an 80 GB H100, and with it the
+    # throughput matches smaller steps without it (docs/LOG.md, bench/lora_shape.py).
     gradient_checkpointing: bool = True
     reason: str = ""  # the written reason for any departure from the locked defaults
 
 
 @dataclass(frozen=True)
 class LoopCfg:
-    checkpoint_every: int = 2
     eval_every: int = 2  # held-out probes at V0, every n-th version and the last; 0: none
     stamp_margin: float = 0.01  # arm S conditions on (best so far - margin)
     ctrl_memory_chars: int = 12000  # CTRL's bounded in-context memory
@@ -126,11 +125,6 @@ class EvalCfg:
 
 
 @dataclass(frozen=True)
-class MirrorCfg:
-    url: str = ""  # an fsspec URL (gs://bucket/prefix); "" disables mirroring
-
-
-@dataclass(frozen=True)
 class Config:
     experiment: ExperimentCfg = field(default_factory=ExperimentCfg)
     env: EnvCfg = field(default_factory=EnvCfg)
@@ -140,13 +134,12 @@ class Config:
     loop: LoopCfg = field(default_factory=LoopCfg)
     guard: GuardCfg = field(default_factory=GuardCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
-    mirror: MirrorCfg = field(default_factory=MirrorCfg)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cluster": {},
     "embedded": {
-        "env": {"name": "builtin", "budget_s": 30.0, "timeout_s": 90.0, "device": "cpu", "depth": 2},
+        "env": {"name": "builtin", "budget_s": 30.0, "timeout_s": 90.0, "device": "cpu"},
         "researcher": {
             "model": "smollm2",
             "backend": "llamacpp",

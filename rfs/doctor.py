@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from rfs import ROOT, config, hosts
+from rfs.envs.builtin import manifest
 
 PACKAGES = {
     "core": ["anyio", "httpx", "pyarrow", "zstandard", "asyncssh"],
@@ -39,8 +40,6 @@ def check_packages() -> list[str]:
 
 
 def check_manifest(root: Path = ROOT) -> list[str]:
-    from rfs.envs.builtin import manifest
-
     pinned = root / "env" / "MANIFEST.sha256"
     if not pinned.exists():
         return [f"{pinned} is missing: the harness files are not pinned"]

@@ -57,7 +57,6 @@ class ServerCfg:
 @dataclass(frozen=True)
 class TrainCfg:
     device: str = "auto"  # cpu | cuda | auto
-    gpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from rfs import atomic
+from rfs.errors import RfsError
 
 
-class RunLocked(RuntimeError):
-    pass
+class RunLocked(RfsError, RuntimeError):
+    """Another controller holds the run directory."""
 
 
 @dataclass(frozen=True)

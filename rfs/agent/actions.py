@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from rfs.agent.hparams import HParam
+from rfs.agent.hparams import HParam, schema
 
 TRAIN_PY = "train.py"
 MAX_REPLY_CHARS = 100_000  # longer than any action max_tokens allows: a runaway or hostile reply
@@ -83,8 +83,6 @@ def code_schema(max_tokens: int) -> dict[str, Any]:
 
 
 def hparams_schema(params: tuple[HParam, ...], max_tokens: int, *, allow_stop: bool = True) -> dict[str, Any]:
-    from rfs.agent.hparams import schema
-
     # the name and a number take a few dozen characters; the rest of the reply is the thought's
     return schema(params, max(16, max_tokens - OVERHEAD_CHARS - 64), allow_stop=allow_stop)
 

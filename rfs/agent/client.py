@@ -22,10 +22,11 @@ import httpx
 from rfs.agent import prompts
 from rfs.agent.connection import Connection
 from rfs.config import ResearcherCfg
+from rfs.errors import RfsError
 from rfs.serve.base import response_format
 
 
-class ServerDown(RuntimeError):
+class ServerDown(RfsError, RuntimeError):
     """The researcher server failed (connection, timeout, 5xx, malformed reply): infra_error."""
 
 

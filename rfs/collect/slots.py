@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import anyio
 
 from rfs.config import CollectCfg
+from rfs.errors import RfsError
 from rfs.events import EventLog
 from rfs.hosts import Slot
 
 
-class NoSlotsLeft(RuntimeError):
+class NoSlotsLeft(RfsError, RuntimeError):
     """Every slot is quarantined: the wave cannot train anything more (an infrastructure failure)."""
 
 
@@ -67,7 +68,9 @@ class SlotPool:
                 self._put_back(waiter.slot)
             raise
         if waiter.slot is None:
-            raise NoSlotsLeft(f"all slots are quarantined: {self.quarantined}")
+            raise NoSlotsLeft("every slot is quarantined ("
+                              + "; ".join(f"{name}: {' '.join(why.split())}" for name, why in self.quarantined.items())
+                              + "); fix them (`python rfs.py doctor`), then `python rfs.py resume`")
         return waiter.slot
 
     def release(self, slot: Slot, *, failure: str = "") -> None:

@@ -5,18 +5,16 @@ from __future__ import annotations
 from typing import Callable
 
 from rfs.config import EnvCfg
+from rfs.envs.autoresearch import AutoresearchEnv
 from rfs.envs.base import Environment, RunResult
+from rfs.envs.builtin import BuiltinEnv
 from rfs.hosts import Slot
 from rfs.launch.base import JobOutcome, Launcher
 
 
 def environment(cfg: EnvCfg) -> Environment:
     if cfg.name == "builtin":
-        from rfs.envs.builtin import BuiltinEnv
-
         return BuiltinEnv(cfg)
-    from rfs.envs.autoresearch import AutoresearchEnv
-
     return AutoresearchEnv(cfg)
 
 

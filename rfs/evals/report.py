@@ -19,7 +19,7 @@ from rfs.trace import CTRL, FLOOR, PROBE, SHARED, STATUSES
 
 CONFIG_KEYS = (
     ("experiment", ("name", "preset", "seed", "arcs", "arms", "baselines", "max_rounds")),
-    ("env", ("name", "depth", "budget_s", "device")),
+    ("env", ("name", "budget_s", "device")),
     ("researcher", ("model", "backend", "action_space", "max_turns")),
     ("collect", ("rollouts",)),
     ("consolidate", ("lora_r", "lora_alpha", "epochs", "kl_lambda", "replay_fraction", "reason")),

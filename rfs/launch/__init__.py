@@ -11,22 +11,20 @@ import anyio
 
 from rfs.hosts import HostsFile, Slot
 from rfs.launch.base import Job, JobOutcome, Launcher
+from rfs.launch.local import LocalLauncher
+from rfs.launch.local import reclaim as reclaim_local
+from rfs.launch.slurm import SlurmLauncher
 
 CLOSE_TIMEOUT_S = 60.0  # scancel and ssh disconnects each bound themselves; this bounds them all
 
 
 def launcher_for(slot: Slot, hosts: HostsFile, wave: str = "") -> Launcher:
-    """Imported lazily so a local-only user never needs asyncssh or SLURM tools."""
     if slot.launcher == "local":
-        from rfs.launch.local import LocalLauncher
-
         return LocalLauncher(wave=wave)
     if slot.launcher == "ssh":
-        from rfs.launch.ssh import SshLauncher
+        from rfs.launch.ssh import SshLauncher  # lazy: asyncssh, which a local-only user need not install
 
         return SshLauncher(hosts.hosts[slot.host], wave)
-    from rfs.launch.slurm import SlurmLauncher
-
     return SlurmLauncher(hosts.slurm, wave=wave)
 
 
@@ -36,8 +34,6 @@ async def reclaim(slots: list[Slot], hosts: HostsFile, wave: str) -> list[str]:
     the wave's ssh launchers remove its working folders when they first connect."""
     found = []
     if any(s.launcher == "local" for s in slots):
-        from rfs.launch.local import reclaim as reclaim_local
-
         if n := await reclaim_local(wave):
             found.append(f"{n} local process(es) killed")
     if slurm := [s for s in slots if s.launcher == "slurm"]:

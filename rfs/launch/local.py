@@ -39,8 +39,7 @@ WAVE_VAR = "RFS_WAVE"  # names the wave a job belongs to, inherited by all it st
 
 # anyio's open_process has no preexec_fn, so limits are applied by programs that set them and then
 # exec the job in place (the pid and the process group stay the job's): util-linux's prlimit and
-# taskset where they exist (a few ms per job), else a Python one-liner (tens of ms of CPU per job,
-# which at 48 jobs a wave is most of a wave's start-up).
+# taskset where they exist, else a Python one-liner, an interpreter start per job (docs/LOG.md).
 CONFINE = """
 import os, resource, sys
 cpus, cpu_s, as_bytes = sys.argv[1:4]
@@ -114,9 +113,8 @@ class _Child:
     """A job's process, started off the event loop and awaited through a pidfd.
 
     asyncio's subprocess support forks on the event loop's thread and starts a waiter thread per
-    child (512 threads at N=512). Here Popen runs in a worker thread and the exit is a pidfd
-    turning readable (Linux 5.3+; elsewhere the loop polls for it). With this, the last of 48 runs
-    started about 0.1 s sooner (bench/wave_overhead.py, D=30 s). The output goes to a file in
+    child. Here Popen runs in a worker thread and the exit is a pidfd turning readable (Linux 5.3+;
+    elsewhere the loop polls for it), so a wave's jobs start sooner (docs/LOG.md). The output goes to a file in
     memory, read once the job is over, so a running job costs the loop nothing; only a caller
     that streams lines gets a pipe the loop reads as they come."""
 

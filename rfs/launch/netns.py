@@ -3,9 +3,8 @@
 As root: one empty network namespace per controller process, made once and held open by a file
 descriptor. On Linux a network namespace belongs to a thread, not to the whole process, and a
 child starts in its parent thread's, so the worker thread that starts a job enters the namespace
-just around the fork and the job pays nothing for its isolation. With an `unshare --net` in front
-of each job instead (a namespace made and torn down per job), 48 jobs cost the machine about
-0.065 CPU-s more: a tenth of all a wave of 48 kept the 2-vCPU development VM busy with. Without
+just around the fork and the job pays nothing for its isolation, where an `unshare --net` in front
+of each job would make and tear down a namespace per job (its cost: docs/LOG.md). Without
 that privilege a job runs behind `unshare --net --map-root-user` where user namespaces are
 allowed, and with the network where neither is.
 """

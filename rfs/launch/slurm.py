@@ -28,6 +28,7 @@ from typing import Callable
 import anyio
 import anyio.abc
 
+from rfs.errors import RfsError
 from rfs.hosts import SlurmCfg, Slot
 from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome, workdir_prefix
 
@@ -50,7 +51,7 @@ _STEP_ID = re.compile(r"StepId=(\d+\.\d+)")
 _SLURM_ENDED = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED|Job step aborted|PREEMPT|Node failure|revoked|expired", re.I)
 
 
-class SlurmError(RuntimeError):
+class SlurmError(RfsError, RuntimeError):
     """The allocation could not be made or released."""
 
 
@@ -71,8 +72,12 @@ class SlurmLauncher:
         try:
             with anyio.fail_after(timeout):
                 return await anyio.run_process(argv, env=self.env, check=False)
+        except FileNotFoundError:
+            raise SlurmError(f"{argv[0]} is not on PATH: install SLURM's client tools here, "
+                             "or remove the slurm slots from hosts.toml") from None
         except TimeoutError:
-            raise SlurmError(f"{argv[0]} did not answer in {timeout:.0f} s (munged or slurmctld down?)") from None
+            raise SlurmError(f"{argv[0]} did not answer in {timeout:.0f} s: check that munged and slurmctld "
+                             "are up (`scontrol ping`)") from None
 
     async def open(self, n_slots: int, cpus_per_slot: int = 1, gpus_per_slot: int = 0, wait_s: float = 3600.0) -> str:
         """Allocate the wave's resources, waiting in the queue up to wait_s; returns the job id."""
@@ -84,7 +89,7 @@ class SlurmLauncher:
         got = await self._client(argv, wait_s + CLIENT_TIMEOUT)
         found = re.search(rb"Granted job allocation (\d+)", got.stderr)
         if got.returncode != 0 or not found:
-            raise SlurmError(f"salloc failed ({got.returncode}): {got.stderr.decode(errors='replace').strip()}")
+            raise SlurmError(f"salloc failed ({got.returncode}): {_said(got)}; check hosts.slurm against `sinfo`")
         self.allocation = found.group(1).decode()
         return self.allocation
 
@@ -95,10 +100,10 @@ class SlurmLauncher:
         user = pwd.getpwuid(os.getuid()).pw_name
         got = await self._client(["squeue", "--noheader", f"--name={self.name}", f"--user={user}", "--format=%i"])
         if got.returncode != 0:
-            raise SlurmError(f"squeue: {got.stderr.decode(errors='replace').strip()}")
+            raise SlurmError(f"squeue failed ({got.returncode}): {_said(got)}; check that SLURM is up (`scontrol ping`)")
         ids = got.stdout.decode().split()
         if ids and (got := await self._client(["scancel", *ids])).returncode != 0:
-            raise SlurmError(f"scancel {' '.join(ids)}: {got.stderr.decode(errors='replace').strip()}")
+            raise SlurmError(f"scancel {' '.join(ids)} failed: {_said(got)}; cancel them by hand before resuming")
         for workdir in self.workroot.glob(self.prefix + "*"):
             shutil.rmtree(workdir, ignore_errors=True)
         return ids
@@ -107,7 +112,7 @@ class SlurmLauncher:
         if self.allocation:
             got = await self._client(["scancel", self.allocation])
             if got.returncode != 0:
-                raise SlurmError(f"scancel {self.allocation}: {got.stderr.decode(errors='replace').strip()}")
+                raise SlurmError(f"scancel {self.allocation} failed: {_said(got)}; cancel it by hand: it holds the nodes")
             self.allocation = ""
 
     def _srun(self, slot: Slot, job: Job, wd: str) -> list[str]:
@@ -196,6 +201,12 @@ class SlurmLauncher:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def _said(got: subprocess.CompletedProcess) -> str:
+    """A SLURM client's reason in one line: its last error line (the earlier ones are context)."""
+    lines = got.stderr.decode(errors="replace").strip().splitlines() or ["(no message)"]
+    return next((l for l in reversed(lines) if "error" in l.lower()), lines[-1]).strip()
 
 
 async def _lines(stream, emit: Callable[[bytes], None]) -> None:

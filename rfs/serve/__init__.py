@@ -28,4 +28,4 @@ def make_server(cfg: ResearcherCfg, hosts: HostsFile, model_dir: Path, model_id:
     if cfg.backend == "vllm":
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, hosts.server.gpus))} if hosts.server.gpus else {}
         return VllmServer(model_dir, model_id, port, log_path, events, env=env, vllm=cfg.vllm, seed=seed)
-    raise ServerError(f"researcher.backend {cfg.backend!r}: expected llamacpp, vllm or external")
+    raise ServerError(f"researcher.backend {cfg.backend!r}: set it to llamacpp, vllm or external")

@@ -6,9 +6,11 @@ import socket
 from pathlib import Path
 from typing import Any, Protocol
 
+from rfs.errors import RfsError
 
-class ServerError(RuntimeError):
-    """The server failed to come up or to swap weights; the message carries its log tail."""
+
+class ServerError(RfsError, RuntimeError):
+    """The server failed to come up or to swap weights; the message carries its log's last line."""
 
 
 class Server(Protocol):
@@ -42,11 +44,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def log_tail(path: Path, chars: int = 3000) -> str:
+def last_log_line(path: Path, chars: int = 3000) -> str:
+    """The log's last non-empty line: a failed server's usual last word is its reason."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
             f.seek(max(0, f.tell() - chars))
-            return f.read().decode(errors="replace")
+            lines = f.read().decode(errors="replace").strip().splitlines()
     except FileNotFoundError:
         return "(no log)"
+    return lines[-1].strip() if lines else "(empty log)"

@@ -12,9 +12,14 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+
+from rfs.config import cache_dir
+from rfs.errors import RfsError
+from rfs.setup import SetupError, embedded_gguf, weights_sha256
 
 QTYPES = ("f16", "q8_0")
 
@@ -32,8 +37,8 @@ _LAYER = {
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-class ConvertError(ValueError):
-    pass
+class ConvertError(RfsError, ValueError):
+    """A model this converter cannot write as GGUF."""
 
 
 def gguf_name(hf_name: str) -> str:
@@ -72,7 +77,7 @@ def _check_shape(config: dict, reader) -> None:
 
 
 def _load_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: imports torch (the optional train extra)
 
     tensors: dict[str, np.ndarray] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
@@ -85,7 +90,7 @@ def _load_weights(model_dir: Path) -> dict[str, np.ndarray]:
 
 def hf_to_gguf(model_dir: Path, template: Path, out: Path, qtype: str = "q8_0") -> Path:
     """Convert `model_dir` (config.json + safetensors) to `out`, written atomically."""
-    import gguf
+    import gguf  # lazy: the optional train extra, needed only to convert
 
     if qtype not in QTYPES:
         raise ConvertError(f"qtype {qtype!r}: expected one of {QTYPES}")
@@ -124,7 +129,7 @@ def hf_to_gguf(model_dir: Path, template: Path, out: Path, qtype: str = "q8_0") 
 
 
 def _copy_metadata(reader, writer, qtype: str) -> None:
-    import gguf
+    import gguf  # lazy: the optional train extra, needed only to convert
 
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
@@ -137,7 +142,7 @@ def _copy_metadata(reader, writer, qtype: str) -> None:
 
 
 def _add_tensor(writer, name: str, w: np.ndarray, qtype: str) -> None:
-    import gguf
+    import gguf  # lazy: the optional train extra, needed only to convert
 
     if w.ndim == 1:  # norms stay float32: llama.cpp requires it and they are tiny
         writer.add_tensor(name, w.astype(np.float32))
@@ -146,3 +151,26 @@ def _add_tensor(writer, name: str, w: np.ndarray, qtype: str) -> None:
         writer.add_tensor(name, gguf.quants.quantize(w.astype(np.float32), q8), raw_dtype=q8)
     else:
         writer.add_tensor(name, w.astype(np.float16))
+
+
+def ensure_gguf(model_dir: Path, out: Path | None = None, qtype: str = "q8_0") -> Path:
+    """A GGUF for a safetensors model directory, converted once per weights hash.
+
+    A directory that already holds a .gguf file is served as is. The architecture, tokenizer and
+    chat template come from the embedded GGUF: every version V_n is a fine-tune of that model.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise SetupError(f"{model_dir}: not a model directory; researcher.model must name one "
+                         "(or be smollm2, after `python rfs.py setup`)")
+    existing = sorted(model_dir.glob("*.gguf"))
+    if existing and out is None:
+        return existing[0]
+    digest = weights_sha256(model_dir)
+    out = Path(out) if out else cache_dir() / "gguf" / f"{digest[:20]}-{qtype}.gguf"
+    if out.exists():
+        return out
+    t0 = time.monotonic()
+    hf_to_gguf(model_dir, embedded_gguf(), out, qtype)
+    print(f"rfs: converted {model_dir} to {out.name} in {time.monotonic() - t0:.1f} s")
+    return out

@@ -22,7 +22,8 @@ class ExternalServer:
 
     async def start(self) -> None:
         if not await self.health():
-            raise ServerError(f"external researcher at {self.base_url} does not answer GET /models")
+            raise ServerError(f"external researcher at {self.base_url} does not answer GET /models; "
+                              "start it, or fix researcher.base_url")
         self._emit("server_started")
 
     async def health(self) -> bool:
@@ -40,7 +41,8 @@ class ExternalServer:
         # An external service cannot load our weights; only the name the agent asks for changes.
         self.model_id = model_id
         if not await self.health():
-            raise ServerError(f"external researcher at {self.base_url} does not answer GET /models")
+            raise ServerError(f"external researcher at {self.base_url} does not answer GET /models; "
+                              "start it, or fix researcher.base_url")
         self._emit("server_restarted")
 
     def _emit(self, kind: str) -> None:

@@ -1,7 +1,7 @@
 """The embedded researcher server: llama-cpp-python's OpenAI server on a few CPU cores.
 
 Chosen over `transformers serve` because it enforces a JSON schema (`response_format` compiled to
-a grammar) and decodes several times faster on CPU at a fraction of the memory. It serves GGUF,
+a grammar) and decodes faster on CPU in less memory. It serves GGUF,
 so each model directory is converted once (cached by weights hash) before it is loaded.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from rfs.serve.convert import ensure_gguf
 from rfs.serve.process import ProcessServer
 
-N_CTX = 8192  # SmolLM2's trained context; the KV cache for it is under 200 MB
+N_CTX = 8192  # SmolLM2's trained context; its KV cache is small beside the weights
 
 
 def llamacpp_argv(gguf: Path, model_id: str, port: int, threads: int, n_ctx: int = N_CTX) -> list[str]:
@@ -36,8 +37,6 @@ class LlamaCppServer(ProcessServer):
         self.threads = threads
 
     def prepare(self, model_dir: Path) -> Path:
-        from rfs.setup import ensure_gguf
-
         return model_dir if model_dir.suffix == ".gguf" else ensure_gguf(model_dir)
 
     def argv(self, served: Path, model_id: str) -> list[str]:

@@ -21,7 +21,7 @@ import anyio
 import httpx
 
 from rfs.events import EventLog
-from rfs.serve.base import ServerError, log_tail
+from rfs.serve.base import ServerError, last_log_line
 
 try:  # looked up here, in the parent: a dlopen between fork and exec can deadlock
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -94,10 +94,14 @@ class ProcessServer:
             log.write(f"\n=== rfs {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
             log.flush()
             self._stopping, self._up = False, False
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                start_new_session=True, preexec_fn=self._in_child,
-            )
+            try:
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                    start_new_session=True, preexec_fn=self._in_child,
+                )
+            except OSError as exc:
+                raise ServerError(f"cannot start the {self.backend} server ({exc}); install it here, "
+                                  "or change researcher.backend") from None
         threading.Thread(target=self._watch, args=(self._proc,), daemon=True).start()
         try:
             await self._until_healthy(self._proc)
@@ -111,11 +115,11 @@ class ProcessServer:
         deadline = time.monotonic() + self.start_timeout_s
         while not await self.health():
             if proc.poll() is not None:
-                raise ServerError(f"{self.backend} server exited with {proc.returncode} while starting "
-                                  f"(log {self.log_path}):\n{log_tail(self.log_path)}")
+                raise ServerError(f"{self.backend} server exited with {proc.returncode} while starting: "
+                                  f"{last_log_line(self.log_path)}; its whole log is {self.log_path}")
             if time.monotonic() > deadline:
-                raise ServerError(f"{self.backend} server not healthy after {self.start_timeout_s:.0f} s "
-                                  f"(log {self.log_path}):\n{log_tail(self.log_path)}")
+                raise ServerError(f"{self.backend} server not healthy after {self.start_timeout_s:.0f} s: "
+                                  f"{last_log_line(self.log_path)}; its whole log is {self.log_path}")
             await anyio.sleep(0.25)
 
     def _in_child(self) -> None:

@@ -119,10 +119,17 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"seed train.py: status={result.status} val_bpb={result.val_bpb:.4f} steps={result.steps} "
               f"training_seconds={result.training_seconds:.1f}  ({result.detail})")
         return 0 if result.status == "success" else 1
+    from rfs.collect.slots import SlotPool
     from rfs.envs.calibrate import announce, calibrate
+    from rfs.launch import wave_launchers
 
     k = args.k or cfg.env.calibration_k
-    stats = anyio.run(lambda: calibrate(env, slots, k, launcher_for(slots[0], hf), cfg.env, announce(k)))
+
+    async def calibrated() -> dict:
+        async with wave_launchers(slots, hf) as launcher_of:  # each run through its own slot's launcher
+            return await calibrate(env, SlotPool(slots, cfg.collect), k, launcher_of, cfg.env, announce(k))
+
+    stats = anyio.run(calibrated)
     print(f"val_bpb over {stats['k']} seed runs at concurrency {stats['concurrency']}: "
           f"{stats['mean']:.4f} ± {stats['std']:.4f}  (values {', '.join(f'{v:.4f}' for v in stats['values'])})")
     return 0

@@ -201,15 +201,15 @@ def test_a_cpu_fit_cancelled_while_taking_the_slots_gives_back_those_it_took():
 
     from rfs.collect.slots import SlotPool
     from rfs.config import CollectCfg
-    from rfs.loop.driver import _cores_for_fit
+    from rfs.loop.round import cores_for_fit
     from tests.wave_child import local_slots
 
     async def main() -> int:
         pool = SlotPool(local_slots(3), CollectCfg())
         busy = await pool.acquire()  # a wave's run holds one slot
-        ctx = SimpleNamespace(pool=pool, d=SimpleNamespace(hosts=SimpleNamespace(train=SimpleNamespace(device="cpu"))))
+        ex = SimpleNamespace(pool=pool, hosts=SimpleNamespace(train=SimpleNamespace(device="cpu")))
         with anyio.move_on_after(0.2):
-            async with _cores_for_fit(ctx):
+            async with cores_for_fit(ex):
                 raise AssertionError("the fit started while a run still held a slot")
         pool.release(busy)
         return pool.free

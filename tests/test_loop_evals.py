@@ -21,9 +21,10 @@ from rfs.events import EventLog, iter_events
 from rfs.hosts import HostsFile, Slot
 from rfs.launch.base import Job
 from rfs.loop import evals
-from rfs.loop.driver import Driver, Round
+from rfs.loop.experiment import Experiment
 from rfs.loop.plan import LoopSpec
 from rfs.loop.serving import Servers
+from rfs.loop.state import ExperimentState, Noise
 from rfs.rundir import RunDir
 from tests.scripted_researcher import ScriptedResearcher, action
 from tests.wave_child import SleepEnv, local_slots
@@ -98,15 +99,16 @@ def plans() -> dict[int, list]:
 
 
 async def probe(root: Path, base_url: str, env: DepthEnv, *versions: int, drift_window: int = 2) -> None:
-    """evaluate() for each version, from a Driver and Round built like the driver's _main builds them."""
+    """evaluate() for each version, from an Experiment built like rfs.loop.experiment.started builds it."""
     cfg, run, hosts = cfg_for(base_url, drift_window), RunDir(root), HostsFile()
     events = EventLog(run.events)
-    d = Driver(cfg, run, hosts, events, state=run.read_state() or {"experiment": cfg.experiment.name, "loops": {}})
+    state = ExperimentState.from_json(run.read_state(), cfg.experiment.name)
     try:
         async with Servers(cfg, hosts, run, events, None) as servers:
-            ctx = Round(d, env, SlotPool(local_slots(2), cfg.collect, events), servers, {"mean": 1.0, "std": 0.01, "k": 3}, None)
+            pool = SlotPool(local_slots(2), cfg.collect, events)
+            ex = Experiment(cfg, run, hosts, events, env, pool, servers, Noise(1.0, 0.01, 3), None, state)
             for v in versions:
-                await evals.evaluate(ctx, LOOP, v)
+                await evals.evaluate(ex, LOOP, v)
     finally:
         events.close()
 

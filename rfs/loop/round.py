@@ -35,7 +35,7 @@ async def play(ex: Experiment, loop: LoopSpec, r: int) -> None:
     """Round r of the loop, up to (not including) its probes and the state's move to round r."""
     traces = pq.read_table(await _collect(ex, loop, r))
     record_thread_rounds(ex.run, traces)
-    record(ex, loop, r, traces.to_pylist())
+    _record(ex, loop, r, traces.to_pylist())
     if loop.trains:
         await _consolidate(ex, loop, r)
 
@@ -123,7 +123,7 @@ async def _wave(ex: Experiment, specs: list[RolloutSpec], server: Served, key: s
                           revive=lambda: ex.servers.revive(key))
 
 
-def record(ex: Experiment, loop: LoopSpec, r: int, rows: list[dict[str, Any]]) -> None:
+def _record(ex: Experiment, loop: LoopSpec, r: int, rows: list[dict[str, Any]]) -> None:
     """The loop's best so far, its history, and the collapse guard's verdict on this round."""
     st = ex.state.loops[loop.name]
     agg = aggregate_round(ex.run, loop.name, r, rows)

@@ -27,7 +27,7 @@ from rfs.setup import setup_embedded
 from rfs.trace import text_sha256
 
 
-@dataclass
+@dataclass(frozen=True)
 class Experiment:
     cfg: Config
     run: RunDir

@@ -15,7 +15,8 @@ from rfs.doctor import doctor
 from rfs.envs import environment, execute
 from rfs.envs.calibrate import announce, calibrate
 from rfs.errors import RfsError
-from rfs.launch import launcher_for
+from rfs.collect.slots import SlotPool
+from rfs.launch import launcher_for, wave_launchers
 from rfs.loop.driver import drive
 from rfs.rundir import RunDir
 from rfs.setup import setup_embedded
@@ -120,7 +121,12 @@ def cmd_env(args: argparse.Namespace) -> int:
               f"training_seconds={result.training_seconds:.1f}  ({result.detail})")
         return 0 if result.status == "success" else 1
     k = args.k or cfg.env.calibration_k
-    stats = anyio.run(lambda: calibrate(env, slots, k, launcher_for(slots[0], hf), cfg.env, announce(k)))
+
+    async def calibrated() -> dict:
+        async with wave_launchers(slots, hf) as launcher_of:  # each run through its own slot's launcher
+            return await calibrate(env, SlotPool(slots, cfg.collect), k, launcher_of, cfg.env, announce(k))
+
+    stats = anyio.run(calibrated)
     print(f"val_bpb over {stats['k']} seed runs at concurrency {stats['concurrency']}: "
           f"{stats['mean']:.4f} ± {stats['std']:.4f}  (values {', '.join(f'{v:.4f}' for v in stats['values'])})")
     return 0

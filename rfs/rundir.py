@@ -65,6 +65,19 @@ class RunDir:
         """The loop's fixed KL anchor, computed from V0 once (rfs.consolidate.anchor)."""
         return self.root / "models" / loop / "kl_anchor"
 
+    def best_train_py(self, loop: str) -> Path:
+        """The loop's best train.py so far, where arc B continues from."""
+        return self.root / "best" / f"{loop}.py"
+
+    def probes(self, loop: str) -> "RunDir":
+        """The probe rollouts of a loop's versions: a run directory of their own, so the loop's
+        curves (traces/*/) never see them."""
+        return RunDir(self.root / "probes" / loop)
+
+    def transfer_log(self, version: int) -> Path:
+        """In a probes() directory: the transfer run's full output for one version."""
+        return self.root / "transfer" / f"v{version}.log.zst"
+
     @property
     def report(self) -> Path:
         return self.root / "report"

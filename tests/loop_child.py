@@ -18,7 +18,8 @@ from typing import Any
 from rfs import config
 from rfs.hosts import HostsFile, SlotCfg
 from rfs.loop.driver import drive
-from rfs.loop.plan import SHARED, plan, rollout_seed
+from rfs.trace import SHARED
+from rfs.loop.plan import plan, rollout_seed
 from rfs.rundir import RunDir
 from tests.scripted_researcher import action
 from tests.wave_child import SleepEnv

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from rfs.cli import main
+from rfs.loop.plan import rollout_seed
+from rfs.trace import SHARED
+from tests.scripted_researcher import ScriptedResearcher, action
 from rfs.config import EnvCfg, PRESETS
 from rfs.envs.builtin import BuiltinEnv
 from rfs.envs.calibrate import calibration_path
@@ -97,28 +100,21 @@ def test_a_researcher_server_that_will_not_start(tmp_path, monkeypatch, capsys):
                            "its whole log is "), line
 
 
-def test_no_slots_left(tmp_path, monkeypatch, capsys):
-    """A wave today records NoSlotsLeft as each rollout's error and the run goes on, so the driver is
-    replaced here by a task group whose slot pool has lost its only slot, as a wave's would."""
-    import anyio
-
-    from rfs.collect.slots import SlotPool
-    from rfs.config import CollectCfg
-    from rfs.hosts import slots
-
-    def drive(cfg, run, hosts, plain=False):
-        async def main():
-            pool = SlotPool(slots(hosts), CollectCfg(quarantine_after=1))
-            slot = await pool.acquire()
-            pool.release(slot, failure="ssh: connection refused\n(host down?)")
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(pool.acquire)
-                tg.start_soon(pool.acquire)
-        return anyio.run(main)
-
-    monkeypatch.setattr("rfs.cli.drive", drive)
+def test_no_slots_left(tmp_path, capsys):
+    """A run whose only slot is an ssh host nobody listens on: every rollout's run fails on it, the
+    slot is quarantined, and the wave stops the run rather than recording N infra errors."""
     hosts = tmp_path / "hosts.toml"
-    hosts.write_text('[[slot]]\nname = "gpu-0"\n')
-    line = one_line(capsys, ["run", experiment(tmp_path), "--hosts", str(hosts), "--plain"])
-    assert line == ("rfs: every slot is quarantined (gpu-0: ssh: connection refused (host down?)); "
-                    "fix them (`python rfs.py doctor`), then `python rfs.py resume`")
+    hosts.write_text('[hosts.gone]\naddress = "127.0.0.1"\nport = 9\nuser = "nobody"\n\n'
+                     '[[slot]]\nname = "gpu-0"\nlauncher = "ssh"\nhost = "gone"\n')
+    calibrated(1)
+    model = tmp_path / "model"  # never loaded: the run stops before its first fit
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    edit = [action("edit", path="train.py", content="print('val_bpb: 1.0')\n"), action("run"), action("finish")]
+    seeds = [rollout_seed(0, SHARED, 1, t) for t in range(PRESETS["embedded"]["collect"]["rollouts"])]
+    with ScriptedResearcher({seed: edit for seed in seeds}) as sr:
+        exp = experiment(tmp_path, f'backend = "external"\nbase_url = "{sr.base_url}/v1"\nmodel = "{model}"\n'
+                                   'action_space = "code"')
+        line = one_line(capsys, ["run", exp, "--hosts", str(hosts), "--plain"])
+    assert line.startswith("rfs: every slot is quarantined (gpu-0: "), line
+    assert line.endswith("fix them (`python rfs.py doctor`), then `python rfs.py resume`"), line

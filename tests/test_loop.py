@@ -131,7 +131,7 @@ def test_matrix_two_rounds(tmp_path, tiny, researcher):
 
     # Held-out probes ran for V0 (once, shared) and for each gold loop's last version.
     evals = pq.read_table(run.metrics("version_eval")).to_pylist()
-    probed = {(r["arm"], r["version"], r["probe"]) for r in evals}
+    probed = {(r["loop"], r["version"], r["probe"]) for r in evals}
     assert {("shared", 0, p) for p in ("zero_shot", "transfer", "code")} <= probed
     assert {(loop, 2, "zero_shot") for loop in ("A-S", "A-F", "B-S", "B-F")} <= probed
 
@@ -186,10 +186,10 @@ def test_kill9_across_round_boundaries_resumes_to_the_same_state(tmp_path, tiny,
 
     # No round was collected or trained twice: one wave_finished and one consolidated per round.
     events = [e for e in read_events(run.events)[0]]
-    waves = [(e["arm"], e["round"]) for e in events if e["kind"] == "wave_finished" and e["arm"] != "probe"]
-    fits = [(e["arm"], e["round"]) for e in events if e["kind"] == "consolidated"]
+    waves = [(e["loop"], e["round"]) for e in events if e["kind"] == "wave_finished" and e["loop"] != "probe"]
+    fits = [(e["loop"], e["round"]) for e in events if e["kind"] == "consolidated"]
     assert len(waves) == len(set(waves)) and len(fits) == len(set(fits)) == 8
-    assert set(LOOPS) >= {arm for arm, _ in waves}
+    assert set(LOOPS) >= {loop for loop, _ in waves}
 
 
 def test_a_cpu_fit_cancelled_while_taking_the_slots_gives_back_those_it_took():
@@ -201,15 +201,15 @@ def test_a_cpu_fit_cancelled_while_taking_the_slots_gives_back_those_it_took():
 
     from rfs.collect.slots import SlotPool
     from rfs.config import CollectCfg
-    from rfs.loop.driver import _cores_for_fit
+    from rfs.loop.round import cores_for_fit
     from tests.wave_child import local_slots
 
     async def main() -> int:
         pool = SlotPool(local_slots(3), CollectCfg())
         busy = await pool.acquire()  # a wave's run holds one slot
-        ctx = SimpleNamespace(pool=pool, d=SimpleNamespace(hosts=SimpleNamespace(train=SimpleNamespace(device="cpu"))))
+        ex = SimpleNamespace(pool=pool, hosts=SimpleNamespace(train=SimpleNamespace(device="cpu")))
         with anyio.move_on_after(0.2):
-            async with _cores_for_fit(ctx):
+            async with cores_for_fit(ex):
                 raise AssertionError("the fit started while a run still held a slot")
         pool.release(busy)
         return pool.free
@@ -281,7 +281,7 @@ def test_a_resumed_run_kills_the_calibration_jobs_of_its_killed_controller(tmp_p
         assert started(4), second.stderr.read().decode()[-3000:] if second.poll() is not None else "no new calibration"
         wait_for(lambda: not any(group_alive(g) for g in orphans), 5)  # zombies are reaped by init, not at once
         assert not any(group_alive(g) for g in orphans), "the orphaned calibration jobs outlived the resume"
-        alarms = [(e["arm"], e["message"]) for e in read_events(run.events)[0] if e["kind"] == "alarm"]
+        alarms = [(e["loop"], e["message"]) for e in read_events(run.events)[0] if e["kind"] == "alarm"]
         assert ("calibrate", "left running by a killed controller: 4 local process(es) killed") in alarms, alarms
         running = job_groups(counter, second.pid)
         second.send_signal(signal.SIGTERM)

@@ -21,9 +21,10 @@ from rfs.events import EventLog, iter_events
 from rfs.hosts import HostsFile, Slot
 from rfs.launch.base import Job
 from rfs.loop import evals
-from rfs.loop.driver import Driver, Round
+from rfs.loop.experiment import Experiment
 from rfs.loop.plan import LoopSpec
 from rfs.loop.serving import Servers
+from rfs.loop.state import ExperimentState, Noise
 from rfs.rundir import RunDir
 from tests.scripted_researcher import ScriptedResearcher, action
 from tests.wave_child import SleepEnv, local_slots
@@ -98,22 +99,23 @@ def plans() -> dict[int, list]:
 
 
 async def probe(root: Path, base_url: str, env: DepthEnv, *versions: int, drift_window: int = 2) -> None:
-    """evaluate() for each version, from a Driver and Round built like the driver's _main builds them."""
+    """evaluate() for each version, from an Experiment built like rfs.loop.experiment.started builds it."""
     cfg, run, hosts = cfg_for(base_url, drift_window), RunDir(root), HostsFile()
     events = EventLog(run.events)
-    d = Driver(cfg, run, hosts, events, state=run.read_state() or {"experiment": cfg.experiment.name, "loops": {}})
+    state = ExperimentState.from_json(run.read_state(), cfg.experiment.name)
     try:
         async with Servers(cfg, hosts, run, events, None) as servers:
-            ctx = Round(d, env, SlotPool(local_slots(2), cfg.collect, events), servers, {"mean": 1.0, "std": 0.01, "k": 3}, None)
+            pool = SlotPool(local_slots(2), cfg.collect, events)
+            ex = Experiment(cfg, run, hosts, events, env, pool, servers, Noise(1.0, 0.01, 3), None, state)
             for v in versions:
-                await evals.evaluate(ctx, LOOP, v)
+                await evals.evaluate(ex, LOOP, v)
     finally:
         events.close()
 
 
 def version_eval(run: RunDir) -> dict[tuple[str, int, str], dict]:
     rows = metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL).to_pylist()
-    return {(r["arm"], r["version"], r["probe"]): r for r in rows}
+    return {(r["loop"], r["version"], r["probe"]): r for r in rows}
 
 
 def launches(counter: Path) -> Counter:
@@ -128,9 +130,9 @@ def test_probes_v0_and_a_version_once_each(tmp_path):
         anyio.run(probe, run.root, sr.base_url + "/v1", DepthEnv(counter), 0, 2)  # a resumed run
         assert len(sr.requests) == asked  # nothing asked again
     got = version_eval(run)
-    assert sorted(got) == sorted((arm, v, p) for arm, v in (("shared", 0), ("A-S", 2)) for p in metrics.PROBES)
-    for arm, v in (("shared", 0), ("A-S", 2)):
-        zs, tr, code = (got[(arm, v, p)] for p in metrics.PROBES)
+    assert sorted(got) == sorted((loop, v, p) for loop, v in (("shared", 0), ("A-S", 2)) for p in metrics.PROBES)
+    for loop, v in (("shared", 0), ("A-S", 2)):
+        zs, tr, code = (got[(loop, v, p)] for p in metrics.PROBES)
         assert zs["values"] == pytest.approx([1 + (i + 1) / 100 + DEPTH / 1000 for i in range(N_ZERO_SHOT)])
         assert zs["best"] == pytest.approx(1.012) and zs["n_ok"] == N_ZERO_SHOT
         # the best zero-shot train.py (x = 1) at the transfer depth
@@ -139,13 +141,13 @@ def test_probes_v0_and_a_version_once_each(tmp_path):
         assert code["values"] == [1.0] + [0.0] * (len(code_probe.TASKS) - 1)
         assert code["mean"] == pytest.approx(1 / len(code_probe.TASKS)) and code["best"] == 1.0
     # every probe ran once: zero-shot rollouts and the transfer per version, none on the second call
-    want = {f"{arm}-v{v}-{k}" for arm, v in (("shared", 0), ("A-S", 2)) for k in ("zs000", "zs001", "zs002", "transfer")}
+    want = {f"{loop}-v{v}-{k}" for loop, v in (("shared", 0), ("A-S", 2)) for k in ("zs000", "zs001", "zs002", "transfer")}
     assert launches(counter) == Counter(want)
     assert asked == 2 * (N_ZERO_SHOT * 3 + len(code_probe.TASKS))  # edit, run, finish; one per task
-    rows = pq.read_table(evals.probe_run(run, "A-S").traces("probe", 2)).to_pylist()
-    assert {(r["arm"], r["version"], r["memory"], r["conditioning_stamp"]) for r in rows} == {("probe", "v2", "", "")}
+    rows = pq.read_table(run.probes("A-S").traces("probe", 2)).to_pylist()
+    assert {(r["loop"], r["version"], r["memory"], r["conditioning_stamp"]) for r in rows} == {("probe", 2, "", "")}
     assert load.traces(run).num_rows == 0  # the loop's curves never see probe rollouts
-    phases = [(e["arm"], e["phase"]) for e in iter_events(run.events) if e["kind"] == "phase" and e["phase"].startswith("eval")]
+    phases = [(e["loop"], e["phase"]) for e in iter_events(run.events) if e["kind"] == "phase" and e["phase"].startswith("eval")]
     assert phases == [("shared", "eval"), ("shared", "eval_done"), ("A-S", "eval"), ("A-S", "eval_done")]
 
 
@@ -171,8 +173,8 @@ def test_drift_alarm_fires_once_per_loop_and_version(tmp_path):
     # zero-shot improves V0 → V2 while the code probe stalls: proxy drift over a window of 2
     history = [("shared", 0, 1.30, 0.5), ("A-S", 1, 1.20, 0.5), ("A-S", 2, 1.10, 0.5)]
     metrics.record_version_eval(run, [
-        metrics.version_eval_row("evals-test", "A", arm, v, probe, [value], "recorded")
-        for arm, v, bpb, code in history
+        metrics.version_eval_row("evals-test", "A", loop, v, probe, [value], "recorded")
+        for loop, v, bpb, code in history
         for probe, value in (("zero_shot", bpb), ("transfer", bpb), ("code", code))
     ])
     with ScriptedResearcher(plans()) as sr:
@@ -180,6 +182,6 @@ def test_drift_alarm_fires_once_per_loop_and_version(tmp_path):
         anyio.run(probe, run.root, sr.base_url + "/v1", DepthEnv(counter), 2)  # resumed: state.json remembers
         assert sr.requests == [] and not counter.exists()  # every probe was on record
     alarms = [e for e in iter_events(run.events) if e["kind"] == "alarm"]
-    assert len(alarms) == 1 and alarms[0]["alarm"] == "drift" and alarms[0]["arm"] == "A-S"
+    assert len(alarms) == 1 and alarms[0]["alarm"] == "drift" and alarms[0]["loop"] == "A-S"
     assert "held-out code stalled 0.5000 -> 0.5000" in alarms[0]["message"] and alarms[0]["version"] == 2
     assert list(run.read_state()["alarms"]) == ["drift A-S v1", "drift A-S v2"]

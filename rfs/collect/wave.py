@@ -24,7 +24,7 @@ from rfs import atomic, trace
 from rfs.agent.client import ResearcherClient, ServerDown
 from rfs.agent.rollout import Executed, RolloutSpec, rollout
 from rfs.collect import aggregate, anomaly
-from rfs.collect.slots import SlotPool
+from rfs.collect.slots import NoSlotsLeft, SlotPool
 from rfs.config import Config
 from rfs.envs.base import Environment, RunResult
 from rfs.events import EventLog
@@ -134,6 +134,8 @@ async def _rollout_row(
             detail = f"researcher server down after {attempt + 1} attempt(s): {exc}"
             await _revive(revive, spec, events)
             continue
+        except NoSlotsLeft:  # the whole pool is gone: no rollout of this wave can run, so the run stops
+            raise
         except Exception as exc:  # a bug in one rollout: record it, keep the other N-1 going
             detail = f"rollout raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             events.emit("alarm", loop=spec.loop, alarm="rollout_error", message=f"{spec.rollout_id}: {type(exc).__name__}: {exc}")

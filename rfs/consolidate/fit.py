@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rfs.config import ConsolidateCfg
 from rfs.consolidate.anchor import Anchor, kl_all, kl_on
 from rfs.consolidate.dataset import IGNORE, Example
+from rfs.devices import pick_device  # noqa: F401  (re-exported: callers use fit.pick_device)
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,6 @@ class FitResult:
     val_is_train: bool = False
     train_curve: list[dict[str, float]] = field(default_factory=list)
     val_curve: list[dict[str, float]] = field(default_factory=list)
-
-
-def pick_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _targets(e: Example) -> list[int]:

@@ -17,6 +17,7 @@ from typing import Callable
 import anyio
 
 from rfs.atomic import write_json
+from rfs.collect.slots import SlotPool
 from rfs.config import EnvCfg, cache_dir
 from rfs.envs import Environment, RunResult, execute
 from rfs.hosts import Slot
@@ -27,30 +28,30 @@ def calibration_path(env_cfg: EnvCfg, concurrency: int) -> Path:
     return cache_dir() / "calibration" / f"{env_cfg.name}-{env_cfg.device}-{env_cfg.budget_s:g}-c{concurrency}.json"
 
 
-async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launcher, env_cfg: EnvCfg | None = None,
-                    on_run: Callable[[int, RunResult], None] | None = None) -> dict:
-    """Run the seed k times, one run per slot at a time; store and return the spread of val_bpb.
+async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Callable[[Slot], Launcher],
+                    env_cfg: EnvCfg | None = None, on_run: Callable[[int, RunResult], None] | None = None) -> dict:
+    """Run the seed k times, one run per slot of the pool at a time; store and return the spread of val_bpb.
 
-    The result is stored under `env_cfg` (default: the EnvCfg the adapter was built from);
-    `on_run(i, result)` hears each run as it ends (the first val_bpb is worth showing at once)."""
-    if k < 1 or not slots:
-        raise ValueError(f"calibrate needs k >= 1 and at least one slot (got k={k}, {len(slots)} slots)")
+    Each run goes through its slot's own launcher (`launcher_of`, from `rfs.launch.wave_launchers`),
+    so a run on an ssh slot reaches that slot's host. The result is stored under `env_cfg` (default:
+    the EnvCfg the adapter was built from); `on_run(i, result)` hears each run as it ends (the first
+    val_bpb is worth showing at once)."""
+    if k < 1:
+        raise ValueError(f"calibrate needs k >= 1 (got k={k})")
     seed = env.seed_train_py()
-    free = anyio.create_memory_object_stream[Slot](len(slots))
-    send, receive = free
-    for slot in slots:
-        send.send_nowait(slot)
     runs: list[tuple[int, str, float, str]] = []
 
     async def one(i: int) -> None:
-        slot = await receive.receive()
+        slot = await pool.acquire()
+        failure = ""
         try:
-            result, _ = await execute(env, launcher, slot, seed, f"calibrate-{i}")
+            result, outcome = await execute(env, launcher_of(slot), slot, seed, f"calibrate-{i}")
+            failure = outcome.infra_error
             runs.append((i, result.status, result.val_bpb, result.detail))
             if on_run:
                 on_run(i, result)
         finally:
-            send.send_nowait(slot)
+            pool.release(slot, failure=failure)
 
     async with anyio.create_task_group() as tg:
         for i in range(k):
@@ -65,14 +66,14 @@ async def calibrate(env: Environment, slots: list[Slot], k: int, launcher: Launc
         "env": env.name,
         "device": cfg.device,
         "budget_s": cfg.budget_s,
-        "concurrency": len(slots),
+        "concurrency": len(pool.slots),
         "host": platform.node(),
         "k": k,
         "values": values,
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if k > 1 else 0.0,
     }
-    write_json(calibration_path(cfg, len(slots)), out)
+    write_json(calibration_path(cfg, len(pool.slots)), out)
     return out
 
 

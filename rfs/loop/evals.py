@@ -1,11 +1,11 @@
 """The held-out probes inside the loop: zero-shot, transfer and code, per researcher version.
 
-V0 is probed once for every loop (recorded under arm "shared", as rfs.evals reads it); a gold loop's
+V0 is probed once for every loop (recorded under the loop SHARED, as rfs.evals reads it); a gold loop's
 V_n after its merge, every `loop.eval_every` versions. Each probe is recorded in
 metrics/version_eval.parquet the moment it finishes, and a probe with a row there is never run
 again, so a resumed run re-does only what was missing or failed for infrastructure reasons.
 
-Zero-shot rollouts are trace rows with arm "probe", written by run_wave into a run directory of
+Zero-shot rollouts are trace rows of the loop PROBE, written by run_wave into a run directory of
 their own, `probes/<line>/`: each (line, version) gets its own round file there, and the loop's
 curves (rfs.evals.load reads traces/*/) never see them.
 """
@@ -15,28 +15,26 @@ from __future__ import annotations
 import math
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from rfs import atomic
+from rfs import atomic, trace
 from rfs.agent.client import ServerDown
+from rfs.agent.rollout import RolloutSpec
 from rfs.collect.slots import NoSlotsLeft
-from rfs.collect.wave import reclaimed
+from rfs.collect.wave import reclaimed, run_wave
 from rfs.envs import RunResult, execute
 from rfs.evals import code_probe, drift, metrics, probes
 from rfs.hosts import Slot
 from rfs.launch import wave_launchers
 from rfs.launch.base import JobOutcome
-from rfs.loop.plan import SHARED, LoopSpec
+from rfs.loop.experiment import Experiment
+from rfs.loop.plan import LoopSpec
 from rfs.loop.serving import V0, Served
 from rfs.rundir import RunDir
+from rfs.trace import PROBE, SHARED
 
-if TYPE_CHECKING:
-    from rfs.loop.driver import Round
-
-PROBE_ARM = "probe"  # the trace arm of zero-shot rollouts (rfs/trace.py)
 INFRA = "infra_error"  # a version_eval detail starting with this is no measurement: retried on resume
 
 
@@ -44,51 +42,50 @@ INFRA = "infra_error"  # a version_eval detail starting with this is no measurem
 class Target:
     """One researcher version to probe, and where its measurements go."""
 
-    line: str  # version_eval's arm: the gold loop's name, or "shared" for V0
+    loop: str  # version_eval's loop: the gold loop's name, or SHARED for V0
     arc: str
     server_key: str  # rfs.loop.serving key: "v0" or the gold loop's name
     version: int
 
 
-def due(ctx: Round, version: int) -> bool:
+def due(ex: Experiment, version: int) -> bool:
     """Whether V_version is probed: V0, and every loop.eval_every-th version after it."""
-    return version % max(1, ctx.d.cfg.loop.eval_every) == 0
+    return version % max(1, ex.cfg.loop.eval_every) == 0
 
 
-async def evaluate_v0(ctx: Round) -> bool:
+async def evaluate_v0(ex: Experiment) -> bool:
     """Probe V0 once for the whole experiment (loops that ask together wait for one another)."""
-    async with ctx.shared_lock:
-        return await _evaluate(ctx, Target(SHARED, "A", V0, 0))
+    async with ex.shared_lock:
+        return await _evaluate(ex, Target(SHARED, "A", V0, 0))
 
 
-async def evaluate(ctx: Round, loop: LoopSpec, version: int) -> None:
+async def evaluate(ex: Experiment, loop: LoopSpec, version: int) -> None:
     """Probe a gold loop's V_version (V0 if version is 0), then raise its drift alarms, once."""
     if version == 0:
-        complete = await evaluate_v0(ctx)
+        complete = await evaluate_v0(ex)
     else:
-        complete = await _evaluate(ctx, Target(loop.name, loop.arc, loop.name, version))
+        complete = await _evaluate(ex, Target(loop.name, loop.arc, loop.name, version))
     if complete and version:  # V0 alone is no trend
-        _drift_alarms(ctx, loop, version)
+        _drift_alarms(ex, loop, version)
 
 
-async def _evaluate(ctx: Round, t: Target) -> bool:
+async def _evaluate(ex: Experiment, t: Target) -> bool:
     """Run the target's missing probes; True when all three have a measurement."""
-    d = ctx.d
-    todo = [p for p in metrics.PROBES if p not in _done(d.run, t)]
+    todo = [p for p in metrics.PROBES if p not in _done(ex.run, t)]
     if not todo:
         return True
-    d.events.emit("phase", arm=t.line, round=t.version, phase="eval", probes=todo)
+    ex.events.emit("phase", loop=t.loop, round=t.version, phase="eval", probes=todo)
     if {"zero_shot", "code"} & set(todo):  # the transfer alone needs no researcher server started or swapped
-        served = await ctx.servers.serve(t.server_key, t.version)
+        served = await ex.servers.serve(t.server_key, t.version)
         if "zero_shot" in todo:
-            rows = await _zero_shot(ctx, t, served)
-            _record(ctx, t, "zero_shot", metrics.rollout_values(rows), _zero_shot_detail(rows))
+            rows = await _zero_shot(ex, t, served)
+            _record(ex, t, "zero_shot", metrics.rollout_values(rows), _zero_shot_detail(rows))
         if "code" in todo:
-            _record(ctx, t, "code", *await _code(ctx, served))
+            _record(ex, t, "code", *await _code(ex, served))
     if "transfer" in todo:  # after the zero-shot rollouts, whose best train.py it re-runs
-        _record(ctx, t, "transfer", *await _transfer(ctx, t))
-    missing = [p for p in metrics.PROBES if p not in _done(d.run, t)]
-    d.events.emit("phase", arm=t.line, round=t.version, phase="eval_done", missing=missing)
+        _record(ex, t, "transfer", *await _transfer(ex, t))
+    missing = [p for p in metrics.PROBES if p not in _done(ex.run, t)]
+    ex.events.emit("phase", loop=t.loop, round=t.version, phase="eval_done", missing=missing)
     return not missing
 
 
@@ -96,43 +93,35 @@ def _done(run: RunDir, t: Target) -> set[str]:
     table = metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL)
     return {
         r["probe"] for r in table.to_pylist()
-        if (r["arc"], r["arm"], r["version"]) == (t.arc, t.line, t.version) and not r["detail"].startswith(INFRA)
+        if (r["arc"], r["loop"], r["version"]) == (t.arc, t.loop, t.version) and not r["detail"].startswith(INFRA)
     }
 
 
-def _record(ctx: Round, t: Target, probe: str, values: list[float], detail: str) -> None:
+def _record(ex: Experiment, t: Target, probe: str, values: list[float], detail: str) -> None:
     # Synchronous on purpose: the upsert reads, merges and rewrites the file, and concurrent loops
     # share it; with no await inside, no other loop's upsert can interleave and drop this row.
-    row = metrics.version_eval_row(ctx.d.cfg.experiment.name, t.arc, t.line, t.version, probe, values, detail)
-    metrics.record_version_eval(ctx.d.run, [row])
+    row = metrics.version_eval_row(ex.cfg.experiment.name, t.arc, t.loop, t.version, probe, values, detail)
+    metrics.record_version_eval(ex.run, [row])
 
 
-def probe_run(run: RunDir, line: str) -> RunDir:
-    """The run directory holding a line's zero-shot waves (traces/probe/round-<version>.parquet)."""
-    return RunDir(run.root / "probes" / line)
-
-
-async def _zero_shot(ctx: Round, t: Target, served: Served) -> list[dict[str, Any]]:
+async def _zero_shot(ex: Experiment, t: Target, served: Served) -> list[dict[str, Any]]:
     """cfg.eval.zero_shot_rollouts seeded rollouts from the pristine train.py: no memory, no stamp."""
-    from rfs.agent.rollout import RolloutSpec
-    from rfs.collect.wave import run_wave
-
-    d, env = ctx.d, ctx.env
-    program_sha, seed_sha = ctx.seed_hashes()
+    env = ex.env
+    program_sha, seed_sha = ex.seed_hashes()
     specs = [
         RolloutSpec(
-            experiment=d.cfg.experiment.name, arm=PROBE_ARM, arc=t.arc, round=t.version, version=f"v{t.version}",
-            thread=p.index, rollout_id=f"{t.line}-v{t.version}-zs{p.index:03d}", seed=p.seed,
-            start_train_py=env.seed_train_py(), start_val_bpb=ctx.noise["mean"], memory=p.memory,
+            experiment=ex.cfg.experiment.name, loop=PROBE, arc=t.arc, round=t.version, version=t.version,
+            thread=p.index, rollout_id=f"{t.loop}-v{t.version}-zs{p.index:03d}", seed=p.seed,
+            start_train_py=env.seed_train_py(), start_val_bpb=ex.noise.mean, memory=p.memory,
             conditioning_stamp=p.conditioning_stamp, researcher_model=served.model_id,
             researcher_weights_sha256=served.weights_sha256, env_name=env.name, program_md=env.program_md(),
             seed_train_py_sha256=seed_sha, program_md_sha256=program_sha,
         )
-        for p in probes.zero_shot_rollouts(d.cfg, t.version)
+        for p in probes.zero_shot_rollouts(ex.cfg, t.version)
     ]
-    path = await run_wave(probe_run(d.run, t.line), specs, cfg=d.cfg, env=env, pool=ctx.pool, hosts=d.hosts,
-                          client=served.client, events=d.events, calibration=ctx.noise)
-    return pq.read_table(path).to_pylist()
+    path = await run_wave(ex.run.probes(t.loop), specs, cfg=ex.cfg, env=env, pool=ex.pool, hosts=ex.hosts,
+                          client=served.client, events=ex.events, calibration=ex.noise.to_json())
+    return trace.read_rows(path)
 
 
 def _zero_shot_detail(rows: list[dict[str, Any]]) -> str:
@@ -141,37 +130,36 @@ def _zero_shot_detail(rows: list[dict[str, Any]]) -> str:
     return f"{ok}/{len(rows)} zero-shot rollouts succeeded" + (f"; {infra} infra_error left out" if infra else "")
 
 
-async def _transfer(ctx: Round, t: Target) -> tuple[list[float], str]:
+async def _transfer(ex: Experiment, t: Target) -> tuple[list[float], str]:
     """The best zero-shot train.py of this version, re-run once at cfg.eval.transfer_depth.
 
     The zero-shot rollouts, not the loop's traces, supply the train.py: they depend on the
     version's weights alone, so V0 and every V_n are measured the same way.
     """
-    d = ctx.d
-    depth = d.cfg.eval.transfer_depth
-    zs = probe_run(d.run, t.line).traces(PROBE_ARM, t.version)
-    best = probes.best_train_py(pq.read_table(zs).to_pylist() if zs.exists() else [])
+    depth = ex.cfg.eval.transfer_depth
+    zs = ex.run.probes(t.loop).traces(PROBE, t.version)
+    best = probes.best_train_py(trace.read_rows(zs) if zs.exists() else [])
     if best is None:
         return [], "nothing to transfer: no zero-shot rollout of this version succeeded"
     try:
         train_py = probes.transfer_train_py(best, depth)
     except ValueError as exc:
         return [], f"not applicable: {exc}"
-    rollout_id = f"{t.line}-v{t.version}-transfer"
+    rollout_id = f"{t.loop}-v{t.version}-transfer"
     failed: set[str] = set()
     why = ""
-    for _ in range(d.cfg.collect.infra_retries + 1):
+    for _ in range(ex.cfg.collect.infra_retries + 1):
         try:
-            slot = await ctx.pool.acquire(avoid=failed)
+            slot = await ex.pool.acquire(avoid=failed)
         except NoSlotsLeft as exc:
             return [], f"{INFRA}: {exc}"
         failure = ""
         try:
-            result, outcome = await _execute(ctx, slot, train_py, rollout_id)
+            result, outcome = await _execute(ex, slot, train_py, rollout_id)
             failure = outcome.infra_error or (result.detail if result.status == INFRA else "")
         finally:  # cancelled mid-run: the slot goes back, uncounted
-            ctx.pool.release(slot, failure=failure)
-        _keep_log(d.run, t, slot.name, outcome)
+            ex.pool.release(slot, failure=failure)
+        _keep_log(ex.run, t, slot.name, outcome)
         if not failure:
             value = result.val_bpb if result.status == "success" else math.nan
             return [value], f"{result.status} at DEPTH={depth} on {slot.name}: {result.detail}"
@@ -180,11 +168,11 @@ async def _transfer(ctx: Round, t: Target) -> tuple[list[float], str]:
     return [], f"{INFRA} after {len(failed)} slot(s): {why}"
 
 
-async def _execute(ctx: Round, slot: Slot, train_py: str, rollout_id: str) -> tuple[RunResult, JobOutcome]:
+async def _execute(ex: Experiment, slot: Slot, train_py: str, rollout_id: str) -> tuple[RunResult, JobOutcome]:
     try:  # the wave's way to reach a slot: a SLURM allocation or ssh connection, released after the run
-        key = await reclaimed(ctx.d.run, [slot], ctx.d.hosts, ctx.d.events, rollout_id, 0)
-        async with wave_launchers([slot], ctx.d.hosts, key) as launcher_of:
-            return await execute(ctx.env, launcher_of(slot), slot, train_py, rollout_id)
+        key = await reclaimed(ex.run, [slot], ex.hosts, ex.events, rollout_id, 0)
+        async with wave_launchers([slot], ex.hosts, key) as launcher_of:
+            return await execute(ex.env, launcher_of(slot), slot, train_py, rollout_id)
     except Exception as exc:  # the launcher or the slot broke, not the researcher's train.py
         failure = f"{type(exc).__name__}: {exc}"
         return RunResult(INFRA, detail=failure), JobOutcome(None, traceback.format_exc().encode(), False, 0.0, infra_error=failure)
@@ -192,32 +180,31 @@ async def _execute(ctx: Round, slot: Slot, train_py: str, rollout_id: str) -> tu
 
 def _keep_log(run: RunDir, t: Target, slot: str, outcome: JobOutcome) -> None:
     """The transfer run's full output beside its zero-shot traces (the last attempt's)."""
-    head = f"=== {t.line} V{t.version} transfer on {slot} exit={outcome.exit_code} infra={outcome.infra_error!r} ===\n"
-    blob = probe_run(run, t.line).root / "transfer" / f"v{t.version}.log.zst"
+    head = f"=== {t.loop} V{t.version} transfer on {slot} exit={outcome.exit_code} infra={outcome.infra_error!r} ===\n"
+    blob = run.probes(t.loop).transfer_log(t.version)
     atomic.write_zstd(blob, head.encode() + outcome.output)
 
 
-async def _code(ctx: Round, served: Served) -> tuple[list[float], str]:
+async def _code(ex: Experiment, served: Served) -> tuple[list[float], str]:
     """The code-skill probe, with the same seeds for every version (common random numbers)."""
     try:  # the probe's own reply budget: a whole function needs more than an embedded turn's max_tokens
-        scores = await code_probe.run_with_client(served.client, ctx.d.cfg.experiment.seed)
+        scores = await code_probe.run_with_client(served.client, ex.cfg.experiment.seed)
     except ServerDown as exc:  # the server's failure: scoring it as wrong answers would blame the researcher
         return [], f"{INFRA}: {exc}"
     passed = [s.name for s in scores if s.ok]
     return code_probe.values(scores), f"{len(passed)}/{len(scores)} tasks passed: {', '.join(passed) or 'none'}"
 
 
-def _drift_alarms(ctx: Round, loop: LoopSpec, version: int) -> None:
+def _drift_alarms(ex: Experiment, loop: LoopSpec, version: int) -> None:
     """Emit the loop's drift alarms once per (loop, version), remembered in state.json."""
-    d = ctx.d
-    seen = d.state.setdefault("alarms", {})
+    seen = ex.state.alarms
     key = f"drift {loop.name} v{version}"
     if key in seen:
         return
-    table = metrics.read(d.run.metrics("version_eval"), metrics.VERSION_EVAL)
+    table = metrics.read(ex.run.metrics("version_eval"), metrics.VERSION_EVAL)
     upto = table.filter(pc.less_equal(table["version"], version))  # the series as it stood at this version
-    messages = drift.alarms(upto, loop.name, d.cfg.eval.drift_window)
+    messages = drift.alarms(upto, loop.name, ex.cfg.eval.drift_window)
     for message in messages:
-        d.events.emit("alarm", arm=loop.name, alarm="drift", message=message, version=version)
+        ex.events.emit("alarm", loop=loop.name, alarm="drift", message=message, version=version)
     seen[key] = messages
-    d.save()  # after the events: a kill in between repeats an alarm rather than losing it
+    ex.save()  # after the events: a kill in between repeats an alarm rather than losing it

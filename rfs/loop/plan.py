@@ -12,8 +12,8 @@ import zlib
 from dataclasses import dataclass
 
 from rfs.config import Config
+from rfs.trace import CTRL, FLOOR
 
-SHARED = "shared"  # the trace "arm" of the round-1 wave every gold loop and CTRL start from
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class LoopSpec:
     name: str  # "A-S", "B-F", "CTRL", "FLOOR"; also the directory name under traces/ and models/
     kind: str  # gold | ctrl | floor
     arc: str  # A (reset to the pristine train.py) | B (continue from the best so far)
-    arm: str  # S | F for gold loops; the loop's name for baselines
+    arm: str  # S | F for gold loops; "" for the baselines
 
     @property
     def trains(self) -> bool:
@@ -38,10 +38,10 @@ def plan(cfg: Config) -> list[LoopSpec]:
     e = cfg.experiment
     loops = {f"{arc}-{arm}": LoopSpec(f"{arc}-{arm}", "gold", arc, arm) for arc in e.arcs for arm in e.arms}
     ctrl_arc = "A" if "A" in e.arcs else "B"  # CTRL is matched to the headline arm's arc
-    if "CTRL" in e.baselines:
-        loops["CTRL"] = LoopSpec("CTRL", "ctrl", ctrl_arc, "CTRL")
-    if "FLOOR" in e.baselines:
-        loops["FLOOR"] = LoopSpec("FLOOR", "floor", "A", "FLOOR")
+    if CTRL in e.baselines:
+        loops[CTRL] = LoopSpec(CTRL, "ctrl", ctrl_arc, "")
+    if FLOOR in e.baselines:
+        loops[FLOOR] = LoopSpec(FLOOR, "floor", "A", "")
     rank = {name: i for i, name in enumerate(cfg.loop.priority)}
     return sorted(loops.values(), key=lambda l: rank.get(l.name, len(rank)))
 

@@ -9,10 +9,13 @@ from typing import Any
 
 import anyio
 
+from rfs.agent.client import ResearcherClient
 from rfs.config import Config
 from rfs.events import EventLog
 from rfs.hosts import HostsFile
 from rfs.rundir import RunDir
+from rfs.serve import make_server
+from rfs.setup import weights_sha256
 
 V0 = "v0"
 
@@ -45,10 +48,6 @@ class Servers:
 
     async def serve(self, key: str, version: int) -> Served:
         """The server for `key` serving `version`, (re)started and healthy."""
-        from rfs.agent.client import ResearcherClient
-        from rfs.serve import make_server
-        from rfs.setup import weights_sha256
-
         async with self._locks.setdefault(key, anyio.Lock()):
             # an external server names its own model; ours serve each version under its own id
             external = self.cfg.researcher.backend == "external"
@@ -59,7 +58,7 @@ class Servers:
             model_dir = self.model_dir(key, version)
             # an external server's weights are not ours to vouch for: the row says so with ""
             sha = "" if external or model_dir is None else await anyio.to_thread.run_sync(weights_sha256, model_dir)
-            self.events.emit("phase", arm=key, round=version + 1, phase="swap", version=model_id)
+            self.events.emit("phase", loop=key, round=version + 1, phase="swap", version=model_id)
             if current:
                 await current.server.restart(model_dir, model_id)
                 server = current.server

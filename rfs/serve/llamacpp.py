@@ -18,7 +18,7 @@ N_CTX = 8192  # SmolLM2's trained context; its KV cache is small beside the weig
 
 def llamacpp_argv(gguf: Path, model_id: str, port: int, threads: int, n_ctx: int = N_CTX) -> list[str]:
     return [
-        sys.executable, "-m", "llama_cpp.server",
+        sys.executable, "-m", "rfs.serve.llamacpp_main",  # llama_cpp.server, made safe on AMX CPUs
         "--model", str(gguf), "--model_alias", model_id,
         "--host", "127.0.0.1", "--port", str(port),
         "--n_threads", str(threads), "--n_threads_batch", str(threads),

@@ -1,0 +1,181 @@
+"""One round of one loop: collect a wave, record it, and (gold loops) consolidate it into V_r.
+
+Each phase is idempotent at the file level — a wave returns its compacted traces file if it exists,
+a consolidation returns its merged model if it exists — so a controller killed at any instant
+re-enters the interrupted phase and never collects or trains a round twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import anyio
+
+from rfs import atomic, trace
+from rfs.agent.rollout import RolloutSpec
+from rfs.collect.aggregate import aggregate_round
+from rfs.collect.wave import run_wave
+from rfs.devices import pick_device
+from rfs.evals.metrics import record_thread_rounds
+from rfs.loop import guard
+from rfs.loop.experiment import Experiment
+from rfs.loop.memory import build_memory
+from rfs.loop.plan import LoopSpec, rollout_id, rollout_seed
+from rfs.loop.serving import V0, Served
+from rfs.loop.state import LoopState, RoundStats
+from rfs.trace import SHARED, outcome_stamp
+
+
+async def play(ex: Experiment, loop: LoopSpec, r: int) -> None:
+    """Round r of the loop, up to (not including) its probes and the state's move to round r."""
+    traces = trace.read(await _collect(ex, loop, r))
+    record_thread_rounds(ex.run, traces)
+    _record(ex, loop, r, traces.to_pylist())
+    if loop.trains:
+        await _consolidate(ex, loop, r)
+
+
+async def _collect(ex: Experiment, loop: LoopSpec, r: int) -> Path:
+    ex.events.emit("phase", loop=loop.name, round=r, phase="collect")
+    if r == 1 and loop.kind != "floor":
+        return await _shared_round(ex, loop)
+    version = r - 1 if loop.trains else 0
+    key = loop.name if loop.trains else V0
+    server = await ex.servers.serve(key, version)
+    start_py, start_bpb = _start(ex, loop)
+    specs = _specs(ex, loop.name, loop.arc, r, version, server, start_py, start_bpb,
+                   memory=_memory(ex, loop, r), stamp=_stamp(ex, loop, version))
+    return await _wave(ex, specs, server, key)
+
+
+async def _shared_round(ex: Experiment, loop: LoopSpec) -> Path:
+    """Round 1 is collected once with V0 and linked into every loop that shares it."""
+    async with ex.shared_lock:
+        shared = ex.run.traces(SHARED, 1)
+        if not shared.exists():
+            server = await ex.servers.serve(V0, 0)
+            specs = _specs(ex, SHARED, "A", 1, 0, server, ex.env.seed_train_py(), ex.noise.mean)
+            await _wave(ex, specs, server, V0)
+    mine = ex.run.traces(loop.name, 1)
+    if not mine.exists():  # a hard link through a temp name: the loop's file appears whole or not at all
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        tmp = mine.with_suffix(".link.tmp")
+        tmp.unlink(missing_ok=True)
+        os.link(shared, tmp)
+        os.replace(tmp, mine)
+    return mine
+
+
+def _start(ex: Experiment, loop: LoopSpec) -> tuple[str, float]:
+    """Arc A resets to the pristine train.py every round; arc B continues from the best so far."""
+    best = ex.run.best_train_py(loop.name)
+    if loop.arc == "B" and best.exists():
+        return best.read_text(), ex.state.loops[loop.name].best_val_bpb
+    return ex.env.seed_train_py(), ex.noise.mean
+
+
+def _memory(ex: Experiment, loop: LoopSpec, r: int) -> str:
+    """CTRL's prompt carries its own earlier rounds; no other loop has a memory."""
+    if loop.kind != "ctrl":
+        return ""
+    past = [row for k in range(1, r) for row in _rows(ex, loop.name, k)]
+    return build_memory(past, ex.cfg.loop.ctrl_memory_chars)
+
+
+def _stamp(ex: Experiment, loop: LoopSpec, version: int) -> str:
+    """Arm S asks for an outcome just past its best so far, once its weights have learned stamps."""
+    st = ex.state.loops[loop.name]
+    if not (loop.conditioned and version >= 1 and math.isfinite(st.best_val_bpb)):
+        return ""
+    return outcome_stamp("success", st.best_val_bpb - ex.cfg.loop.stamp_margin, st.best_steps)
+
+
+def _rows(ex: Experiment, loop: str, r: int) -> list[dict[str, Any]]:
+    path = ex.run.traces(loop, r)
+    return trace.read_rows(path) if path.exists() else []
+
+
+def _specs(ex: Experiment, loop: str, arc: str, r: int, version: int, server: Served, start_py: str,
+           start_bpb: float, memory: str = "", stamp: str = "") -> list[RolloutSpec]:
+    cfg = ex.cfg
+    program_sha, seed_sha = ex.seed_hashes()
+    return [
+        RolloutSpec(
+            experiment=cfg.experiment.name, loop=loop, arc=arc, round=r, version=version, thread=t,
+            rollout_id=rollout_id(loop, r, t), seed=rollout_seed(cfg.experiment.seed, loop, r, t),
+            start_train_py=start_py, start_val_bpb=start_bpb, memory=memory, conditioning_stamp=stamp,
+            researcher_model=server.model_id, researcher_weights_sha256=server.weights_sha256,
+            env_name=ex.env.name, program_md=ex.env.program_md(), seed_train_py_sha256=seed_sha,
+            program_md_sha256=program_sha,
+        )
+        for t in range(cfg.collect.rollouts)
+    ]
+
+
+async def _wave(ex: Experiment, specs: list[RolloutSpec], server: Served, key: str) -> Path:
+    return await run_wave(ex.run, specs, cfg=ex.cfg, env=ex.env, pool=ex.pool, hosts=ex.hosts,
+                          client=server.client, events=ex.events, calibration=ex.noise.to_json(),
+                          revive=lambda: ex.servers.revive(key))
+
+
+def _record(ex: Experiment, loop: LoopSpec, r: int, rows: list[dict[str, Any]]) -> None:
+    """The loop's best so far, its history, and the collapse guard's verdict on this round."""
+    st = ex.state.loops[loop.name]
+    agg = aggregate_round(ex.run, loop.name, r, rows)
+    _best_so_far(ex, loop.name, st, rows)
+    stats = RoundStats(r, agg["best_val_bpb"], agg["mean_val_bpb"], agg["success_rate"], agg["ast_diversity"])
+    problems = guard.judge(st, stats, ex.cfg.guard, guarded=loop.kind != "floor")
+    if problems:
+        ex.events.emit("alarm", loop=loop.name, alarm="collapse", message="; ".join(problems))
+    if st.status == "paused":
+        ex.events.emit("loop_paused", loop=loop.name, reason=st.reason)
+
+
+def _best_so_far(ex: Experiment, name: str, st: LoopState, rows: list[dict[str, Any]]) -> None:
+    ok = [row for row in rows if row["status"] == "success"]
+    if not ok:
+        return
+    top = min(ok, key=lambda row: row["val_bpb"])
+    if not top["val_bpb"] >= st.best_val_bpb:  # NaN-safe: any finite beats no best yet
+        st.best_val_bpb, st.best_steps, st.best_rollout = top["val_bpb"], top["steps"], top["rollout_id"]
+        atomic.write_text(ex.run.best_train_py(name), top["final_train_py"])
+
+
+async def _consolidate(ex: Experiment, loop: LoopSpec, r: int) -> Path:
+    # The optional `train` extra (torch, transformers, peft), loaded only when a gold loop trains.
+    from rfs.consolidate import consolidate
+
+    ex.events.emit("phase", loop=loop.name, round=r, phase="consolidate")
+    parent = ex.v0 if r == 1 else ex.run.model(loop.name, r - 1)
+    async with ex.fit_lock, cores_for_fit(ex):
+        return await anyio.to_thread.run_sync(
+            lambda: consolidate(ex.run, loop.name, r, parent, ex.v0, ex.cfg.consolidate, ex.noise.to_json(),
+                                ex.events, device=ex.hosts.train.device, seed=ex.cfg.experiment.seed)
+        )
+
+
+@asynccontextmanager
+async def cores_for_fit(ex: Experiment) -> AsyncIterator[None]:
+    """A CPU fit on a machine whose slots are all local holds every slot while it runs.
+
+    A wall-clock training budget turns stolen cores into fewer steps and a worse val_bpb, so a
+    wave running beside a CPU fit would be measured on a slower machine than the waves around it
+    and the arms would not be compared fairly. Rollouts keep thinking; their runs wait.
+    """
+    slots = ex.pool.live
+    if pick_device(ex.hosts.train.device) != "cpu" or any(s.launcher != "local" for s in slots):
+        yield
+        return
+    held = []
+    try:  # a cancellation while still acquiring gives back what was already held
+        for _ in slots:
+            held.append(await ex.pool.acquire())
+        ex.events.emit("scheduler", decision="fit holds the slots", slots=[s.name for s in held])
+        yield
+    finally:
+        for slot in held:
+            ex.pool.release(slot)

@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 2  # 2: `arm` became `loop`, `version` an integer (upgrade() reads version 1)
 
-# The vocabulary, defined once. A *loop* is one line of rounds: a gold loop per (arc, arm), named
-# "A-S", "B-F" …, and the baselines on the frozen V0. An *arm* is S (stamped) or F (filtered) only;
-# an *arc* is A (every round from the pristine train.py) or B (from the best so far). A *version*
-# is the researcher's weights, V0, V1 … as an integer.
+# The vocabulary, defined once. A *line* is one condition of the experiment: a gold line per
+# (arc, arm), named "A-S", "B-F" …, and the baselines on the frozen V0. A *loop* is one independent
+# run of rounds of a line: its replicate 0 is named like the line, replicate k > 0 "<line>.<k>". An
+# *arm* is S (stamped) or F (filtered) only; an *arc* is A (every round from the pristine train.py)
+# or B (from the best so far). A *version* is the researcher's weights, V0, V1 … as an integer.
 CTRL = "CTRL"  # frozen V0, experience in context
 FLOOR = "FLOOR"  # frozen V0, no memory
 SHARED = "shared"  # the loop of round 1, collected once with V0 for every loop that starts from it
@@ -50,11 +51,14 @@ SCHEMA = pa.schema(
         ("schema_version", pa.int32()),
         # identity
         ("experiment", pa.string()),
-        ("loop", pa.string()),  # "A-S" … | CTRL | FLOOR | SHARED (round 1) | PROBE
+        ("loop", pa.string()),  # "A-S", "A-S.1" … | CTRL | FLOOR | SHARED (round 1) | PROBE
+        ("line", pa.string()),  # the loop's line: "A-S" for "A-S.1"
+        ("replicate", pa.int32()),  # which independent loop of its line, 0 … K-1
         ("arc", pa.string()),  # A | B
         ("round", pa.int32()),
         ("version", pa.int32()),  # the researcher's version: 0 for V0
         ("thread", pa.int32()),
+        ("seed_control", pa.bool_()),  # the unmodified starting train.py, run beside the wave to measure its noise
         ("rollout_id", pa.string()),
         ("seed", pa.int64()),
         # placement
@@ -229,7 +233,9 @@ def new_row(**columns: Any) -> dict[str, Any]:
     unknown = columns.keys() - _NAMES
     if unknown:
         raise ValueError(f"trace row: unknown columns {sorted(unknown)}")
-    return {**_DEFAULTS, **columns, "schema_version": SCHEMA_VERSION}
+    row = {**_DEFAULTS, **columns, "schema_version": SCHEMA_VERSION}
+    row["line"] = row["line"] or row["loop"]  # a loop that is its line's only replicate
+    return row
 
 
 def to_table(rows: list[dict[str, Any]], *, validated: bool = False) -> pa.Table:
@@ -246,6 +252,11 @@ def upgrade(table: pa.Table, schema: pa.Schema = SCHEMA) -> pa.Table:
     Before schema version 2 the loop's column was named `arm` and versions were text ("v3")."""
     if "arm" in table.column_names and "loop" in schema.names:
         table = table.rename_columns(["loop" if n == "arm" else n for n in table.column_names])
+    if "line" in schema.names and "line" not in table.column_names:  # one loop per line before replicates
+        table = table.append_column("line", table["loop"])
+    for name, value in (("replicate", 0), ("seed_control", False)):
+        if name in schema.names and name not in table.column_names:
+            table = table.append_column(name, pa.array([value] * len(table), schema.field(name).type))
     if "version" in schema.names and pa.types.is_string(table.schema.field("version").type):
         numbers = [int(v.removeprefix("v")) for v in table["version"].to_pylist()]
         table = table.set_column(table.schema.get_field_index("version"), "version", pa.array(numbers, pa.int32()))
@@ -274,7 +285,7 @@ def loads(data: bytes) -> dict[str, Any]:
     row = json.loads(data)
     if row["schema_version"] == 1:  # upgrade() below, for one row
         row["loop"], row["version"] = row.pop("arm"), int(row["version"].removeprefix("v"))
-        row["schema_version"] = SCHEMA_VERSION
+        row.update(line=row["loop"], replicate=0, seed_control=False, schema_version=SCHEMA_VERSION)
     return row
 
 

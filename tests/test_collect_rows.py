@@ -17,7 +17,8 @@ SEED = "lr = 0.01\nsteps = 100\nprint('train')\n"
 def row(**over):
     """A valid trace row; a success unless told otherwise."""
     r = {
-        "schema_version": trace.SCHEMA_VERSION, "experiment": "t", "loop": "A-S", "arc": "A", "round": 1, "version": 0,
+        "schema_version": trace.SCHEMA_VERSION, "experiment": "t", "loop": "A-S", "line": "A-S", "replicate": 0,
+        "seed_control": False, "arc": "A", "round": 1, "version": 0,
         "thread": 0, "rollout_id": "r0", "seed": 0, "host": "localhost", "slot": "local-0",
         "gpu_type": "cpu", "job_id": None, "env": "builtin", "program_md_sha256": "p",
         "seed_train_py_sha256": "s", "start_train_py_sha256": "s", "start_val_bpb": math.nan,

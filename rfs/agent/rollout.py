@@ -61,11 +61,14 @@ class RolloutSpec:
     program_md: str
     seed_train_py_sha256: str
     program_md_sha256: str
+    line: str = ""  # the loop's line; "" when the loop is its line's only replicate
+    replicate: int = 0
 
     def columns(self) -> dict[str, Any]:
         """The trace columns this rollout's row takes from its spec, whatever became of it."""
         return {
-            "experiment": self.experiment, "loop": self.loop, "arc": self.arc, "round": self.round,
+            "experiment": self.experiment, "loop": self.loop, "line": self.line or self.loop, "replicate": self.replicate,
+            "arc": self.arc, "round": self.round,
             "version": self.version, "thread": self.thread, "rollout_id": self.rollout_id, "seed": self.seed,
             "env": self.env_name, "program_md_sha256": self.program_md_sha256,
             "seed_train_py_sha256": self.seed_train_py_sha256, "start_train_py_sha256": text_sha256(self.start_train_py),

@@ -23,6 +23,10 @@ class ConfigError(RfsError, ValueError):
     """A config or hosts file that cannot run: the message names the file and the key."""
 
 
+# The verdict's declared primary metrics (defined in rfs/evals/verdict.py and docs/verdict.md).
+PRIMARY_METRICS = ("mean_improvement", "success_rate")
+
+
 @dataclass(frozen=True)
 class ExperimentCfg:
     name: str = "embedded"
@@ -35,6 +39,8 @@ class ExperimentCfg:
     budget_hours: float = 0.0  # 0: no wall-clock budget
     plateau_rounds: int = 0  # stop an arm after this many rounds without a new best; 0: never
     runs_dir: str = "runs"
+    # Declared before the first rollout (frozen into experiment.toml): the one number the verdict tests.
+    primary_metric: str = "mean_improvement"
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,7 @@ def _check(cfg: Config, where: str) -> None:
         (set(e.arcs) <= {"A", "B"} and e.arcs, "experiment.arcs", "a non-empty subset of A, B"),
         (set(e.arms) <= {"S", "F"} and e.arms, "experiment.arms", "a non-empty subset of S, F"),
         (set(e.baselines) <= {"CTRL", "FLOOR"}, "experiment.baselines", "a subset of CTRL, FLOOR"),
+        (e.primary_metric in PRIMARY_METRICS, "experiment.primary_metric", " or ".join(PRIMARY_METRICS)),
         (e.max_rounds >= 0, "experiment.max_rounds", "0 (no cap) or more"),
         (cfg.env.name in ("builtin", "autoresearch"), "env.name", "builtin or autoresearch"),
         (cfg.env.device in ("cpu", "cuda"), "env.device", "cpu or cuda"),

@@ -13,7 +13,8 @@ from rfs import ROOT, config, hosts
 from rfs.config import ConfigError
 from rfs.doctor import doctor
 from rfs.envs import environment, execute
-from rfs.envs.calibrate import announce, calibrate
+from rfs.envs.calibrate import announce, calibrate, load_calibration
+from rfs.evals import load, power
 from rfs.errors import RfsError
 from rfs.collect.slots import SlotPool
 from rfs.launch import launcher_for, wave_launchers
@@ -95,6 +96,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = config.load(Path(args.experiment) if args.experiment else config.default_experiment())
+    slots = args.slots or len(hosts.slots(hosts.load(Path(args.hosts) if args.hosts else None)))
+    run = RunDir(Path(args.run)) if args.run else None
+    noise = (run.read_state().get("noise") if run else None) or load_calibration(cfg.env, slots)
+    sigma = args.sigma or (noise or {}).get("std")
+    if not sigma:
+        raise ConfigError(f"no calibration for env {cfg.env.name} on {cfg.env.device} at {slots} slots: "
+                          "run `python rfs.py env calibrate`, pass a run directory, or give --sigma")
+    var = power.assumed(cfg, sigma)
+    if run:
+        rows = sum(load.by_loop_round(load.traces(run)).values(), [])
+        var = power.measured(rows, cfg.experiment.primary_metric, (noise or {}).get("mean", float("nan")), var)
+    print(f"plan for {args.experiment or config.default_experiment()} (seed noise σ = {sigma:.4f})")
+    print(power.table(cfg, var, args.effect if args.effect is not None else 2 * sigma, slots), end="")
+    return 0
+
+
 def cmd_setup(args: argparse.Namespace) -> int:
     cfg = config.load(Path(args.experiment) if args.experiment else None)
     print("preparing the environment's data …", flush=True)
@@ -159,6 +178,15 @@ def parser() -> argparse.ArgumentParser:
 
     sp = add("report", cmd_report, "write report/ (hero plot, decomposition table, report.md, results.tsv)")
     sp.add_argument("run", nargs="?", help="run directory (default: the most recent under runs/)")
+
+    sp = add("plan", cmd_plan, "the rollouts × rounds × replicates needed to detect an effect at 80%% power on "
+             "the declared primary metric, and their cost in hours (docs/verdict.md)")
+    sp.add_argument("experiment", nargs="?", help="experiment TOML (default: experiments/embedded.toml)")
+    sp.add_argument("--run", help="a run directory: its calibration and its traces' measured variance")
+    sp.add_argument("--effect", type=float, help="the shift in successful val_bpb to detect (default: 2σ of the seed noise)")
+    sp.add_argument("--sigma", type=float, help="the seed's noise σ in val_bpb (default: the run's or the stored calibration)")
+    sp.add_argument("--slots", type=int, help="training slots (default: those of the hosts file)")
+    sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")
 
     sp = add("setup", cmd_setup, "prepare the environment's data and the embedded researcher model (once)")
     sp.add_argument("experiment", nargs="?", help="experiment TOML (default: the embedded preset)")

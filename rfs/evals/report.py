@@ -11,14 +11,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rfs import atomic
-from rfs.evals import drift, load, metrics, plot, verdict
+from rfs import atomic, config
+from rfs.evals import drift, load, metrics, plot, power, verdict
 from rfs.events import read_events
 from rfs.rundir import RunDir
 from rfs.trace import CTRL, FLOOR, PROBE, SHARED, STATUSES
 
 CONFIG_KEYS = (
-    ("experiment", ("name", "preset", "seed", "arcs", "arms", "baselines", "max_rounds")),
+    ("experiment", ("name", "preset", "seed", "arcs", "arms", "baselines", "max_rounds", "replicates", "primary_metric")),
     ("env", ("name", "budget_s", "device")),
     ("researcher", ("model", "backend", "action_space", "max_turns")),
     ("collect", ("rollouts",)),
@@ -50,18 +50,23 @@ def report(run_dir: Path) -> Path:
 
     title = f"{cfg.get('experiment', {}).get('name', run.root.name)}: best val_bpb per round"
     plot.hero(_points(groups, aggs), noise, title, run.report / "hero.png")
-    decomposition = _decomposition(run, gold, missing)
+    metric = cfg.get("experiment", {}).get("primary_metric", "mean_improvement")
+    scored = verdict.scored_run(run, metric)
+    decomposition = _decomposition(run, scored, missing)
     atomic.write_text(run.report / "decomposition.md", decomposition)
     atomic.write_text(run.report / "results.tsv", results_tsv(groups))
     alarms = _alarms(run, version_eval, gold, cfg)
     parts = [
         f"# rfs report: {run.root.name}\n",
+        _metric_md(scored, "primary_metric" in cfg.get("experiment", {})),
         _config_md(cfg),
         _loops_md(run.read_state(), noise),
         "## Statuses per loop and round\n\n" + _status_md(groups),
         "## Anomaly flags\n\n" + _anomaly_md(groups),
         "## Alarms\n\n" + ("\n".join(f"- {a}" for a in alarms) + "\n" if alarms else "none\n"),
-        "## Verdict\n\n" + decomposition,
+        "## Verdict\n\n" + decomposition + _best_of_n_md(groups, gold),
+        "## Noise\n\n" + _noise_md(scored, noise),
+        "## Plan: what this run's variance implies\n\n" + _plan_md(run, groups, noise, metric, missing),
         "## Hero plot\n\n![best val_bpb per round](hero.png)\n\nEvery rollout: [results.tsv](results.tsv) "
         "(autoresearch's format).\n",
         "## Missing\n\n" + ("\n".join(f"- {m}" for m in missing) + "\n" if missing else "nothing\n"),
@@ -137,21 +142,65 @@ def _alarms(run: RunDir, version_eval: Any, gold: list[str], cfg: dict[str, Any]
     return out + [f"drift (computed now) {msg}" for loop in gold for msg in drift.alarms(version_eval, loop, window)]
 
 
-def _decomposition(run: RunDir, gold: list[str], missing: list[str]) -> str:
-    if not gold:
+def _metric_md(s: verdict.Scored, frozen: bool) -> str:
+    how = "frozen in experiment.toml" if frozen else "the default: this run's experiment.toml predates the field"
+    return (f"## Primary metric: {s.metric}\n\n{verdict.DEFINITIONS[s.metric]}. Declared before the first "
+            f"rollout ({how}). A round's start: {s.start}.\n")
+
+
+def _decomposition(run: RunDir, scored: verdict.Scored, missing: list[str]) -> str:
+    rows = verdict.decompose_scored(scored) + verdict.probe_rows(run, 0, 2000)
+    if not any(l in scored.lines for l in verdict.GOLD):
         missing.append("verdict: no gold loop has a round beyond the shared round 1")
-        return "no gold loop has rounds yet\n"
-    rows = [e for loop in gold for e in verdict.decompose(run, loop)]
     missing += [f"verdict: {e.name}: {e.note.removeprefix('missing: ')}" for e in rows if e.note.startswith("missing:")]
-    return verdict.to_markdown(rows) + "\n" + _VERDICT_NOTE
+    matched = [f"{g} → {verdict.matched_ctrl(scored, g[0]) or 'none (no decomposition)'}"
+               for g in verdict.GOLD if g in scored.lines]
+    return verdict.to_markdown(rows) + "\n" + _VERDICT_NOTE + f"Matched baselines: {', '.join(matched) or 'none'}.\n"
 
 
 _VERDICT_NOTE = (
-    "Δ is an improvement (positive = better). Headline and CTRL: best val_bpb of round 1 minus round k, "
-    "k the last round both reached; weight-attributable = headline − CTRL. Zero-shot and overfit rows: "
-    "V0 versus the loop's last probed version. 95% percentile-bootstrap intervals, rollouts resampled "
-    "within rounds, seed 0.\n"
+    "Δ is an improvement (positive = better) on the primary metric, rounds ≥ 2 pooled up to the last round "
+    "both sides reached. 95% intervals: hierarchical bootstrap (replicates, then rollouts within them; "
+    "replicates paired by index, rollouts by (round, thread)), value ± t(K−1) · SE (docs/verdict.md), seed 0. "
+    "Probe rows: V0 against the loop's last probed version, mean of successful runs (code: pass rate).\n"
 )
+
+
+def _best_of_n_md(groups: dict[tuple[str, int], list[dict[str, Any]]], gold: list[str]) -> str:
+    """Best-of-N: a secondary, descriptive figure (a minimum has no consistent bootstrap interval)."""
+    out = []
+    for loop in gold:
+        k = load.last_round(groups, loop)
+        r1, rk = (min((v for v in metrics.rollout_values(groups.get(load.round_key(groups, loop, r), []))
+                       if math.isfinite(v)), default=math.nan) for r in (1, k))
+        out.append(f"{loop} {_fmt(r1)} (round 1) → {_fmt(rk)} (round {k})")
+    return "\nBest val_bpb of a round (secondary, descriptive, no interval): " + ("; ".join(out) or "—") + ".\n"
+
+
+def _noise_md(s: verdict.Scored, noise: dict[str, float] | None) -> str:
+    if len(s.seed_controls) > 1:
+        v = s.seed_controls
+        mean = sum(v) / len(v)
+        std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+        return (f"From the seed controls run inside the waves: val_bpb {mean:.4f} ± {std:.4f} over {len(v)} runs "
+                f"in {s.waves_with_controls} waves; each round's improvement is judged against its own wave's.\n")
+    if noise:
+        return f"No seed controls in this run: the calibration's {noise['mean']:.4f} ± {noise['std']:.4f} (k={noise.get('k', '?')}).\n"
+    return "No seed controls and no calibration in this run.\n"
+
+
+def _plan_md(run: RunDir, groups: dict, noise: dict[str, float] | None, metric: str, missing: list[str]) -> str:
+    try:
+        cfg = config.load(run.config)
+    except config.ConfigError as exc:
+        missing.append(f"plan: {exc}")
+        return "no plan: the run's experiment.toml does not load\n"
+    if not noise:
+        return "no plan: no seed noise measured\n"
+    rows = sum(groups.values(), [])
+    var = power.measured(rows, metric, noise["mean"], power.assumed(cfg, noise["std"]))
+    slots = len({r["slot"] for r in rows if r["slot"]}) or 1
+    return "```\n" + power.table(cfg, var, 2 * noise["std"], slots) + "```\n"
 
 
 def _points(groups: dict[tuple[str, int], list[dict[str, Any]]], aggs: list[dict[str, Any]]) -> list[plot.Point]:

@@ -42,40 +42,57 @@ def write_round(run: RunDir, loop: str, round_: int, vals: list[float], **extra:
             os.link(run.traces(loop, 1), run.traces(gold, 1))
 
 
-def test_bootstrap_point_estimate_is_exact_and_deterministic():
-    s = {"a": [3.0, 1.0, 2.0], "b": [0.5, 4.0]}
-    stat = lambda d: verdict.best(d["a"]) - verdict.best(d["b"])  # noqa: E731
-    first = verdict.bootstrap(s, stat, seed=7)
-    assert first[0] == 0.5 and first[1] <= first[2]
-    assert verdict.bootstrap(s, stat, seed=7) == first
-    assert verdict.bootstrap(s, stat, seed=8) != first
-    assert math.isnan(verdict.bootstrap({"a": []}, lambda d: verdict.mean(d["a"]))[0])
+def row(line: str, rep: int, round_: int, thread: int, val: float, status: str = "success", **kw) -> dict[str, Any]:
+    loop = line if rep == 0 else f"{line}.{rep}"
+    base = dict(loop=loop, line=line, replicate=rep, arc=line[0] if line[0] in "AB" else "A", round=round_,
+                thread=thread, seed_control=False, status=status, start_val_bpb=1.30,
+                val_bpb=val if status == "success" else math.nan)
+    return {**base, **kw}
 
 
-def test_bootstrap_interval_covers_the_truth_and_shrinks_with_n():
-    rng = np.random.default_rng(0)
-    truth = 0.05
-    stat = lambda d: verdict.mean(d["before"]) - verdict.mean(d["after"])  # noqa: E731
-    widths, covered = {}, 0
-    for trial in range(40):
-        s = {"before": rng.normal(1.00, 0.02, 32), "after": rng.normal(1.00 - truth, 0.02, 32)}
-        _, lo, hi = verdict.bootstrap(s, stat, n_boot=400, seed=trial)
-        covered += lo <= truth <= hi
-    assert covered >= 33  # nominal 95%: 38/40 expected, 33 allows for chance
-    for n in (8, 128):
-        s = {"before": rng.normal(1.00, 0.02, n), "after": rng.normal(0.95, 0.02, n)}
-        _, lo, hi = verdict.bootstrap(s, stat, n_boot=400, seed=1)
-        widths[n] = hi - lo
-    assert widths[128] < widths[8] / 2  # ~1/sqrt(n): 4x narrower expected
+def test_primary_metric_scores_failures_zero_and_drops_infra_and_seed_controls():
+    rows = [row("A-S", 0, 2, 0, 1.20), row("A-S", 0, 2, 1, 0.0, "crash"), row("A-S", 0, 2, 2, 0.0, "infra_error"),
+            row("A-S", 0, 1, 3, 1.00), row("A-S", 0, 2, 9, 1.28, seed_control=True)]
+    s = verdict.scored(rows, "mean_improvement", math.nan)
+    # the wave's seed control (1.28), not the row's 1.30, is the start; round 1 is not pooled
+    assert s.lines["A-S"][0] == {(2, 0, 0): pytest.approx(0.08), (2, 1, 0): 0.0}
+    assert s.seed_controls == [1.28] and "seed-control" in s.start
+    assert verdict.scored(rows, "success_rate", math.nan).lines["A-S"][0] == {(2, 0, 0): 1.0, (2, 1, 0): 0.0}
+    no_controls = verdict.scored(rows[:2], "mean_improvement", math.nan)
+    assert no_controls.lines["A-S"][0][(2, 0, 0)] == pytest.approx(0.10) and "start_val_bpb" in no_controls.start
 
 
-def test_failed_runs_count_as_no_value_not_as_zero():
-    s = {"a": [math.nan, 1.2, math.nan]}
-    assert verdict.bootstrap(s, lambda d: verdict.best(d["a"]), n_boot=50)[0] == 1.2
+def test_weight_delta_pairs_replicates_and_rollouts():
+    rows = []
+    for rep, (a, c) in enumerate(((1.20, 1.25), (1.10, 1.22), (1.15, 1.19))):
+        for t in range(3):
+            rows += [row("A-S", rep, 2, t, a + 0.01 * t), row("CTRL", rep, 2, t, c + 0.01 * t)]
+    est = {e.name: e for e in verdict.decompose_scored(verdict.scored(rows, "mean_improvement", math.nan), n_boot=500)}
+    w = est["weight-attributable Δ (A-S − CTRL)"]
+    assert w.value == pytest.approx((0.05 + 0.12 + 0.04) / 3) and (w.replicates, w.rounds, w.rollouts) == (3, 1, 9)
+    assert w.note == "paired rollouts" and w.lo < w.value < w.hi
+    # within each replicate the paired differences are constant, so the width is the replicates' spread alone
+    spread = np.std([0.05, 0.12, 0.04], ddof=1) / math.sqrt(3)
+    assert (w.hi - w.lo) / 2 == pytest.approx(4.303 * spread, rel=0.1)
+    assert est["headline Δ (A-S)"].baseline == "its round's start"
+
+
+def test_arc_b_is_compared_with_ctrl_b_only_and_controls_have_their_rows():
+    rows = [row("B-S", 0, 2, 0, 1.20), row("CTRL", 0, 2, 0, 1.25), row("A-S", 0, 2, 0, 1.1),
+            row("A-S-placebo", 0, 2, 0, 1.2, arc="A"), row("A-S-noprefill", 0, 2, 0, 1.15, arc="A")]
+    est = {e.name: e for e in verdict.decompose_scored(verdict.scored(rows, "mean_improvement", math.nan), n_boot=50)}
+    assert est["weight-attributable Δ (B-S − CTRL-B)"].note.startswith("missing: no CTRL-B of arc B")
+    assert est["A-S − placebo"].value == pytest.approx(0.10)
+    assert est["goal hint (A-S − no-prefill)"].value == pytest.approx(0.05)
+    rows.append(row("CTRL-B", 0, 2, 0, 1.26, arc="B"))
+    est = {e.name: e for e in verdict.decompose_scored(verdict.scored(rows, "mean_improvement", math.nan), n_boot=50)}
+    assert est["weight-attributable Δ (B-S − CTRL-B)"].value == pytest.approx(0.06)
+    assert est["weight-attributable Δ (A-S − CTRL)"].value == pytest.approx(0.15)
 
 
 def test_decompose_a_run_with_known_answers(tmp_path: Path):
     run = RunDir(tmp_path)
+    run.write_state({"noise": {"mean": 1.30, "std": 0.01, "k": 5}})
     write_round(run, "shared", 1, [1.30, 1.25, math.nan, 1.40])
     write_round(run, "A-S", 2, [1.20, 1.22, 1.28, math.nan])
     write_round(run, "A-S", 3, [1.10, 1.15, math.nan, 1.18])
@@ -85,33 +102,28 @@ def test_decompose_a_run_with_known_answers(tmp_path: Path):
         metrics.version_eval_row("synthetic", "", "shared", 0, "zero_shot", [1.3, 1.35, math.nan]),
         metrics.version_eval_row("synthetic", "A", "A-S", 2, "zero_shot", [1.2, 1.25, 1.22]),
         metrics.version_eval_row("synthetic", "", "shared", 0, "code", [1, 1, 0, 0]),
-        metrics.version_eval_row("synthetic", "A", "A-S", 1, "code", [1, 0, 0, 0]),
         metrics.version_eval_row("synthetic", "A", "A-S", 2, "code", [1, 1, 1, 0]),
     ]
     metrics.upsert(run.metrics("version_eval"), metrics.VERSION_EVAL, metrics.VERSION_EVAL_KEY, rows)
     est = {e.name: e for e in verdict.decompose(run, n_boot=300)}
-    head, ctrl, weight = est["headline Δ (A-S)"], est["CTRL Δ"], est["weight-attributable Δ (headline − CTRL)"]
-    assert head.value == pytest.approx(1.25 - 1.10) and head.n == 4 + 4  # failed runs are samples too (of no value)
-    assert ctrl.value == pytest.approx(1.25 - 1.21)
-    assert weight.value == pytest.approx(1.21 - 1.10) and weight.lo <= weight.value <= weight.hi
-    assert "round 1 → 3" in head.note
-    assert est["zero-shot Δ (A-S)"].value == pytest.approx(0.10)
-    assert est["overfit penalty: code-probe Δ"].value == pytest.approx(0.25)
-    assert est["overfit penalty: transfer Δ"].note.startswith("missing: transfer probe")
+    head = est["headline Δ (A-S)"]
+    assert head.value == pytest.approx((0.10 + 0.08 + 0.02 + 0 + 0.20 + 0.15 + 0 + 0.12) / 8)
+    assert (head.replicates, head.rounds, head.rollouts) == (1, 2, 8) and "one replicate" in head.note
+    assert est["CTRL Δ (CTRL)"].value == pytest.approx((0.06 + 0.03 + 0.09 + 0 + 0.04) / 5)
+    assert est["zero-shot Δ (A-S)"].value == pytest.approx(1.325 - 1.22333333)
+    assert est["overfit penalty: code-probe Δ (A-S)"].value == pytest.approx(0.25)
+    assert est["overfit penalty: transfer Δ (A-S)"].note.startswith("missing: transfer probe")
     assert verdict.decompose(run, n_boot=300) == verdict.decompose(run, n_boot=300)
     md = verdict.to_markdown(list(est.values()))
-    assert "| headline Δ (A-S) | +0.1500 |" in md and "| overfit penalty: transfer Δ | — | — | 0 |" in md
+    assert "| headline Δ (A-S) | its round's start | +0.0838 |" in md
 
 
-def test_decompose_matches_rounds_and_says_what_is_missing(tmp_path: Path):
+def test_decompose_says_what_is_missing(tmp_path: Path):
     run = RunDir(tmp_path)
-    assert all(e.note == "missing: no traces" for e in verdict.decompose(run, n_boot=50)[:3])
+    assert verdict.decompose(run, n_boot=50) == []
     write_round(run, "shared", 1, [1.3, 1.25])
-    assert verdict.decompose(run, n_boot=50)[0].note == "missing: only the shared round 1 so far"
     write_round(run, "A-S", 2, [1.2])
-    write_round(run, "A-S", 3, [1.0])
+    assert verdict.decompose(run, n_boot=50) == []  # no start known: no row can be scored
+    run.write_state({"noise": {"mean": 1.30, "std": 0.01, "k": 5}})
     est = verdict.decompose(run, n_boot=50)
-    assert est[0].value == pytest.approx(0.25) and est[1].note == "missing: no CTRL traces"
-    write_round(run, "CTRL", 2, [1.22])  # CTRL only reached round 2: compare at round 2
-    est = verdict.decompose(run, n_boot=50)
-    assert est[0].value == pytest.approx(0.05) and est[2].value == pytest.approx(0.02)
+    assert est[0].note.startswith("one line") and est[1].note.startswith("missing: no CTRL of arc A")

@@ -14,8 +14,11 @@ How the status is decided (truthful, rfs/trace.py STATUSES):
 - `syntax_error` when the syntax retries ran out; `harness_violation` when the researcher
   insists (a second time) on editing anything but train.py; `agent_error` when no reply ever
   was a usable action;
-- a researcher server failure (ServerDown, or ServerRejected for a 4xx such as a context
-  overflow) before any run is *raised*: the wave retries the rollout
+- `context_overflow` when the chat outgrows the served context window before any run (counted
+  before sending, or the server's 400 for a too-long prompt): the researcher's own limit, never
+  retried; an unrun edit is left unrun, so the row says the window ended the session;
+- any other researcher server failure (ServerDown, or ServerRejected for another 4xx) before any
+  run is *raised*: the wave retries the rollout
   and, when its retries run out, writes the infra_error row itself (rfs/collect/wave.py).
 """
 
@@ -32,7 +35,7 @@ import anyio
 
 from rfs.agent import hparams, prompts
 from rfs.agent.actions import TRAIN_PY, Action, Invalid, code_schema, hparams_schema, parse
-from rfs.agent.client import Reply, ResearcherClient, ServerDown, ServerRejected
+from rfs.agent.client import ContextOverflow, Reply, ResearcherClient, ServerDown, ServerRejected
 from rfs.config import ResearcherCfg
 from rfs.envs.base import RunResult
 from rfs.events import EventLog
@@ -161,6 +164,10 @@ class _Rollout:
                 if ran_before:
                     break
             return await self._close()
+        except ContextOverflow as exc:
+            if self.executed:
+                return self._measured(f"; the chat outgrew the context window after the run: {exc}")
+            return _End("context_overflow", str(exc))
         except (ServerDown, ServerRejected) as exc:  # the wave retries these (or records infra_error)
             if not self.executed:
                 raise

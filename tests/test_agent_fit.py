@@ -1,15 +1,18 @@
-"""The researcher's context overflow: a chat that outgrows the served window is counted before it is
-sent (or refused by the server with a 400) and recorded as status context_overflow, never as an
-infra_error for the wave to retry. The scripted researcher (a test double) serves over loopback."""
+"""What fits: a chat that outgrows the served window is counted before it is sent (or refused by the
+server with a 400) and recorded as the researcher's context_overflow, never as an infra_error for
+the wave to retry; reads of a long train.py are bounded, numbered line ranges. The scripted
+researcher (a test double) serves over loopback."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import re
 
 import anyio
 import pytest
 
 from rfs.agent import ContextOverflow, ResearcherClient, ServerRejected, rollout
+from rfs.agent.rollout import READ_CHARS
 from rfs.agent.client import CHARS_PER_TOKEN, context_window, request_tokens
 from rfs.config import ResearcherCfg, VllmCfg
 from rfs.serve.llamacpp import N_CTX
@@ -95,3 +98,29 @@ def test_the_count_uses_the_researchers_tokenizer_when_there_is_one(tmp_path):
         else:
             with pytest.raises(ContextOverflow):
                 client.check_fits(messages, MAX_TOKENS)
+
+
+BIG_PY = "".join(f"x_{i} = {i}  # line {i} of a long train.py\n" for i in range(1, 631))
+
+
+def test_reads_of_a_long_file_are_numbered_ranges_and_bounded(tmp_path):
+    cfg = cfg_with_window(10**6)
+    plan = [action("read", "the middle", path="train.py", start=100, end=160), action("read", "all of it", path="train.py"),
+            action("read", "past the end", path="train.py", start=700, end=710), action("finish")]
+
+    async def go():
+        with ScriptedResearcher({100: plan}) as server:
+            async with ResearcherClient(server.base_url, "scripted", cfg) as client:
+                return await rollout(spec(100, start=BIG_PY), cfg, client, never)
+
+    row = anyio.run(go)
+    validate(row)
+    middle, whole, past = [m["content"] for m in row["messages"] if m["role"] == "user"][1:4]
+    assert "train.py lines 100..160 of 630" in middle
+    assert " 100| x_100 = 100  #" in middle and " 160| x_160" in middle and "x_99 " not in middle and "x_161 " not in middle
+    last = int(re.search(r"lines 1\.\.(\d+) of 630", whole).group(1))
+    assert 1 < last < 630 and f"Lines {last + 1}..630 are not shown" in whole and f"x_{last + 1} " not in whole
+    assert f"x_{last} = " in whole and len(whole) <= READ_CHARS + 200
+    assert "has 630 lines" in past
+    assert not any("content" in b["properties"] for b in json.loads(row["response_schema"])["anyOf"])
+    assert '"content"' not in row["messages"][0]["content"]  # the prompt offers no whole-file edit of this file

@@ -36,6 +36,7 @@ STATUSES = (
     "agent_error",  # the researcher never produced a usable action
     "infra_error",  # slot, ssh or server failure: not the researcher's fault, never trained on
     "harness_violation",
+    "context_overflow",  # the researcher's chat outgrew the served context window before any run
 )
 
 MESSAGE = pa.struct(

@@ -11,12 +11,22 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 DIE = object()  # a plan step: drop the connection and stop serving (the server was killed)
 
-Step = str | dict | Callable[[list[dict[str, Any]]], str] | object
+
+@dataclass(frozen=True)
+class Refuse:
+    """A plan step: answer with an HTTP error, as a server refusing the request would."""
+
+    status: int
+    message: str
+
+
+Step = str | dict | Refuse | Callable[[list[dict[str, Any]]], str] | object
 
 
 def action(kind: str, thought: str = "", **fields: Any) -> str:
@@ -123,6 +133,8 @@ class ScriptedResearcher:
                     self.close_connection = True
                     self.connection.close()
                     return
+                if isinstance(step, Refuse):
+                    return self._send(step.status, {"object": "error", "message": step.message, "code": step.status})
                 messages = body.get("messages") or [{"role": "user", "content": body.get("prompt", "")}]
                 text = step(messages) if callable(step) else step if isinstance(step, str) else json.dumps(step)
                 usage = {

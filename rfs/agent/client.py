@@ -9,7 +9,9 @@ infrastructure failure, never the researcher's fault.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import ssl
 import urllib.request
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from rfs.agent.connection import Connection
 from rfs.config import ResearcherCfg
 from rfs.errors import RfsError
 from rfs.serve.base import response_format
+from rfs.serve.llamacpp import N_CTX
 
 
 class ServerDown(RfsError, RuntimeError):
@@ -32,6 +35,11 @@ class ServerDown(RfsError, RuntimeError):
 
 class ServerRejected(RuntimeError):
     """The server refused the request (4xx): a bug in the request, not in the researcher."""
+
+
+class ContextOverflow(ServerRejected):
+    """The chat no longer fits the served context window: the researcher's context overflow
+    (trace status context_overflow), never an infrastructure failure to retry."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class ResearcherClient:
         self._plain = self._proxy is None and self._urls["/completions"].scheme == "http"
         self._idle: list[httpx.AsyncBaseTransport] = []
         self._open: list[httpx.AsyncBaseTransport] = []
+        self.window = context_window(cfg)
 
     def _borrow(self) -> httpx.AsyncBaseTransport:
         if self._idle:
@@ -134,6 +143,7 @@ class ResearcherClient:
         seed: int,
         prefill: str = "",
     ) -> Reply:
+        self.check_fits(messages, max_tokens, prefill)
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         if prefill and self.backend == "llamacpp":
             # llama-cpp-python's chat endpoint cannot continue an assistant turn, so rfs renders the
@@ -176,6 +186,8 @@ class ResearcherClient:
             self._idle.append(transport)  # a broken connection is dropped and remade on next use
         if resp.status_code >= 500:
             raise ServerDown(f"researcher server {path}: HTTP {resp.status_code}: {resp.text[:300]}")
+        if resp.status_code == 400 and _TOO_LONG.search(resp.text):
+            raise ContextOverflow(f"researcher server refused {path}: the prompt is too long: {resp.text[:300]}")
         if resp.status_code >= 400:
             raise ServerRejected(f"researcher server refused {path}: HTTP {resp.status_code}: {resp.text[:300]}")
         try:
@@ -186,6 +198,21 @@ class ResearcherClient:
             raise ServerDown(f"researcher server {path}: a reply that is not a JSON object")
         return data
 
+    def check_fits(self, messages: list[dict[str, str]], max_tokens: int, prefill: str = "") -> None:
+        """Count the request before it is sent; raise ContextOverflow when prompt plus reply would
+        pass the served window. Exact with the researcher's tokenizer (a model dir at hand), else
+        the conservative CHARS_PER_TOKEN estimate; a server that counts longer still answers 400,
+        which _post maps to ContextOverflow too."""
+        if not self.window:
+            return  # an external API's window is not known here: its 400 is the only signal
+        if request_tokens(messages, prefill, None, upper=True) + max_tokens <= self.window:
+            return  # fits even at one token per byte: no tokenizer needed (most turns)
+        tokens = request_tokens(messages, prefill, self._tokenizer if self.model_dir else None)
+        if tokens + max_tokens > self.window:
+            raise ContextOverflow(
+                f"the chat is ~{tokens} tokens; with max_tokens={max_tokens} it passes the served window of {self.window}"
+            )
+
     @cached_property
     def _tokenizer(self) -> Any:
         if not self.model_dir:
@@ -193,6 +220,33 @@ class ResearcherClient:
         from transformers import AutoTokenizer  # train extra; only the pre-fill path needs it
 
         return AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+
+
+# What a server says when a prompt does not fit: vLLM ("maximum context length", "longer than the
+# maximum model length"), llama-cpp-python ("exceed context window"), OpenAI ("context_length_exceeded").
+_TOO_LONG = re.compile(r"context length|context window|maximum model length|context_length_exceeded", re.I)
+
+# Without the researcher's tokenizer the count errs long: BPE vocabularies give ~3.5-4 characters
+# per token on code and English, so 2.5 over-counts; the template adds a few tokens per message.
+CHARS_PER_TOKEN = 2.5
+TEMPLATE_TOKENS_PER_MESSAGE = 8
+
+
+def context_window(cfg: ResearcherCfg) -> int:
+    """The served context window in tokens (prompt plus reply); 0 when rfs does not serve it."""
+    return {"vllm": cfg.vllm.max_model_len, "llamacpp": N_CTX}.get(cfg.backend, 0)
+
+
+def request_tokens(messages: list[dict[str, str]], prefill: str, tokenizer: Any, *, upper: bool = False) -> int:
+    """The prompt's tokens: counted by `tokenizer` in the model's chat template; else estimated
+    from characters; with upper=True a hard bound (a byte-level token holds at least one byte)."""
+    overhead = TEMPLATE_TOKENS_PER_MESSAGE * (len(messages) + 1)
+    texts = [m["content"] for m in messages] + [prefill]
+    if upper:
+        return sum(len(t.encode()) for t in texts) + overhead
+    if tokenizer is None:
+        return math.ceil(sum(len(t) for t in texts) / CHARS_PER_TOKEN) + overhead
+    return len(tokenizer(prompts.render(tokenizer, messages, prefill), add_special_tokens=False)["input_ids"])
 
 
 def _field(data: dict[str, Any], get: Any) -> str:

@@ -18,12 +18,14 @@ STDOUT_TAIL_CHARS = 2000
 _CODE_FORMAT = """\
 # How you act
 Each reply is exactly one JSON object, one action, and nothing else:
-- {"thought": "...", "action": "read", "path": "train.py"}
-- {"thought": "...", "action": "edit", "path": "train.py", "search": "<exact text, found once>", "replace": "<new text>"}
-- {"thought": "...", "action": "edit", "path": "train.py", "content": "<the whole new train.py>"}
-- {"thought": "...", "action": "run"}     (trains and evaluates train.py; one run per session)
-- {"thought": "...", "action": "finish"}
+- {{"thought": "...", "action": "edit", "path": "train.py", "search": "<exact text, found once>", "replace": "<new text>"}}
+{whole_file}- {{"thought": "...", "action": "read", "path": "train.py", "start": 100, "end": 160}}     (numbered lines 100..160)
+- {{"thought": "...", "action": "read", "path": "train.py"}}
+- {{"thought": "...", "action": "run"}}     (trains and evaluates train.py; one run per session)
+- {{"thought": "...", "action": "finish"}}
+Edit with search/replace: a search of a few lines, copied exactly, with the change in replace.
 You may edit train.py only. Lower val_bpb is better."""
+_WHOLE_FILE = '- {"thought": "...", "action": "edit", "path": "train.py", "content": "<the whole new train.py>"}\n'
 
 _HPARAMS_FORMAT = """\
 # How you act
@@ -34,11 +36,13 @@ Each reply is exactly one JSON object, one action, and nothing else:
 Lower val_bpb is better."""
 
 
-def system(program_md: str, space: str, memory: str = "") -> str:
+def system(program_md: str, space: str, memory: str = "", *, whole_file: bool = False) -> str:
+    """whole_file: the code space offers whole-file edits (only where the file fits the reply)."""
     parts = [program_md.rstrip()]
     if memory:
         parts.append("# What earlier sessions found\n" + memory.rstrip())
-    parts.append(_CODE_FORMAT if space == "code" else _HPARAMS_FORMAT)
+    code = _CODE_FORMAT.format(whole_file=_WHOLE_FILE if whole_file else "")
+    parts.append(code if space == "code" else _HPARAMS_FORMAT)
     return "\n\n".join(parts)
 
 

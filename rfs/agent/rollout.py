@@ -14,8 +14,11 @@ How the status is decided (truthful, rfs/trace.py STATUSES):
 - `syntax_error` when the syntax retries ran out; `harness_violation` when the researcher
   insists (a second time) on editing anything but train.py; `agent_error` when no reply ever
   was a usable action;
-- a researcher server failure (ServerDown, or ServerRejected for a 4xx such as a context
-  overflow) before any run is *raised*: the wave retries the rollout
+- `context_overflow` when the chat outgrows the served context window before any run (counted
+  before sending, or the server's 400 for a too-long prompt): the researcher's own limit, never
+  retried; an unrun edit is left unrun, so the row says the window ended the session;
+- any other researcher server failure (ServerDown, or ServerRejected for another 4xx) before any
+  run is *raised*: the wave retries the rollout
   and, when its retries run out, writes the infra_error row itself (rfs/collect/wave.py).
 """
 
@@ -31,14 +34,16 @@ from typing import Any, Awaitable, Callable
 import anyio
 
 from rfs.agent import hparams, prompts
-from rfs.agent.actions import TRAIN_PY, Action, Invalid, code_schema, hparams_schema, parse
-from rfs.agent.client import Reply, ResearcherClient, ServerDown, ServerRejected
+from rfs.agent.actions import TRAIN_PY, Action, Invalid, code_caps, code_schema, hparams_schema, parse, whole_file_fits
+from rfs.agent.client import ContextOverflow, Reply, ResearcherClient, ServerDown, ServerRejected
 from rfs.config import ResearcherCfg
 from rfs.envs.base import RunResult
 from rfs.events import EventLog
 from rfs.trace import new_row, text_sha256
 
 STORED_INVALID_CHARS = 4000  # an invalid reply is kept (truncated) so the trace shows what went wrong
+READ_LINES = 200  # one read shows at most this many lines (autoresearch's train.py is 630)
+READ_CHARS = 8000  # … and at most this many characters: every read stays in the chat for good
 
 
 @dataclass(frozen=True)
@@ -139,12 +144,16 @@ class _Rollout:
         self.spec, self.cfg, self.client, self.run_training, self.events = spec, cfg, client, run_training, events
         self.space, self.wall_s = cfg.action_space, wall_s
         self.params = hparams.parse(spec.start_train_py) if self.space == "hparams" else ()
-        self.schema = hparams_schema(self.params, cfg.max_tokens) if self.params else code_schema(cfg.max_tokens)
+        # a whole-file edit is offered only where the file fits the reply budget (else it would be cut)
+        self.whole_file = whole_file_fits(spec.start_train_py, cfg.max_tokens)
+        self.caps = code_caps(cfg.max_tokens) if self.space == "code" else {}
+        self.schema = (hparams_schema(self.params, cfg.max_tokens) if self.params
+                       else code_schema(cfg.max_tokens, whole_file=self.whole_file))
         self.train_py = spec.start_train_py
         self.executed: Executed | None = None
         self.tally = _Tally()
         self.stopped = ""  # why the loop stopped early, for the row's detail
-        system = prompts.system(spec.program_md, self.space, spec.memory)
+        system = prompts.system(spec.program_md, self.space, spec.memory, whole_file=self.whole_file)
         user = prompts.first_user(spec.start_train_py, self.space, spec.start_val_bpb)
         self.chat = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         self.record = [{"role": m["role"], "content": m["content"], "reasoning": ""} for m in self.chat]
@@ -161,6 +170,10 @@ class _Rollout:
                 if ran_before:
                     break
             return await self._close()
+        except ContextOverflow as exc:
+            if self.executed:
+                return self._measured(f"; the chat outgrew the context window after the run: {exc}")
+            return _End("context_overflow", str(exc))
         except (ServerDown, ServerRejected) as exc:  # the wave retries these (or records infra_error)
             if not self.executed:
                 raise
@@ -168,7 +181,7 @@ class _Rollout:
 
     async def _turn(self, turn: int) -> _End | None:
         reply = await self._ask()
-        action = parse(reply.text, self.space, self.params)
+        action = parse(reply.text, self.space, self.params, self.caps)
         valid = isinstance(action, Action)
         if self.events:
             kind = action.kind if valid else "invalid"
@@ -224,7 +237,10 @@ class _Rollout:
     def _read(self, action: Action) -> None:
         if action.path.removeprefix("./") != TRAIN_PY:
             return self._observe(f"{action.path!r} is not readable here: train.py is the only file (program.md is above).")
-        return self._observe(f"train.py:\n```python\n{self.train_py}\n```")
+        lines = self.train_py.splitlines()
+        if not action.start and len(lines) <= READ_LINES and len(self.train_py) <= READ_CHARS:
+            return self._observe(f"train.py:\n```python\n{self.train_py}\n```")
+        return self._observe(numbered(lines, action.start or 1, action.end or READ_LINES))
 
     def _edit(self, action: Action) -> _End | None:
         if action.edits_harness:
@@ -293,6 +309,23 @@ class _Rollout:
     def _measured(self, note: str = "") -> _End:
         result = self.executed.result
         return _End(result.status, result.detail + note)
+
+
+def numbered(lines: list[str], start: int, end: int) -> str:
+    """Lines start..end of train.py (1-based, inclusive), numbered, bounded by READ_LINES and READ_CHARS."""
+    n = len(lines)
+    if start > n:
+        return f"train.py has {n} lines; read a range within 1..{n}."
+    shown, chars = [], 0
+    for i in range(start, min(end, n, start + READ_LINES - 1) + 1):
+        text = f"{i:4d}| {lines[i - 1]}"
+        if shown and chars + len(text) > READ_CHARS:
+            break
+        shown.append(text)
+        chars += len(text) + 1
+    last = start + len(shown) - 1
+    more = f" Lines {last + 1}..{n} are not shown: read them with start and end." if last < n else ""
+    return f"train.py lines {start}..{last} of {n} (numbered; the numbers are not part of the file):{more}\n" + "\n".join(shown)
 
 
 def _row(r: _Rollout, end: _End, started: float) -> dict[str, Any]:

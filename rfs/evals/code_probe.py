@@ -305,7 +305,8 @@ def humaneval_prompt(task: HumanEvalTask) -> str:
     return (
         "Complete this Python function. Use only the standard library.\n\n"
         f"```python\n{task.prompt}```\n\n"
-        'Reply with JSON only: {"code": "<the complete function, signature included>"}'
+        # No placeholder to copy: the 135M model copied '<the complete function …>' verbatim.
+        f'Reply with one JSON object whose "code" is the whole function, from `def {task.entry_point}(` on.'
     )
 
 

@@ -70,7 +70,7 @@ def examples(vocab: int, tokens: int, lengths: tuple[int, int], masked: float, s
         n = rng.randint(*lengths)
         ids = [rng.randrange(vocab) for _ in range(n)]
         cut = int(masked * n)
-        out.append(Example(f"r{len(out)}", 0, ids, [IGNORE] * cut + ids[cut:], False))
+        out.append(Example(f"r{len(out)}", 0, ids, [IGNORE] * cut + ids[cut:]))
     return out
 
 

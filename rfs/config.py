@@ -154,7 +154,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora_r": 16,
             "lora_alpha": 16,
             "epochs": 1.0,
-            "max_seq_len": 1024,
             "batch_tokens": 2048,
             "kl_prompts": 8,
             "reason": "2 CPU cores: r=16, 1 epoch, 8 KL prompts keep a round's fit within minutes",

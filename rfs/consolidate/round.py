@@ -88,6 +88,12 @@ def merge(model: Any) -> Any:
     return model.float().merge_and_unload().to(dtype)
 
 
+def seq_cap(model_dir: Path, cfg: ConsolidateCfg) -> int:
+    """The longest example a round may hold: cfg.max_seq_len within the model's context window."""
+    context = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or cfg.max_seq_len
+    return min(cfg.max_seq_len, int(context))
+
+
 def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: Path, cfg: ConsolidateCfg,
                 noise: dict | None, events: EventLog | None = None, device: str = "auto", seed: int = 0) -> Path:
     """Fit round `round_`'s traces (+ replay) into parent_dir's model → models/<loop>/v<round_>."""
@@ -97,7 +103,8 @@ def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: P
     t0 = time.perf_counter()
     device = fit.pick_device(device)
     tok = AutoTokenizer.from_pretrained(parent_dir)
-    data = dataset.build(run, loop, round_, tok, cfg.max_seq_len, cfg.replay_fraction, cfg.replay_rounds, noise, seed)
+    data = dataset.build(run, loop, round_, tok, seq_cap(Path(parent_dir), cfg), cfg.replay_fraction, cfg.replay_rounds,
+                         noise, seed)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial(final)
     res, erank = fit.FitResult(), {"mean": math.nan, "min": math.nan, "max": math.nan}

@@ -188,3 +188,14 @@ def test_a_kill_mid_fit_resumes_by_refitting_from_the_parent(v0, tmp_path):
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
     assert ma["dataset_sha256"] == mb["dataset_sha256"] and ma["steps"] == mb["steps"]
     assert ma["loss_after"] == pytest.approx(mb["loss_after"], abs=1e-6)
+
+
+def test_held_out_traces_are_the_rounds_own_and_never_trained():
+    from rfs.consolidate.round import split
+
+    ex = [dataset.Example(f"c{i}", 2, [1, 2], [-100, 2]) for i in range(5)] + [dataset.Example("old", 1, [1, 2], [-100, 2])]
+    train, val, same = split(ex, selected=5)
+    assert not same and [e.rollout_id for e in val] == ["c3"]
+    assert not {e.rollout_id for e in val} & {e.rollout_id for e in train} and "old" in {e.rollout_id for e in train}
+    assert split(ex[:2], selected=2)[1] == [ex[1]]  # two traces: one is held out
+    assert split(ex[:1], selected=1)[2]  # one trace: nothing to hold out, and the row says so

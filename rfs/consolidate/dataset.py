@@ -58,6 +58,7 @@ class Example:
     round: int
     input_ids: list[int]
     labels: list[int]  # IGNORE where masked; the token itself where trained (unshifted)
+    replies: tuple[tuple[int, int], ...] = ()  # token [start, end) of each valid reply after its stamp (the KL anchor's)
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,15 @@ def _chat(messages: list[dict[str, Any]], stamp: str | None) -> list[dict[str, s
 
 def pieces(tok: Any, messages: list[dict[str, Any]], stamp: str | None) -> list[tuple[str, int]]:
     """The rendered conversation as (text, kind) pieces, in order, covering every character."""
+    return layout(tok, messages, stamp)[0]
+
+
+def layout(tok: Any, messages: list[dict[str, Any]], stamp: str | None) -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
+    """pieces, and the character span of each valid reply after its stamp, its end-of-turn included."""
     text = tok.apply_chat_template(_chat(messages, stamp), tokenize=False)
     eot = tok.eos_token or ""
     out: list[tuple[str, int]] = []
+    spans: list[tuple[int, int]] = []
     cursor, seen_user = 0, False
     for m in messages:
         role, content = m["role"], m["content"] or ""
@@ -145,8 +152,10 @@ def pieces(tok: Any, messages: list[dict[str, Any]], stamp: str | None) -> list[
         if role == "assistant" and eot and text.startswith(eot, cursor):
             out.append((eot, TRAIN if valid else CONTEXT))  # learning to stop is part of the action
             cursor += len(eot)
+        if role == "assistant" and valid:
+            spans.append((at + len(stamp or ""), cursor))
     out.append((text[cursor:], CONTEXT))
-    return [(t, trained) for t, trained in out if t]
+    return [(t, kind) for t, kind in out if t], spans
 
 
 def _trained(kinds: list[int]) -> bool:
@@ -155,13 +164,15 @@ def _trained(kinds: list[int]) -> bool:
 
 
 def render(tok: Any, row: dict[str, Any], stamp: str | None) -> Example:
-    parts = pieces(tok, row["messages"], stamp)
+    parts, spans = layout(tok, row["messages"], stamp)
     text = "".join(t for t, _ in parts)
     kind_at = [kind for t, kind in parts for _ in t]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = [t if _trained(kind_at[a:b]) else IGNORE for t, (a, b) in zip(ids, enc["offset_mapping"])]
-    return Example(row["rollout_id"], int(row["round"]), ids, labels)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [t if _trained(kind_at[a:b]) else IGNORE for t, (a, b) in zip(ids, offsets)]
+    replies = tuple((next(i for i, (_, b) in enumerate(offsets) if b > lo),
+                     next((i for i, (a, _) in enumerate(offsets) if a >= hi), len(ids))) for lo, hi in spans)
+    return Example(row["rollout_id"], int(row["round"]), ids, labels, replies)
 
 
 def prefill_ids(tok: Any, messages: list[dict[str, str]], stamp: str) -> list[int]:

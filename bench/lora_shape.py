@@ -70,7 +70,7 @@ def examples(vocab: int, tokens: int, lengths: tuple[int, int], masked: float, s
         n = rng.randint(*lengths)
         ids = [rng.randrange(vocab) for _ in range(n)]
         cut = int(masked * n)
-        out.append(Example(f"r{len(out)}", 0, ids, [IGNORE] * cut + ids[cut:], False))
+        out.append(Example(f"r{len(out)}", 0, ids, [IGNORE] * cut + ids[cut:], ((cut, len(ids)),)))
     return out
 
 
@@ -102,7 +102,7 @@ def run(a: argparse.Namespace, cfg: ConsolidateCfg, report: dict) -> None:
     steps = full_steps(exs, cfg, a.steps)
     anchor = None
     if a.anchor:  # V0's top-k on the masked prompts, as round.ensure_anchor computes it
-        anchor = anchors.compute(model.eval(), rounds.anchor_prompts(exs, a.anchor), a.device)
+        anchor = anchors.compute(model.eval(), *rounds.anchor_prompts(exs, a.anchor), a.device)
     model = fit.lora(model, cfg, seed=0)
     report["lora_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report["lora_dtype"] = str(next(p for p in model.parameters() if p.requires_grad).dtype)

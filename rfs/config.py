@@ -159,11 +159,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "consolidate": {
             "lora_r": 16,
             "lora_alpha": 16,
-            "epochs": 1.0,
-            "max_seq_len": 1024,
+            "epochs": 3.0,
+            "lr": 1e-3,
             "batch_tokens": 2048,
-            "kl_prompts": 8,
-            "reason": "2 CPU cores: r=16, 1 epoch, 8 KL prompts keep a round's fit within minutes",
+            "reason": "2 CPU cores, a round of 4 traces: 3 epochs at lr 1e-3 so a handful of steps moves the weights "
+                      "(2 epochs at 2e-4 left KL to V0 at 0.0002); 2048 tokens a step (the 16384 default would make "
+                      "a round one step); r=16 is the notes' measured LoRA rate (docs/LOG.md)",
         },
         # probes cost a wave each on 2 cores: V0 and the last of 3 versions (V3) only
         "loop": {"floor_waves": 1, "eval_every": 3},

@@ -54,9 +54,9 @@ def new_run(root: Path, round_: int = 1, loop: str = "shared") -> RunDir:
 
 def test_packed_examples_do_not_see_each_other(v0):
     model = AutoModelForCausalLM.from_pretrained(v0).eval()
-    a = dataset.Example("a", 1, [5, 6, 7, 8, 9], [-100, 6, 7, 8, 9], False)
-    b = dataset.Example("b", 1, [10, 11, 12], [-100, 11, 12], False)
-    c = dataset.Example("c", 1, [13, 14], [-100, 14], False)
+    a = dataset.Example("a", 1, [5, 6, 7, 8, 9], [-100, 6, 7, 8, 9])
+    b = dataset.Example("b", 1, [10, 11, 12], [-100, 11, 12])
+    c = dataset.Example("c", 1, [13, 14], [-100, 14])
     (first,) = fit.packed([a, b, c], 8, 16)  # rows [a, b] and [c], stacked into one step
     assert first.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]]
     assert first.targets.tolist()[0] == [6, 7, 8, 9, -100, 11, 12, -100]  # nothing predicted across the seam
@@ -70,7 +70,7 @@ def test_packed_examples_do_not_see_each_other(v0):
 
 def test_length_buckets_pad_little_and_match_unbatched_logits(v0):
     model = AutoModelForCausalLM.from_pretrained(v0).eval()
-    exs = [dataset.Example(f"e{n}", 1, list(range(20, 20 + n)), [-100] + list(range(21, 20 + n)), False) for n in (3, 9, 4, 8, 10)]
+    exs = [dataset.Example(f"e{n}", 1, list(range(20, 20 + n)), [-100] + list(range(21, 20 + n))) for n in (3, 9, 4, 8, 10)]
     steps = fit.bucketed(exs, 20)
     assert [b.input_ids.shape[0] for b in steps] == [2, 2, 1]  # (3, 4), (8, 9), (10)
     assert sum(b.real for b in steps) == 34 and sum(b.input_ids.numel() for b in steps) == 8 + 18 + 10
@@ -84,7 +84,7 @@ def test_length_buckets_pad_little_and_match_unbatched_logits(v0):
 
 def test_kl_term_keeps_the_model_closer_to_v0(v0):
     tok = AutoTokenizer.from_pretrained(v0)
-    examples = dataset.examples_of(tok, rows(), "S", None, 512)[:3]
+    examples = dataset.examples_of(tok, rows(), "S", None)[:3]
     base = AutoModelForCausalLM.from_pretrained(v0).eval()
     anc = anchor.compute(base, [e.input_ids[:40] for e in examples], "cpu")
     assert anchor.kl_all(base, anc, "cpu") == pytest.approx(0.0, abs=1e-5)
@@ -188,3 +188,14 @@ def test_a_kill_mid_fit_resumes_by_refitting_from_the_parent(v0, tmp_path):
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
     assert ma["dataset_sha256"] == mb["dataset_sha256"] and ma["steps"] == mb["steps"]
     assert ma["loss_after"] == pytest.approx(mb["loss_after"], abs=1e-6)
+
+
+def test_held_out_traces_are_the_rounds_own_and_never_trained():
+    from rfs.consolidate.round import split
+
+    ex = [dataset.Example(f"c{i}", 2, [1, 2], [-100, 2]) for i in range(5)] + [dataset.Example("old", 1, [1, 2], [-100, 2])]
+    train, val, same = split(ex, selected=5)
+    assert not same and [e.rollout_id for e in val] == ["c3"]
+    assert not {e.rollout_id for e in val} & {e.rollout_id for e in train} and "old" in {e.rollout_id for e in train}
+    assert split(ex[:2], selected=2)[1] == [ex[1]]  # two traces: one is held out
+    assert split(ex[:1], selected=1)[2]  # one trace: nothing to hold out, and the row says so

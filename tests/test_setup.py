@@ -17,6 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 gguf = pytest.importorskip("gguf")
 
 from rfs.serve.base import free_port  # noqa: E402
+from rfs.serve import convert  # noqa: E402
 from rfs.serve.convert import ConvertError, ensure_gguf, gguf_name, rope_permute  # noqa: E402
 from rfs.serve.llamacpp import LlamaCppServer  # noqa: E402
 from rfs.setup import MANIFEST, SetupError, embedded_gguf, setup_embedded  # noqa: E402
@@ -152,3 +153,38 @@ def test_round_trip_serves_what_the_original_and_transformers_say(embedded: Path
     cpp_logits = np.asarray(llm.scores[len(prompt_ids) - 1])
     assert int(cpp_logits.argmax()) == int(hf_logits.argmax())
     assert float(np.abs(cpp_logits - hf_logits).max()) < 0.1
+
+
+def test_served_vs_merged_figures_flag_a_changed_top1_or_a_shifted_logp() -> None:
+    ref = np.log(np.full((2, 20), 1 / 20.0))
+    ref[:, 3] += 1.0
+    ok = convert.compare(ref, ref + 0.001)
+    assert ok["top1_agree"] == 2 and ok["max_dlogp"] == pytest.approx(0.001)
+    moved = ref.copy()
+    moved[1, 5] += 2.0  # a new top-1 on prompt 1
+    bad = convert.compare(ref, moved)
+    assert bad["top1_agree"] == 1 and bad["max_dlogp"] > convert.MAX_DLOGP
+
+
+@pytest.mark.slow
+def test_served_equals_trained_passes_a_real_conversion_and_fails_a_corrupted_one(embedded: Path, tmp_path: Path,
+                                                                                    capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    good = ensure_gguf(embedded, tmp_path / "v.gguf")  # f16, checked on the way
+    assert "served = trained: top-1 4/4" in capsys.readouterr().out
+    figures = convert.check_served(embedded, good)
+    assert figures["top1_agree"] == figures["prompts"] and figures["max_dlogp"] <= convert.MAX_DLOGP
+    # corrupted weights: one layer's MLP output scaled by 1.5
+    bad_dir = tmp_path / "corrupted"
+    shutil.copytree(embedded, bad_dir)
+    weights = load_file(bad_dir / "model.safetensors")
+    weights["model.layers.10.mlp.down_proj.weight"] = weights["model.layers.10.mlp.down_proj.weight"] * 1.5
+    save_file(weights, bad_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(convert.ServedMismatch, match="does not serve"):
+        convert.check_served(embedded, convert.hf_to_gguf(bad_dir, embedded_gguf(), tmp_path / "bad.gguf"))  # a bad GGUF
+    with pytest.raises(convert.ServedMismatch, match="does not serve"):
+        ensure_gguf(embedded, tmp_path / "v-q8.gguf", qtype="q8_0")  # q8_0 does not pass: never served
+    assert not (tmp_path / "v-q8.gguf").exists()

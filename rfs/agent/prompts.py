@@ -36,9 +36,16 @@ Each reply is exactly one JSON object, one action, and nothing else:
 Lower val_bpb is better."""
 
 
+# The hparams space acts on the hyperparameter block alone, so its opening is that block plus this
+# contract, not program.md + the whole train.py: 410 tokens instead of 3,093 with SmolLM2's template,
+# so every example fits the fit's sequence length whole (the same opening for every line).
+_HPARAMS_CONTRACT = ("You tune the hyperparameters of a small GPT's train.py; a harness trains it for a fixed "
+                     "time budget and reports val_bpb (validation bits per byte; lower is better).")
+
+
 def system(program_md: str, space: str, memory: str = "", *, whole_file: bool = False) -> str:
     """whole_file: the code space offers whole-file edits (only where the file fits the reply)."""
-    parts = [program_md.rstrip()]
+    parts = [_HPARAMS_CONTRACT if space == "hparams" else program_md.rstrip()]
     if memory:
         parts.append("# What earlier sessions found\n" + memory.rstrip())
     code = _CODE_FORMAT.format(whole_file=_WHOLE_FILE if whole_file else "")
@@ -48,9 +55,10 @@ def system(program_md: str, space: str, memory: str = "", *, whole_file: bool = 
 
 def first_user(train_py: str, space: str, start_val_bpb: float) -> str:
     known = f"{start_val_bpb:.4f}" if math.isfinite(start_val_bpb) else "unknown"
-    text = f"This is train.py (its val_bpb: {known}):\n\n```python\n{train_py}\n```\n"
     if space == "hparams":
-        text += "\nThe hyperparameters you may set:\n" + hparams.summary(hparams.parse(train_py)) + "\n"
+        text = f"train.py's val_bpb: {known}. The hyperparameters you may set:\n" + hparams.summary(hparams.parse(train_py)) + "\n"
+    else:
+        text = f"This is train.py (its val_bpb: {known}):\n\n```python\n{train_py}\n```\n"
     return text + "\nReply with your first action."
 
 

@@ -7,13 +7,20 @@ calibrated noise: val_bpb < start - 2·std, where start is row.start_val_bpb or,
 the calibration mean. infra_error traces are never used (not the researcher's doing).
 
 Rendering. The researcher's own chat template renders the conversation, which is tokenized whole
-(as a server tokenizes a text prompt) and masked through the offset mapping. An
-assistant reply is `stamp + '{"thought": ' + json.dumps(reasoning) + ', ' + content[1:]`, the
-thought first as the action schema orders it. Loss (label != -100) falls on: the stamp, the
-action's JSON (not the reasoning string), the end-of-turn token after a reply, and observations
-(user/tool messages after the first user message: edit results, syntax checks, execution logs).
-Masked: the template's headers, the system message (program.md + memory), the first user message
-(the starting train.py) and the free-text reasoning.
+(as a server tokenizes a text prompt) and masked through the offset mapping. A valid action's
+reply is `stamp + '{"thought": ' + json.dumps(reasoning) + ', ' + content[1:]`, the thought first
+as the action schema orders it. Loss (label != -100) falls on: the stamp, the action's JSON (not
+the reasoning string), the end-of-turn token after a reply, and observations (user/tool messages
+after the first user message: edit results, syntax checks, execution logs). Masked: the template's
+headers, the system message (program.md + memory), the first user message (the starting train.py),
+the free-text reasoning, a `read` observation (it returns train.py: the file is context, not
+something to learn to predict), and an invalid reply (rendered verbatim as the model produced it,
+never trained: rfs must not teach unusable output, nor invent a second "thought" inside it).
+A token is trained when one of its characters is trained and none is reasoning: a token that
+straddles the reasoning boundary (e.g. `"` joined to the thought's first word) would teach it.
+
+Length. Nothing is cut: an example longer than the cap (cfg.max_seq_len, within the model's
+context) is dropped and counted in the manifest, with every example's token count.
 
 Conditioning (arm S collection). The prompt is `rfs.agent.prompts.render(tok, messages, stamp)`:
 the template with the generation header, then the stamp text, nothing in between. Training puts
@@ -39,6 +46,10 @@ from rfs.trace import SHARED, outcome_stamp
 
 IGNORE = -100
 NOISE_SIGMAS = 2.0  # "more than the noise": below start - 2·std
+# What a character of the rendered text is: trained, masked context, or hidden (masked, and it
+# taints any token it shares, so no token carrying part of the reasoning is ever trained).
+TRAIN, CONTEXT, HIDDEN = 1, 0, -1
+READ_OBSERVATION = prompts.observe("train.py:\n```python\n")  # rfs.agent.rollout's answer to `read`
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ class Example:
     round: int
     input_ids: list[int]
     labels: list[int]  # IGNORE where masked; the token itself where trained (unshifted)
-    truncated: bool
+    replies: tuple[tuple[int, int], ...] = ()  # token [start, end) of each valid reply after its stamp (the KL anchor's)
 
 
 @dataclass(frozen=True)
@@ -56,13 +67,22 @@ class Dataset:
     manifest: dict[str, Any]
 
 
-def reply_text(content: str, reasoning: str) -> list[tuple[str, bool]]:
-    """The reply the model produced, as (text, trained) pieces: the thought string is masked."""
+def is_action(content: str) -> bool:
+    """A valid action as the agent records it (Action.as_json: an object with "action", no thought)."""
+    try:
+        obj = json.loads(content)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "action" in obj and "thought" not in obj
+
+
+def reply_text(content: str, reasoning: str) -> list[tuple[str, int]]:
+    """The reply the model produced, as (text, kind) pieces: the thought string is hidden."""
+    if not is_action(content):
+        return [(content, CONTEXT)]  # an invalid reply, verbatim, untrained
     body = content.strip()
-    if not body.startswith("{"):
-        return [(content, True)]  # not a JSON action (an agent_error's garbage): all of it is the reply
     rest = "}" if body[1:].strip() == "}" else ", " + body[1:]
-    return [('{"thought": ', True), (json.dumps(reasoning), False), (rest, True)]
+    return [('{"thought": ', TRAIN), (json.dumps(reasoning), HIDDEN), (rest, TRAIN)]
 
 
 def stamp_of(row: dict[str, Any]) -> str:
@@ -101,45 +121,58 @@ def _chat(messages: list[dict[str, Any]], stamp: str | None) -> list[dict[str, s
     return out
 
 
-def pieces(tok: Any, messages: list[dict[str, Any]], stamp: str | None) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, trained) pieces, in order, covering every character."""
+def pieces(tok: Any, messages: list[dict[str, Any]], stamp: str | None) -> list[tuple[str, int]]:
+    """The rendered conversation as (text, kind) pieces, in order, covering every character."""
+    return layout(tok, messages, stamp)[0]
+
+
+def layout(tok: Any, messages: list[dict[str, Any]], stamp: str | None) -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
+    """pieces, and the character span of each valid reply after its stamp, its end-of-turn included."""
     text = tok.apply_chat_template(_chat(messages, stamp), tokenize=False)
     eot = tok.eos_token or ""
-    out: list[tuple[str, bool]] = []
+    out: list[tuple[str, int]] = []
+    spans: list[tuple[int, int]] = []
     cursor, seen_user = 0, False
     for m in messages:
         role, content = m["role"], m["content"] or ""
         if role == "assistant":
-            parts = ([(stamp, True)] if stamp else []) + reply_text(content, m["reasoning"] or "")
+            valid = is_action(content)
+            parts = ([(stamp, TRAIN if valid else CONTEXT)] if stamp else []) + reply_text(content, m["reasoning"] or "")
         else:
-            trained = role in ("user", "tool") and seen_user
+            trained = role in ("user", "tool") and seen_user and not content.startswith(READ_OBSERVATION)
             seen_user |= role == "user"
-            parts = [(content, trained)]
+            parts = [(content, TRAIN if trained else CONTEXT)]
         whole = "".join(t for t, _ in parts)
         at = text.find(whole, cursor)
         if at < 0:
             raise ValueError(f"chat template does not render a {role} message verbatim; cannot place the loss mask")
-        out.append((text[cursor:at], False))
+        out.append((text[cursor:at], CONTEXT))
         out.extend(parts)
         cursor = at + len(whole)
         if role == "assistant" and eot and text.startswith(eot, cursor):
-            out.append((eot, True))  # learning to stop is part of the action
+            out.append((eot, TRAIN if valid else CONTEXT))  # learning to stop is part of the action
             cursor += len(eot)
-    out.append((text[cursor:], False))
-    return [(t, trained) for t, trained in out if t]
+        if role == "assistant" and valid:
+            spans.append((at + len(stamp or ""), cursor))
+    out.append((text[cursor:], CONTEXT))
+    return [(t, kind) for t, kind in out if t], spans
 
 
-def render(tok: Any, row: dict[str, Any], stamp: str | None, max_seq_len: int) -> Example:
-    parts = pieces(tok, row["messages"], stamp)
+def _trained(kinds: list[int]) -> bool:
+    """One of the token's characters is trained (the model must emit it to emit them), none hidden."""
+    return TRAIN in kinds and HIDDEN not in kinds
+
+
+def render(tok: Any, row: dict[str, Any], stamp: str | None) -> Example:
+    parts, spans = layout(tok, row["messages"], stamp)
     text = "".join(t for t, _ in parts)
-    trained_at = [trained for t, trained in parts for _ in t]
+    kind_at = [kind for t, kind in parts for _ in t]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    # A token is trained when any of its characters is: the model has to emit it to emit them.
-    labels = [t if any(trained_at[a:b]) else IGNORE for t, (a, b) in zip(ids, enc["offset_mapping"])]
-    # Too long: drop the head (masked program.md / train.py) so the trained actions survive.
-    cut = max(0, len(ids) - max_seq_len)
-    return Example(row["rollout_id"], int(row["round"]), ids[cut:], labels[cut:], cut > 0)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [t if _trained(kind_at[a:b]) else IGNORE for t, (a, b) in zip(ids, offsets)]
+    replies = tuple((next(i for i, (_, b) in enumerate(offsets) if b > lo),
+                     next((i for i, (a, _) in enumerate(offsets) if a >= hi), len(ids))) for lo, hi in spans)
+    return Example(row["rollout_id"], int(row["round"]), ids, labels, replies)
 
 
 def prefill_ids(tok: Any, messages: list[dict[str, str]], stamp: str) -> list[int]:
@@ -156,9 +189,14 @@ def read_round(run: RunDir, loop: str, round_: int) -> tuple[list[dict[str, Any]
     raise FileNotFoundError(f"no traces for loop {loop} round {round_}: {run.traces(loop, round_)} (nor loop shared)")
 
 
-def examples_of(tok: Any, rows: list[dict[str, Any]], loop: str, noise: dict | None, max_seq_len: int) -> list[Example]:
+def examples_of(tok: Any, rows: list[dict[str, Any]], loop: str, noise: dict | None) -> list[Example]:
     chosen = sorted(select(rows, loop, noise), key=lambda r: r["rollout_id"])
-    return [render(tok, r, None if filtered(loop) else stamp_of(r), max_seq_len) for r in chosen]
+    return [render(tok, r, None if filtered(loop) else stamp_of(r)) for r in chosen]
+
+
+def fitting(examples: list[Example], max_seq_len: int) -> tuple[list[Example], list[Example]]:
+    """(kept, dropped): an example longer than the cap is dropped whole, never cut."""
+    return [e for e in examples if len(e.input_ids) <= max_seq_len], [e for e in examples if len(e.input_ids) > max_seq_len]
 
 
 def replay(current: list[Example], pool: list[Example], fraction: float, seed: int) -> list[Example]:
@@ -176,8 +214,9 @@ def digest(examples: list[Example]) -> str:
 
 def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, replay_fraction: float,
           replay_rounds: int, noise: dict | None, seed: int) -> Dataset:
+    """max_seq_len: the cap, within the model's context (the caller takes the smaller of the two)."""
     rows, source = read_round(run, loop, round_)
-    current = examples_of(tok, rows, loop, noise, max_seq_len)
+    current, dropped = fitting(examples_of(tok, rows, loop, noise), max_seq_len)
     pool: list[Example] = []
     sources = {round_: source}
     for r in range(max(1, round_ - replay_rounds), round_):
@@ -185,7 +224,9 @@ def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, repla
             old, sources[r] = read_round(run, loop, r)
         except FileNotFoundError:
             continue
-        pool += examples_of(tok, old, loop, noise, max_seq_len)
+        kept, too_long = fitting(examples_of(tok, old, loop, noise), max_seq_len)
+        pool += kept
+        dropped += too_long
     replayed = replay(current, pool, replay_fraction, seed * 1_000_003 + round_)
     examples = current + replayed
     manifest = {
@@ -199,7 +240,11 @@ def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, repla
         "replay_fraction": len(replayed) / len(examples) if examples else 0.0,
         "sources": {str(k): v for k, v in sources.items()},
         "rollouts": [[e.round, e.rollout_id] for e in examples],
-        "truncated": sum(e.truncated for e in examples),
+        "max_seq_len": max_seq_len,
+        "seq_len": max((len(e.input_ids) for e in examples), default=0),  # the longest kept: what packing needs
+        "tokens_per_example": [len(e.input_ids) for e in examples],
+        "dropped": len(dropped),  # longer than max_seq_len: the goal is none
+        "dropped_rollouts": [[e.round, e.rollout_id, len(e.input_ids)] for e in dropped],
         "trained_tokens": sum(sum(lab != IGNORE for lab in e.labels) for e in examples),
         "tokens": sum(len(e.input_ids) for e in examples),
         "noise": noise,

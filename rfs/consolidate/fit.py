@@ -111,10 +111,16 @@ def bucketed(examples: list[Example], batch_tokens: int) -> list[Batch]:
     return [_stack([(e.input_ids, _targets(e), list(range(len(e.input_ids)))) for e in g], with_mask=True) for g in groups]
 
 
+def row_len(examples: list[Example], cfg: ConsolidateCfg) -> int:
+    """A packed row: at least the longest example (the dataset drops what exceeds max_seq_len), else
+    max_seq_len, or batch_tokens when a step is smaller, so one step is never wider than asked."""
+    return max(max((len(e.input_ids) for e in examples), default=1), min(cfg.max_seq_len, cfg.batch_tokens))
+
+
 def batches(examples: list[Example], cfg: ConsolidateCfg, strategy: str = "pack") -> list[Batch]:
     """One Batch per optimizer step. bench/consolidate.py measures both strategies."""
     if strategy == "pack":
-        return packed(examples, cfg.max_seq_len, cfg.batch_tokens)
+        return packed(examples, row_len(examples, cfg), cfg.batch_tokens)
     if strategy == "bucket":
         return bucketed(examples, cfg.batch_tokens)
     raise ValueError(f"batching strategy {strategy!r}: expected pack or bucket")

@@ -38,14 +38,24 @@ METRICS_SCHEMA = pa.schema([
 ])
 
 
-def anchor_prompts(examples: list[dataset.Example], n: int) -> list[list[int]]:
-    """What each selected trace showed the researcher before its first trained token."""
-    out = []
-    for e in examples:
-        first = next((i for i, lab in enumerate(e.labels) if lab != dataset.IGNORE), len(e.labels))
-        if first:
-            out.append(e.input_ids[:first])
-    return out[:n]
+def anchor_prompts(examples: list[dataset.Example], n: int) -> tuple[list[list[int]], list[int]]:
+    """Up to n distinct (conversation through a reply, first KL position): every trace's first reply,
+    then every second reply, … so the anchor spans the traces before it spans the turns. An entry
+    ends before the reply's last token (its end-of-turn needs no logits past it); its KL positions
+    are those that predict the reply (from the token before its first on)."""
+    out: list[list[int]] = []
+    starts: list[int] = []
+    seen: set[tuple[int, ...]] = set()
+    for turn in range(max((len(e.replies) for e in examples), default=0)):
+        for e in examples:
+            if turn < len(e.replies) and len(out) < n:
+                lo, hi = e.replies[turn]
+                ids = e.input_ids[: hi - 1]
+                if lo >= 1 and hi - 1 > lo - 1 and tuple(ids) not in seen:
+                    seen.add(tuple(ids))
+                    out.append(ids)
+                    starts.append(lo - 1)
+    return out, starts
 
 
 def ensure_anchor(run: RunDir, loop: str, v0_dir: Path, examples: list[dataset.Example], cfg: ConsolidateCfg,
@@ -57,20 +67,28 @@ def ensure_anchor(run: RunDir, loop: str, v0_dir: Path, examples: list[dataset.E
     found = anchors.load(where)
     if found is not None:
         return found
-    prompts = anchor_prompts(examples, cfg.kl_prompts)
+    prompts, starts = anchor_prompts(examples, cfg.kl_prompts)
     if not prompts:
         return None
     v0, _ = fit.load(v0_dir, device)
-    anchors.save(anchors.compute(v0.eval(), prompts, device), where, v0_dir)
+    anchors.save(anchors.compute(v0.eval(), prompts, device, starts), where, v0_dir)
     del v0
     return anchors.load(where)
 
 
-def split(examples: list[dataset.Example]) -> tuple[list[dataset.Example], list[dataset.Example], bool]:
-    """Every 10th example is held out for the val curve; too few examples: val is the train set."""
-    if len(examples) < 10:
+HOLD_OUT_EVERY = 4  # one trace of the round's in four (at least one) is held out of the fit
+
+
+def split(examples: list[dataset.Example], selected: int) -> tuple[list[dataset.Example], list[dataset.Example], bool]:
+    """(train, val, val_is_train). Val is every 4th of the round's own traces (the first
+    `selected`; replay always trains), so loss_before/after measure traces the fit never saw. A
+    round of one trace has nothing to hold out: val is the train set, and the row says so."""
+    current, replayed = examples[:selected], examples[selected:]
+    if len(current) < 2:
         return examples, examples, True
-    return [e for i, e in enumerate(examples) if i % 10 != 9], examples[9::10], False
+    held = set(range(HOLD_OUT_EVERY - 1, len(current), HOLD_OUT_EVERY)) or {len(current) - 1}
+    val = [e for i, e in enumerate(current) if i in held]
+    return [e for i, e in enumerate(current) if i not in held] + replayed, val, False
 
 
 def append_metrics(run: RunDir, row: dict[str, Any]) -> None:
@@ -88,6 +106,12 @@ def merge(model: Any) -> Any:
     return model.float().merge_and_unload().to(dtype)
 
 
+def seq_cap(model_dir: Path, cfg: ConsolidateCfg) -> int:
+    """The longest example a round may hold: cfg.max_seq_len within the model's context window."""
+    context = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or cfg.max_seq_len
+    return min(cfg.max_seq_len, int(context))
+
+
 def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: Path, cfg: ConsolidateCfg,
                 noise: dict | None, events: EventLog | None = None, device: str = "auto", seed: int = 0) -> Path:
     """Fit round `round_`'s traces (+ replay) into parent_dir's model → models/<loop>/v<round_>."""
@@ -97,14 +121,15 @@ def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: P
     t0 = time.perf_counter()
     device = fit.pick_device(device)
     tok = AutoTokenizer.from_pretrained(parent_dir)
-    data = dataset.build(run, loop, round_, tok, cfg.max_seq_len, cfg.replay_fraction, cfg.replay_rounds, noise, seed)
+    data = dataset.build(run, loop, round_, tok, seq_cap(Path(parent_dir), cfg), cfg.replay_fraction, cfg.replay_rounds,
+                         noise, seed)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial(final)
     res, erank = fit.FitResult(), {"mean": math.nan, "min": math.nan, "max": math.nan}
     if data.examples:
         anchor = ensure_anchor(run, loop, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device)
         model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed)
-        train, val, val_is_train = split(data.examples)
+        train, val, val_is_train = split(data.examples, data.manifest["selected"])
         on_step = (lambda s, loss, kl: events.emit("train_step", loop=loop, round=round_, step=s, loss=loss, kl=kl)) if events else None
         res = fit.fit(model, fit.batches(train, cfg), fit.batches(val, cfg), anchor, cfg, device, seed, on_step)
         res.val_is_train = val_is_train

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +41,27 @@ _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_hea
 
 class ConvertError(RfsError, ValueError):
     """A model this converter cannot write as GGUF."""
+
+
+class ServedMismatch(RfsError):
+    """The GGUF llama.cpp would serve does not predict what the merged weights predict."""
+
+
+# Served = trained: on these fixed conversations the GGUF's next-token distribution must match the
+# merged weights' (transformers, fp32): the same top-1 token on every one, and log-probabilities of
+# transformers' top CHECK_TOP_K tokens within MAX_DLOGP. Measured on SmolLM2-135M (docs/LOG.md):
+# f16 passes (top-1 4/4, max 0.0085); q8_0 does not (top-1 3/4, max 0.38), so f16 is what is served.
+CHECK_TOP_K = 10
+MAX_DLOGP = 0.05
+CHECK_PROMPTS = (
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You tune hyperparameters; lower val_bpb is better."},
+     {"role": "user", "content": "train.py's val_bpb: 3.4750. The hyperparameters you may set:\n"
+                                 "- LEARNING_RATE = 0.003 (float in [0.0001, 0.03])\n- BATCH_SIZE = 16 (int in [4, 64])\n\n"
+                                 "Reply with your first action."}],
+    [{"role": "user", "content": "Write one line of Python that prints the numbers 1 to 5."}],
+    [{"role": "user", "content": "[observation] status: success\nval_bpb: 3.3120\nsteps: 410"}],
+)
 
 
 def gguf_name(hf_name: str) -> str:
@@ -153,8 +176,9 @@ def _add_tensor(writer, name: str, w: np.ndarray, qtype: str) -> None:
         writer.add_tensor(name, w.astype(np.float16))
 
 
-def ensure_gguf(model_dir: Path, out: Path | None = None, qtype: str = "q8_0") -> Path:
-    """A GGUF for a safetensors model directory, converted once per weights hash.
+def ensure_gguf(model_dir: Path, out: Path | None = None, qtype: str = "f16") -> Path:
+    """A GGUF for a safetensors model directory, converted once per weights hash, and checked to
+    serve what the weights predict (check_served: a mismatch raises and nothing is cached).
 
     A directory that already holds a .gguf file is served as is. The architecture, tokenizer and
     chat template come from the embedded GGUF: every version V_n is a fine-tune of that model.
@@ -172,5 +196,64 @@ def ensure_gguf(model_dir: Path, out: Path | None = None, qtype: str = "q8_0") -
         return out
     t0 = time.monotonic()
     hf_to_gguf(model_dir, embedded_gguf(), out, qtype)
-    print(f"rfs: converted {model_dir} to {out.name} in {time.monotonic() - t0:.1f} s")
+    try:
+        figures = check_served(model_dir, out)
+    except BaseException:
+        out.unlink(missing_ok=True)  # never cached: the next try converts (and checks) again
+        raise
+    print(f"rfs: converted {model_dir} to {out.name} in {time.monotonic() - t0:.1f} s; served = trained: "
+          f"top-1 {figures['top1_agree']}/{figures['prompts']}, max |dlogp| {figures['max_dlogp']:.4f} (<= {MAX_DLOGP})")
     return out
+
+
+def check_prompts(model_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer  # lazy: the optional train extra
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for m in CHECK_PROMPTS]
+
+
+def served_logp(gguf_path: Path, prompts: list[list[int]]) -> np.ndarray:
+    """[prompts, vocab] next-token log-probabilities from llama.cpp on the GGUF (a child process)."""
+    with tempfile.TemporaryDirectory() as d:
+        inp, out = Path(d) / "in.json", Path(d) / "out.npy"
+        inp.write_text(json.dumps({"prompts": prompts}))
+        proc = subprocess.run([sys.executable, "-m", "rfs.serve.served_logits", str(gguf_path), str(inp), str(out)],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not out.exists():
+            raise ServedMismatch(f"{gguf_path.name}: llama.cpp could not evaluate it (exit {proc.returncode}: "
+                                 f"{proc.stderr.strip()[-300:]}); delete it and convert again")
+        return np.load(out)
+
+
+def merged_logp(model_dir: Path, prompts: list[list[int]]) -> np.ndarray:
+    import torch  # lazy: the optional train extra
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return np.stack([torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0, -1].double(), -1).numpy()
+                         for p in prompts])
+
+
+def compare(ref: np.ndarray, served: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement and max |Δ log p| over the reference's top-k, per prompt then overall."""
+    n = min(ref.shape[1], served.shape[1])  # a GGUF vocabulary may be padded
+    ref, served = ref[:, :n], served[:, :n]
+    top = np.argsort(-ref, axis=1)[:, :CHECK_TOP_K]
+    dlogp = np.abs(np.take_along_axis(ref, top, 1) - np.take_along_axis(served, top, 1))
+    agree = int((ref.argmax(1) == served.argmax(1)).sum())
+    return {"prompts": len(ref), "top1_agree": agree, "max_dlogp": float(dlogp.max()), "mean_dlogp": float(dlogp.mean())}
+
+
+def check_served(model_dir: Path, gguf_path: Path) -> dict[str, float]:
+    """Raise ServedMismatch unless the GGUF predicts what model_dir's weights predict (see MAX_DLOGP)."""
+    prompts = check_prompts(model_dir)
+    figures = compare(merged_logp(model_dir, prompts), served_logp(gguf_path, prompts))
+    if figures["top1_agree"] < figures["prompts"] or figures["max_dlogp"] > MAX_DLOGP:
+        raise ServedMismatch(
+            f"{gguf_path.name} does not serve {model_dir}: top-1 agrees on {figures['top1_agree']}/{figures['prompts']} "
+            f"fixed prompts, max |dlogp| over the top {CHECK_TOP_K} = {figures['max_dlogp']:.3f} (limit {MAX_DLOGP}); "
+            "the conversion is wrong for these weights: check rfs/serve/convert.py against them")
+    return figures

@@ -19,12 +19,12 @@ from rfs import config
 from rfs.hosts import HostsFile, SlotCfg
 from rfs.loop.driver import drive
 from rfs.trace import SHARED
-from rfs.loop.plan import plan, rollout_seed
+from rfs.loop.plan import rollout_seed
 from rfs.rundir import RunDir
 from tests.scripted_researcher import action
 from tests.wave_child import SleepEnv
 
-LOOPS = (SHARED, "A-S", "A-F", "B-S", "B-F", "CTRL", "FLOOR")
+LOOPS = (SHARED, "A-S", "A-F", "B-S", "B-F", "CTRL", "FLOOR")  # the lines without the controls and arc-B baselines
 
 
 def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2, probes: bool = True) -> config.Config:
@@ -55,11 +55,11 @@ def _edit(thread: int):
 
 
 def plans(cfg: config.Config, rounds: int) -> dict[int, list]:
-    """A plan for every rollout seed the driver will use, keyed as the scripted researcher expects."""
-    names = [SHARED] + [l.name for l in plan(cfg)]
+    """A plan for every rollout seed the driver will use, keyed as the scripted researcher expects
+    (every line of a replicate draws the same seeds: the design is paired)."""
     return {
-        rollout_seed(cfg.experiment.seed, name, r, t): [_edit(t), action("run"), action("finish")]
-        for name in names for r in range(1, rounds + 1) for t in range(cfg.collect.rollouts)
+        rollout_seed(cfg.experiment.seed, k, r, t): [_edit(t), action("run"), action("finish")]
+        for k in range(cfg.experiment.replicates) for r in range(1, rounds + 1) for t in range(cfg.collect.rollouts)
     }
 
 

@@ -78,12 +78,25 @@ def improved(row: dict[str, Any], noise: dict[str, float]) -> bool:
 
 
 def filtered(loop: str) -> bool:
-    """Arm F's rule applies to "F" and to a loop named after it ("A-F", "B-F")."""
-    return loop.rsplit("-", 1)[-1] == "F"
+    """Arm F's rule applies to "F" and to a loop named after it ("A-F", "B-F", replicate "A-F.1")."""
+    return loop.split(".")[0].rsplit("-", 1)[-1] == "F"
+
+
+def placebo(loop: str) -> bool:
+    """The placebo line of arm S ("A-S-placebo", replicate "A-S-placebo.1") trains on permuted stamps."""
+    return loop.split(".")[0].endswith("-placebo")
+
+
+def permute_stamps(rows: list[dict[str, Any]], seed: int) -> list[str]:
+    """The rows' stamps, permuted across the rows (seeded): the placebo keeps the format of its
+    own traces and the outcomes' spread, but not which outcome each action earned."""
+    stamps = [stamp_of(r) for r in rows]
+    random.Random(seed).shuffle(stamps)
+    return stamps
 
 
 def select(rows: list[dict[str, Any]], loop: str, noise: dict[str, float] | None) -> list[dict[str, Any]]:
-    usable = [r for r in rows if r["status"] != "infra_error" and any(m["role"] == "assistant" for m in r["messages"])]
+    usable = [r for r in rows if r["status"] != "infra_error" and not r["seed_control"] and any(m["role"] == "assistant" for m in r["messages"])]
     if not filtered(loop):
         return usable
     if noise is None or not {"mean", "std"} <= noise.keys():
@@ -156,9 +169,11 @@ def read_round(run: RunDir, loop: str, round_: int) -> tuple[list[dict[str, Any]
     raise FileNotFoundError(f"no traces for loop {loop} round {round_}: {run.traces(loop, round_)} (nor loop shared)")
 
 
-def examples_of(tok: Any, rows: list[dict[str, Any]], loop: str, noise: dict | None, max_seq_len: int) -> list[Example]:
+def examples_of(tok: Any, rows: list[dict[str, Any]], loop: str, noise: dict | None, max_seq_len: int,
+                seed: int = 0) -> list[Example]:
     chosen = sorted(select(rows, loop, noise), key=lambda r: r["rollout_id"])
-    return [render(tok, r, None if filtered(loop) else stamp_of(r), max_seq_len) for r in chosen]
+    stamps = permute_stamps(chosen, seed) if placebo(loop) else [stamp_of(r) for r in chosen]
+    return [render(tok, r, None if filtered(loop) else stamp, max_seq_len) for r, stamp in zip(chosen, stamps)]
 
 
 def replay(current: list[Example], pool: list[Example], fraction: float, seed: int) -> list[Example]:
@@ -177,7 +192,7 @@ def digest(examples: list[Example]) -> str:
 def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, replay_fraction: float,
           replay_rounds: int, noise: dict | None, seed: int) -> Dataset:
     rows, source = read_round(run, loop, round_)
-    current = examples_of(tok, rows, loop, noise, max_seq_len)
+    current = examples_of(tok, rows, loop, noise, max_seq_len, seed * 1_000_003 + round_)
     pool: list[Example] = []
     sources = {round_: source}
     for r in range(max(1, round_ - replay_rounds), round_):
@@ -185,7 +200,7 @@ def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, repla
             old, sources[r] = read_round(run, loop, r)
         except FileNotFoundError:
             continue
-        pool += examples_of(tok, old, loop, noise, max_seq_len)
+        pool += examples_of(tok, old, loop, noise, max_seq_len, seed * 1_000_003 + r)
     replayed = replay(current, pool, replay_fraction, seed * 1_000_003 + round_)
     examples = current + replayed
     manifest = {

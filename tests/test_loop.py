@@ -174,10 +174,10 @@ def test_matrix_two_rounds(tmp_path, tiny, researcher):
     assert ids_trained and not any("-c0" in rid for rid in ids_trained)
 
 
-def _child(run_dir: Path, researcher, tiny: Path, counter: Path) -> subprocess.Popen:
+def _child(run_dir: Path, researcher, tiny: Path, counter: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.loop_child", str(run_dir), researcher.base_url, str(tiny), str(counter),
-         "--rounds", str(ROUNDS), "--rollouts", str(N), "--no-probes"],  # probes' resume: test_loop_evals
+         "--rounds", str(ROUNDS), "--rollouts", str(N), "--no-probes", *extra],  # probes' resume: test_loop_evals
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -228,6 +228,35 @@ def test_kill9_across_round_boundaries_resumes_to_the_same_state(tmp_path, tiny,
     fits = [(e["loop"], e["round"]) for e in events if e["kind"] == "consolidated"]
     assert len(waves) == len(set(waves)) and len(fits) == len(set(fits)) == 8
     assert set(LOOPS) >= {loop for loop, _ in waves}
+
+
+@pytest.mark.slow
+def test_replicates_resume_after_kill9_to_the_same_state(tmp_path, tiny):
+    """Two replicates of arm S, CTRL and FLOOR, killed across rounds and replicates, end as a run never killed."""
+    small = ("--replicates", "2", "--small")
+    with ScriptedResearcher(plans(experiment(tiny, "http://unused", replicates=2), ROUNDS)) as researcher:
+        reference = RunDir(tmp_path / "reference")
+        ref = _child(reference.root, researcher, tiny, tmp_path / "ref-launches", *small)
+        assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-3000:]
+        run = RunDir(tmp_path / "killed")
+        targets = [("rollout_started", None, 3), ("phase", "consolidate", 2), ("consolidated", None, 2)]
+        kills, finished = 0, False
+        while not finished:
+            proc = _child(run.root, researcher, tiny, tmp_path / "launches", *small)
+            kind, phase, nth = targets[kills] if kills < len(targets) else ("no such event", None, 1)  # then finish
+            if _kill_when(proc, run.events, kind, phase, nth):
+                kills += 1
+                assert kills < 40, "the run never finished"
+            else:
+                assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+                finished = True
+    assert kills >= len(targets)
+    assert final_state(run) == final_state(reference)
+    assert set(run.read_state()["loops"]) == {"A-S", "CTRL", "FLOOR", "A-S.1", "CTRL.1", "FLOOR.1"}
+    for k, shared in ((0, "shared"), (1, "shared.1")):  # one round 1 per replicate, each with its own seeds
+        assert os.path.samefile(run.traces("A-S" if k == 0 else "A-S.1", 1), run.traces(shared, 1))
+    seeds = [{r["seed"] for r in rows(run, s, 1)} for s in ("shared", "shared.1")]
+    assert seeds[0].isdisjoint(seeds[1])
 
 
 def test_a_cpu_fit_cancelled_while_taking_the_slots_gives_back_those_it_took():

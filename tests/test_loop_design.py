@@ -105,3 +105,14 @@ def test_seed_controls_are_never_trained_on():
     assert all(not r["seed_control"] for r in dataset.select(ROWS, "A-S", None))
     assert all(not r["seed_control"] for r in dataset.select(ROWS, "A-F", {"mean": 2.0, "std": 0.01}))
     assert len(dataset.select(ROWS, "A-F", {"mean": 2.0, "std": 0.01})) == 8  # 0.5 of the control is not among them
+
+
+def test_calibration_varies_the_training_seed_of_the_seed_file():
+    from rfs import ROOT
+    from rfs.envs.calibrate import with_seed
+
+    seed = (ROOT / "env" / "builtin" / "train.py").read_text()
+    runs = [with_seed(seed, i) for i in range(10)]
+    assert len(set(runs)) == 10 and runs[0] == seed and "SEED = 1346  #" in runs[9]
+    assert with_seed("x = 1\n", 5) == "x = 1\n"  # no SEED line (autoresearch): run as it is
+    assert config.load(None).env.calibration_k >= 10

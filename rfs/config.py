@@ -154,6 +154,10 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "cluster": {},
     "embedded": {
+        # K = 1: on 2 cores one replicate of A-S, its placebo and no-prefill lines, CTRL and FLOOR
+        # already takes the embedded run's time (every line's waves and fits share the two cores);
+        # each further replicate repeats all of it. `rfs.py plan` says what K an effect needs.
+        "experiment": {"replicates": 1},
         "env": {"name": "builtin", "budget_s": 30.0, "timeout_s": 90.0, "device": "cpu"},
         "researcher": {
             "model": "smollm2",

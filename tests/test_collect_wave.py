@@ -169,6 +169,7 @@ def test_seed_controls_run_in_the_wave_and_are_never_the_researchers(tmp_path):
     assert launches(counter)["A-S-r1-c000"] == 1
     agg = aggregate.aggregate("A-S", 1, rows)
     assert agg["n"] == n and agg["best_val_bpb"] == pytest.approx(1.01)  # the control's 1.00 is not the researcher's
+    assert agg["ast_diversity"] == 1.0  # four distinct files; the controls' two copies of the seed are not counted
     assert aggregate.controls(rows)["control_n"] == 2
     finished = [e for e in iter_events(RunDir(tmp_path / "run").events) if e["kind"] == "wave_finished"]
     assert finished[0]["n"] == n and finished[0]["control_n"] == 2

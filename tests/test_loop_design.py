@@ -50,7 +50,7 @@ def row(i: int, status: str, bpb: float = math.nan, *, control: bool = False, di
     diff = "".join(f"+x{i}_{j} = {j}\n" for j in range(diff_lines))
     return new_row(loop="CTRL", rollout_id=f"CTRL-r1-t{i:03d}", round=1, thread=i, status=status,
                    val_bpb=bpb if status == "success" else math.nan, steps=10, diff=diff, seed_control=control, start_val_bpb=math.nan,
-                   messages=[] if control else [{"role": "assistant", "content": "{}", "reasoning": ""}])
+                   messages=[{"role": "assistant", "content": "{}", "reasoning": ""}])  # even a control's: the flag decides
 
 
 ROWS = ([row(i, "success", 1.0 + i / 100) for i in range(8)] + [row(8 + i, "crash") for i in range(16)]

@@ -76,7 +76,7 @@ async def _calibrated(cfg: Config, run: RunDir, hosts: HostsFile, events: EventL
     """The seed's val_bpb mean ± std on this machine at the wave's concurrency (calibrated once)."""
     cal = load_calibration(cfg.env, len(pool.slots))
     k = cfg.env.calibration_k
-    if cal is None or cal["k"] < k or "seeds_varied" not in cal:  # too few, or from one fixed SEED: again
+    if cal is None:
         events.emit("phase", loop="*", round=0, phase="calibrate")
         key = await reclaimed(run, pool.slots, hosts, events, "calibrate", 0)
         async with wave_launchers(pool.slots, hosts, key) as launcher_of:

@@ -41,6 +41,13 @@ class ExperimentCfg:
     runs_dir: str = "runs"
     # Declared before the first rollout (frozen into experiment.toml): the one number the verdict tests.
     primary_metric: str = "mean_improvement"
+    # Independent loops of every line, each with its own seeds: the verdict's unit of replication.
+    # 1 on the cluster: one 72-hour loop per line already fills the budget (issue 16); raise it
+    # when the budget allows, `rfs.py plan` says how many the wanted effect needs.
+    replicates: int = 1
+    # Control lines beside arm S: "noprefill" (arm S collected without its stamp prefill: weights
+    # without the goal hint) and "placebo" (arm S trained on stamps permuted across its round).
+    controls: tuple[str, ...] = ("placebo", "noprefill")
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class EnvCfg:
     budget_s: float = 300.0  # the training budget, the harness's own wall clock
     timeout_s: float = 360.0  # agent hard timeout per training run
     device: str = "cuda"  # cpu | cuda
-    calibration_k: int = 5
+    calibration_k: int = 10  # seed runs, each with its own training SEED where train.py has one
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,9 @@ class CollectCfg:
     rollouts: int = 48
     infra_retries: int = 2  # an infra_error is retried on another slot this many times
     quarantine_after: int = 3  # consecutive slot failures before a slot is taken out
+    # The share of every wave's slots that run the unmodified starting train.py beside the
+    # researcher's rollouts (at least one per wave): the noise under the wave's own conditions.
+    seed_controls: float = 0.125
 
 
 @dataclass(frozen=True)
@@ -109,18 +119,23 @@ class ConsolidateCfg:
 class LoopCfg:
     eval_every: int = 2  # held-out probes at V0, every n-th version and the last; 0: none
     stamp_margin: float = 0.01  # arm S conditions on (best so far - margin)
-    ctrl_memory_chars: int = 12000  # CTRL's bounded in-context memory
+    # CTRL's memory in tokens: the served context window less the rest of a rollout's context
+    # (docs/ctrl_memory.md); 0 sizes it from the window, a positive number caps it lower.
+    ctrl_memory_tokens: int = 0
     floor_waves: int = 2
     max_concurrent: int = 2  # loops running at once (default: the headline arm beside CTRL)
-    priority: tuple[str, ...] = ("A-S", "CTRL", "B-F", "B-S", "A-F", "FLOOR")
+    priority: tuple[str, ...] = ("A-S", "CTRL", "A-S-placebo", "A-S-noprefill", "B-F", "CTRL-B", "B-S", "A-F",
+                                 "FLOOR", "FLOOR-B")  # lines; replicate k of every line after replicate k-1
 
 
 @dataclass(frozen=True)
 class GuardCfg:
     min_success_rate: float = 0.05
     min_ast_diversity: float = 0.02
-    max_bpb_regression: float = 0.10  # mean val_bpb worse than the arm's best mean by this much
-    patience: int = 2  # rounds below threshold before the arm is paused
+    # A regression must be beyond what noise explains: mean val_bpb worse than the best mean by
+    # more than z·σ/√n, σ the wave's seed-control (or calibrated) std, n the round's successes.
+    regression_z: float = 3.0
+    patience: int = 2  # rounds below threshold before the arm is paused (at least 2: never one noisy round)
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,10 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "cluster": {},
     "embedded": {
+        # K = 1: on 2 cores one replicate of A-S, its placebo and no-prefill lines, CTRL and FLOOR
+        # already takes the embedded run's time (every line's waves and fits share the two cores);
+        # each further replicate repeats all of it. `rfs.py plan` says what K an effect needs.
+        "experiment": {"replicates": 1},
         "env": {"name": "builtin", "budget_s": 30.0, "timeout_s": 90.0, "device": "cpu"},
         "researcher": {
             "model": "smollm2",
@@ -228,6 +247,11 @@ def _check(cfg: Config, where: str) -> None:
         (r.action_space in ("code", "hparams"), "researcher.action_space", "code or hparams"),
         (r.backend != "external" or r.base_url, "researcher.base_url", "a URL when backend = external"),
         (cfg.collect.rollouts >= 1, "collect.rollouts", "at least 1"),
+        (e.replicates >= 1, "experiment.replicates", "at least 1"),
+        (set(e.controls) <= {"placebo", "noprefill"}, "experiment.controls", "a subset of placebo, noprefill"),
+        (0 < cfg.collect.seed_controls < 1, "collect.seed_controls", "a share in (0, 1): at least one per wave"),
+        (cfg.guard.patience >= 2, "guard.patience", "at least 2 (a regression over more than one round)"),
+        (cfg.guard.regression_z > 0, "guard.regression_z", "> 0"),
         (0 <= cfg.consolidate.replay_fraction < 1, "consolidate.replay_fraction", "in [0, 1)"),
         (cfg.consolidate.kl_lambda >= 0, "consolidate.kl_lambda", ">= 0"),
     ]

@@ -19,18 +19,22 @@ from rfs import config
 from rfs.hosts import HostsFile, SlotCfg
 from rfs.loop.driver import drive
 from rfs.trace import SHARED
-from rfs.loop.plan import plan, rollout_seed
+from rfs.loop.plan import rollout_seed
 from rfs.rundir import RunDir
 from tests.scripted_researcher import action
 from tests.wave_child import SleepEnv
 
-LOOPS = (SHARED, "A-S", "A-F", "B-S", "B-F", "CTRL", "FLOOR")
+LOOPS = (SHARED, "A-S", "A-F", "B-S", "B-F", "CTRL", "FLOOR", "CTRL-B", "FLOOR-B")  # the lines without arm S's controls
+CONTROL_LINES = ("A-S-placebo", "A-S-noprefill")
 
 
-def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2, probes: bool = True) -> config.Config:
+def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2, probes: bool = True,
+               controls: tuple[str, ...] = (), replicates: int = 1, arcs: tuple[str, ...] = ("A", "B"),
+               arms: tuple[str, ...] = ("S", "F")) -> config.Config:
     return config.load(None, {
-        "experiment": {"preset": "cluster", "name": "matrix", "arcs": ["A", "B"], "arms": ["S", "F"],
-                       "baselines": ["CTRL", "FLOOR"], "max_rounds": rounds},
+        "experiment": {"preset": "cluster", "name": "matrix", "arcs": list(arcs), "arms": list(arms),
+                       "baselines": ["CTRL", "FLOOR"], "max_rounds": rounds, "controls": list(controls),
+                       "replicates": replicates},
         "env": {"name": "builtin", "budget_s": 0.05, "timeout_s": 30.0, "calibration_k": 2},
         "researcher": {"backend": "external", "base_url": base_url + "/v1", "model": str(model_dir),
                        "action_space": "code", "max_turns": 4, "turn_timeout_s": 30.0},
@@ -55,11 +59,11 @@ def _edit(thread: int):
 
 
 def plans(cfg: config.Config, rounds: int) -> dict[int, list]:
-    """A plan for every rollout seed the driver will use, keyed as the scripted researcher expects."""
-    names = [SHARED] + [l.name for l in plan(cfg)]
+    """A plan for every rollout seed the driver will use, keyed as the scripted researcher expects
+    (every line of a replicate draws the same seeds: the design is paired)."""
     return {
-        rollout_seed(cfg.experiment.seed, name, r, t): [_edit(t), action("run"), action("finish")]
-        for name in names for r in range(1, rounds + 1) for t in range(cfg.collect.rollouts)
+        rollout_seed(cfg.experiment.seed, k, r, t): [_edit(t), action("run"), action("finish")]
+        for k in range(cfg.experiment.replicates) for r in range(1, rounds + 1) for t in range(cfg.collect.rollouts)
     }
 
 
@@ -70,10 +74,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rollouts", type=int, default=2)
     p.add_argument("--no-probes", action="store_true", help="loop.eval_every = 0")
+    p.add_argument("--replicates", type=int, default=1)
+    p.add_argument("--small", action="store_true", help="arc A, arm S only (with CTRL and FLOOR)")
     p.add_argument("--sleep", type=float, default=0.05, help="seconds each job sleeps")
     p.add_argument("--tui", action="store_true", help="the TUI, as on a terminal (stdout must be one)")
     a = p.parse_args()
-    cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts, probes=not a.no_probes)
+    cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts, probes=not a.no_probes,
+                     replicates=a.replicates, **({"arcs": ("A",), "arms": ("S",)} if a.small else {}))
     drive(cfg, RunDir(Path(a.run_dir)), hosts(), plain=not a.tui, env=SleepEnv(Path(a.counter), a.sleep))
 
 

@@ -84,3 +84,17 @@ def test_a_4xx_is_a_clear_rejection(tmp_path):
         client = ResearcherClient(server.base_url + "/nowhere", "m", ResearcherCfg(backend="vllm"))
         with pytest.raises(ServerRejected, match="HTTP 404"):
             act(client)
+
+
+def test_llamacpp_with_its_template_sends_every_request_the_same_way_prefill_or_not(tmp_path):
+    """One request path for every line: arm S's prefilled requests and CTRL's plain ones are both
+    rendered with the model's template and sent to /completions, differing only by the stamp."""
+    test_llamacpp_prefill_renders_the_models_own_template(tmp_path)  # writes the tokenizer to tmp_path
+    stamp = "<val_bpb=0.950 status=success steps=900>"
+    with ScriptedResearcher({100: [action("run")], 200: [action("run")]}) as server:
+        client = ResearcherClient(server.base_url, "m", ResearcherCfg(backend="llamacpp"), model_dir=tmp_path)
+        plain, stamped = act(client), act(client, seed=200, prefill=stamp)
+        bodies = server.requests
+    assert [("prompt" in b, "messages" in b) for b in bodies] == [(True, False), (True, False)]
+    assert bodies[1]["prompt"] == bodies[0]["prompt"] + stamp and bodies[0]["grammar"] == bodies[1]["grammar"]
+    assert json.loads(plain.text)["action"] == json.loads(stamped.text)["action"] == "run"

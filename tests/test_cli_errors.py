@@ -16,7 +16,6 @@ import pytest
 
 from rfs.cli import main
 from rfs.loop.plan import rollout_seed
-from rfs.trace import SHARED
 from tests.scripted_researcher import ScriptedResearcher, action
 from rfs.config import EnvCfg, PRESETS
 from rfs.envs.builtin import BuiltinEnv
@@ -111,7 +110,7 @@ def test_no_slots_left(tmp_path, capsys):
     model.mkdir()
     (model / "config.json").write_text("{}")
     edit = [action("edit", path="train.py", content="print('val_bpb: 1.0')\n"), action("run"), action("finish")]
-    seeds = [rollout_seed(0, SHARED, 1, t) for t in range(PRESETS["embedded"]["collect"]["rollouts"])]
+    seeds = [rollout_seed(0, 0, 1, t) for t in range(PRESETS["embedded"]["collect"]["rollouts"])]
     with ScriptedResearcher({seed: edit for seed in seeds}) as sr:
         exp = experiment(tmp_path, f'backend = "external"\nbase_url = "{sr.base_url}/v1"\nmodel = "{model}"\n'
                                    'action_space = "code"')

@@ -18,7 +18,7 @@ from rfs.agent.hparams import BEGIN, END
 from rfs.events import iter_events
 from rfs.rundir import RunDir
 from tests.scripted_researcher import ScriptedResearcher
-from tests.wave_child import SleepEnv, plans, specs, wave, wave_config
+from tests.wave_child import SEED_TRAIN_PY, SleepEnv, plans, specs, wave, wave_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -147,3 +147,30 @@ def test_temp_files_of_a_killed_writer_are_swept_and_never_read(tmp_path):
         rows = pq.read_table(anyio.run(wave, run.root, sr.base_url, SleepEnv(counter, 0.01), n, 1)).to_pylist()
     assert [r["status"] for r in rows] == ["success"] * n
     assert not any(p.exists() for p in litter)
+
+
+def test_seed_controls_run_in_the_wave_and_are_never_the_researchers(tmp_path):
+    """The unmodified start file runs beside the rollouts through the same slots and harness: rows
+    with seed_control=True, no researcher turn; the round's aggregates leave them out."""
+    from rfs.collect import aggregate
+    from rfs.collect.wave import seed_controls
+
+    counter, n = tmp_path / "launches", 4
+    controls = [replace(s, thread=n + i, rollout_id=f"A-S-r1-c{i:03d}") for i, s in enumerate(specs(2))]
+    with ScriptedResearcher(plans(n)) as sr:
+        out = anyio.run(lambda: wave(tmp_path / "run", sr.base_url, SleepEnv(counter, 0.05), n, 2, controls=controls))
+        asked = len(sr.requests)
+    rows = pq.read_table(out).to_pylist()
+    ctl = [r for r in rows if r["seed_control"]]
+    assert [r["rollout_id"] for r in ctl] == ["A-S-r1-c000", "A-S-r1-c001"]
+    assert all(r["status"] == "success" and r["val_bpb"] == pytest.approx(1.0) and r["messages"] == [] for r in ctl)
+    assert all(r["final_train_py"] == SEED_TRAIN_PY for r in ctl)
+    assert asked == 3 * n  # the researcher was asked for the rollouts only
+    assert launches(counter)["A-S-r1-c000"] == 1
+    agg = aggregate.aggregate("A-S", 1, rows)
+    assert agg["n"] == n and agg["best_val_bpb"] == pytest.approx(1.01)  # the control's 1.00 is not the researcher's
+    assert agg["ast_diversity"] == 1.0  # four distinct files; the controls' two copies of the seed are not counted
+    assert aggregate.controls(rows)["control_n"] == 2
+    finished = [e for e in iter_events(RunDir(tmp_path / "run").events) if e["kind"] == "wave_finished"]
+    assert finished[0]["n"] == n and finished[0]["control_n"] == 2
+    assert seed_controls(wave_config(rollouts=48).collect) == 6 and seed_controls(wave_config(rollouts=4).collect) == 1

@@ -24,7 +24,7 @@ from rfs import ROOT
 from rfs.events import read_events
 from rfs.loop.driver import drive
 from rfs.rundir import RunDir
-from tests.loop_child import LOOPS, experiment, hosts, plans
+from tests.loop_child import CONTROL_LINES, LOOPS, experiment, hosts, plans
 from tests.procs import group_alive, job_groups, wait_for
 from tests.scripted_researcher import ScriptedResearcher
 from tests.tiny_model import build
@@ -54,7 +54,12 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def rows(run: RunDir, loop: str, r: int) -> list[dict]:
-    return pq.read_table(run.traces(loop, r)).to_pylist()
+    """The researcher's rows of a round (the seed controls beside them: controls())."""
+    return [row for row in pq.read_table(run.traces(loop, r)).to_pylist() if not row["seed_control"]]
+
+
+def controls(run: RunDir, loop: str, r: int) -> list[dict]:
+    return [row for row in pq.read_table(run.traces(loop, r)).to_pylist() if row["seed_control"]]
 
 
 def final_state(run: RunDir) -> dict:
@@ -76,11 +81,11 @@ def final_state(run: RunDir) -> dict:
 
 def test_matrix_two_rounds(tmp_path, tiny, researcher):
     run = RunDir(tmp_path / "run")
-    cfg = experiment(tiny, researcher.base_url, ROUNDS, N)
+    cfg = experiment(tiny, researcher.base_url, ROUNDS, N, controls=("placebo", "noprefill"))
     assert drive(cfg, run, hosts(), plain=True, env=SleepEnv(tmp_path / "launches", 0.05)) == 0
 
     state = run.read_state()["loops"]
-    for gold in ("A-S", "A-F", "B-S", "B-F"):
+    for gold in ("A-S", "A-F", "B-S", "B-F", *CONTROL_LINES):
         assert (state[gold]["round"], state[gold]["version"], state[gold]["status"]) == (2, 2, "done")
         assert (run.model(gold, 2) / "manifest.json").exists()
     assert (state["CTRL"]["round"], state["CTRL"]["version"]) == (2, 0)
@@ -110,7 +115,7 @@ def test_matrix_two_rounds(tmp_path, tiny, researcher):
 
     # Arm S conditions on a wanted outcome once trained on stamps; nobody else is conditioned.
     assert all(r["conditioning_stamp"].startswith("<val_bpb=0.980 status=success") for r in rows(run, "A-S", 2))
-    for loop in ("A-F", "B-F", "CTRL", "FLOOR"):
+    for loop in ("A-F", "B-F", "CTRL", "FLOOR", "A-S-noprefill", "CTRL-B"):
         assert all(r["conditioning_stamp"] == "" for r in rows(run, loop, max(1, state[loop]["round"])))
 
     # CTRL carries round 1 in its prompt; FLOOR carries nothing.
@@ -127,7 +132,7 @@ def test_matrix_two_rounds(tmp_path, tiny, researcher):
         elif e["kind"] in ("consolidated", "experiment_finished"):
             inside = False
         overlaps += inside and e["kind"] == "run_started"
-    assert fits == 8 and overlaps == 0
+    assert fits == 12 and overlaps == 0
 
     # Held-out probes ran for V0 (once, shared) and for each gold loop's last version.
     evals = pq.read_table(run.metrics("version_eval")).to_pylist()
@@ -135,11 +140,44 @@ def test_matrix_two_rounds(tmp_path, tiny, researcher):
     assert {("shared", 0, p) for p in ("zero_shot", "transfer", "code")} <= probed
     assert {(loop, 2, "zero_shot") for loop in ("A-S", "A-F", "B-S", "B-F")} <= probed
 
+    # Arc B has its own baselines, continuing from their own best file as arc B does; CTRL stays on arc A.
+    assert {(state[b]["kind"], state[b]["arc"]) for b in ("CTRL-B", "FLOOR-B")} == {("ctrl", "B"), ("floor", "B")}
+    assert state["CTRL"]["arc"] == "A" and state["CTRL-B"]["round"] == 2
+    assert {r["start_train_py_sha256"] for r in rows(run, "CTRL-B", 2)} == {sha("x = -1\n")}
+    assert all("round 1: val_bpb=0.9900" in r["memory"] for r in rows(run, "CTRL-B", 2))
 
-def _child(run_dir: Path, researcher, tiny: Path, counter: Path) -> subprocess.Popen:
+    # Paired: rollout t of round r draws the same seed in every line of the replicate.
+    for r in (1, 2):
+        lines = [loop for loop in state if state[loop]["kind"] != "floor" or r == 1]
+        seeds = {loop: sorted((row["thread"], row["seed"]) for row in rows(run, loop, r)) for loop in lines}
+        assert len({tuple(v) for v in seeds.values()}) == 1 and len(seeds[lines[0]]) == N, seeds
+
+    # The no-prefill line is arm S trained the same, collected without the stamp; nobody else is stamped.
+    noprefill = json.loads((run.model("A-S-noprefill", 1) / "dataset.json").read_text())
+    assert noprefill["selected"] == s_data["selected"] and noprefill["rule"] == s_data["rule"]
+    assert all(r["conditioning_stamp"] == "" for r in rows(run, "A-S-noprefill", 2))
+    placebo = json.loads((run.model("A-S-placebo", 1) / "dataset.json").read_text())
+    assert placebo["selected"] == s_data["selected"]  # the same traces; stamps permuted (test_loop_design)
+
+    # Seed controls ran in every wave, as the unmodified start file with no researcher turn, and
+    # nothing trained on them.
+    files = sorted((run.root / "traces").glob("*/round-*.parquet"))
+    assert len(files) == 1 + 6 * 2 + 2 * 2 + 2  # shared, six gold lines, CTRL(-B), FLOOR(-B)
+    for path in files:
+        table = pq.read_table(path).to_pylist()
+        ctl = [r for r in table if r["seed_control"]]
+        assert len(ctl) == 1 and ctl[0]["messages"] == [] and ctl[0]["turns"] == 0, path
+        assert ctl[0]["start_train_py_sha256"] == sha(ctl[0]["final_train_py"]) and ctl[0]["status"] == "success"
+        assert ctl[0]["thread"] == N and ctl[0]["rollout_id"].endswith("-c000")
+    ids_trained = {rid for m in run.root.glob("models/*/v*/dataset.json")
+                   for _, rid in json.loads(m.read_text())["rollouts"]}
+    assert ids_trained and not any("-c0" in rid for rid in ids_trained)
+
+
+def _child(run_dir: Path, researcher, tiny: Path, counter: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.loop_child", str(run_dir), researcher.base_url, str(tiny), str(counter),
-         "--rounds", str(ROUNDS), "--rollouts", str(N), "--no-probes"],  # probes' resume: test_loop_evals
+         "--rounds", str(ROUNDS), "--rollouts", str(N), "--no-probes", *extra],  # probes' resume: test_loop_evals
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -190,6 +228,35 @@ def test_kill9_across_round_boundaries_resumes_to_the_same_state(tmp_path, tiny,
     fits = [(e["loop"], e["round"]) for e in events if e["kind"] == "consolidated"]
     assert len(waves) == len(set(waves)) and len(fits) == len(set(fits)) == 8
     assert set(LOOPS) >= {loop for loop, _ in waves}
+
+
+@pytest.mark.slow
+def test_replicates_resume_after_kill9_to_the_same_state(tmp_path, tiny):
+    """Two replicates of arm S, CTRL and FLOOR, killed across rounds and replicates, end as a run never killed."""
+    small = ("--replicates", "2", "--small")
+    with ScriptedResearcher(plans(experiment(tiny, "http://unused", replicates=2), ROUNDS)) as researcher:
+        reference = RunDir(tmp_path / "reference")
+        ref = _child(reference.root, researcher, tiny, tmp_path / "ref-launches", *small)
+        assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-3000:]
+        run = RunDir(tmp_path / "killed")
+        targets = [("rollout_started", None, 3), ("phase", "consolidate", 2), ("consolidated", None, 2)]
+        kills, finished = 0, False
+        while not finished:
+            proc = _child(run.root, researcher, tiny, tmp_path / "launches", *small)
+            kind, phase, nth = targets[kills] if kills < len(targets) else ("no such event", None, 1)  # then finish
+            if _kill_when(proc, run.events, kind, phase, nth):
+                kills += 1
+                assert kills < 40, "the run never finished"
+            else:
+                assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+                finished = True
+    assert kills >= len(targets)
+    assert final_state(run) == final_state(reference)
+    assert set(run.read_state()["loops"]) == {"A-S", "CTRL", "FLOOR", "A-S.1", "CTRL.1", "FLOOR.1"}
+    for k, shared in ((0, "shared"), (1, "shared.1")):  # one round 1 per replicate, each with its own seeds
+        assert os.path.samefile(run.traces("A-S" if k == 0 else "A-S.1", 1), run.traces(shared, 1))
+    seeds = [{r["seed"] for r in rows(run, s, 1)} for s in ("shared", "shared.1")]
+    assert seeds[0].isdisjoint(seeds[1])
 
 
 def test_a_cpu_fit_cancelled_while_taking_the_slots_gives_back_those_it_took():

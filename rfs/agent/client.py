@@ -2,7 +2,11 @@
 
 Every backend speaks OpenAI chat completions; they differ only in how a JSON schema is requested
 and in how a reply is pre-filled (arm S conditions on an outcome stamp placed at the start of the
-assistant reply). A server that is down, slow or answering 5xx raises ServerDown: an
+assistant reply). A client sends every request one way, prefill or not, so no line of an
+experiment reaches the researcher by another path than the others (the prompt rendering and the
+constrained decoding would differ, a confound beside the weights): llama.cpp with the model's
+directory renders every prompt with the model's own template through /completions (its chat
+endpoint cannot continue an assistant turn); every other client uses /chat/completions. A server that is down, slow or answering 5xx raises ServerDown: an
 infrastructure failure, never the researcher's fault.
 """
 
@@ -94,6 +98,8 @@ class ResearcherClient:
         enforced: bool | None = None,  # the server constrains decoding to the schema (default: not external)
     ):
         self.backend, self.model, self.model_dir = cfg.backend, model, model_dir
+        # The one path of this client's every request: prompts rendered here, through /completions.
+        self.rendered = cfg.backend == "llamacpp" and model_dir is not None
         self.enforced = cfg.backend != "external" if enforced is None else enforced
         self.base_url = api_base(base_url)
         key = os.environ.get(cfg.api_key_env, "") if cfg.backend == "external" else ""
@@ -145,7 +151,7 @@ class ResearcherClient:
     ) -> Reply:
         self.check_fits(messages, max_tokens, prefill)
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-        if prefill and self.backend == "llamacpp":
+        if self.rendered or (prefill and self.backend == "llamacpp"):  # the latter raises: no template to render with
             # llama-cpp-python's chat endpoint cannot continue an assistant turn, so rfs renders the
             # prompt with the model's own template and constrains the continuation by grammar.
             body |= {"prompt": prompts.render(self._tokenizer, messages, prefill), "grammar": _gbnf(schema)}

@@ -1,5 +1,8 @@
 """Round aggregates: one row per (loop, round) in metrics/round_aggregates.parquet.
 
+Seed-control rows (seed_control=True: the unmodified starting train.py run beside the wave) are
+never the researcher's: every figure below leaves them out; `controls()` summarises them apart.
+
 Definitions (rates are over the rows the researcher is answerable for: infra_error rows are
 counted in `n` and `infra_error_rate` only, because a dead slot says nothing about the researcher):
 
@@ -105,8 +108,24 @@ def _reasoning_density(rows: list[dict[str, Any]]) -> float:
     return _rate(thought, thought + sum(len(m["content"] or "") for m in turns))
 
 
+def researchers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the researcher is answerable for: all but the seed controls."""
+    return [r for r in rows if not r["seed_control"]]
+
+
+def controls(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The wave's seed controls: how many ran, and mean/std (sample std) of their successful val_bpb."""
+    bpb = [r["val_bpb"] for r in rows if r["seed_control"] and r["status"] == "success"]
+    return {
+        "control_n": len(bpb),
+        "control_mean_val_bpb": statistics.fmean(bpb) if bpb else math.nan,
+        "control_std_val_bpb": statistics.stdev(bpb) if len(bpb) > 1 else math.nan,
+    }
+
+
 def outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The part of the aggregate that only counts statuses and val_bpb: cheap, for a wave's end event."""
+    rows = researchers(rows)
     n = len(rows)
     scored = [r for r in rows if r["status"] != "infra_error"]
     bpb = [r["val_bpb"] for r in scored if r["status"] == "success"]
@@ -123,6 +142,7 @@ def outcomes(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def aggregate(loop: str, round_: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The aggregate row for one loop's round (a shared round 1 is aggregated under each loop's name)."""
+    rows = researchers(rows)
     if not rows:
         raise ValueError(f"aggregate: no rows for {loop} round {round_}")
     scored = [r for r in rows if r["status"] != "infra_error"]

@@ -6,6 +6,12 @@ when all are there the round file `run.traces(loop, round)` is compacted from th
 and is the wave's answer from then on. A restarted wave first stops the jobs a killed controller
 left running (`reclaimed`). A rollout holds a slot only while its training run executes, so N
 rollouts share few slots while the researcher thinks.
+
+Seed controls (`controls`) run beside the rollouts in the same wave, through the same slots and
+harness: the unmodified starting train.py, no researcher turn, a row with seed_control=True. They
+measure the noise under the conditions this wave ran in (its concurrency, its researcher server's
+load), so "improvement" is judged against them; nothing trains on them or counts them as the
+researcher's.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from rfs.agent.client import ResearcherClient, ServerDown
 from rfs.agent.rollout import Executed, RolloutSpec, rollout
 from rfs.collect import aggregate, anomaly
 from rfs.collect.slots import NoSlotsLeft, SlotPool
-from rfs.config import Config
+from rfs.config import CollectCfg, Config
 from rfs.envs.base import Environment, RunResult
 from rfs.events import EventLog
 from rfs.hosts import HostsFile, Slot
@@ -50,13 +56,15 @@ async def run_wave(
     rollout_fn: RolloutFn = rollout,
     calibration: dict[str, float] | None = None,
     revive: Callable[[], Awaitable[None]] | None = None,
+    controls: list[RolloutSpec] = (),  # type: ignore[assignment]  # seed-control runs of the same (loop, round)
 ) -> Path:
-    """Run every spec's rollout once (resuming a killed wave); return traces(loop, round).
+    """Run every spec's rollout and every control's seed run once (resuming a killed wave); return
+    traces(loop, round).
 
     `calibration` ({mean, std} of the seed's val_bpb) sharpens the anomaly flags when given.
     `revive()` restarts a researcher server found down, before the rollouts it failed play again.
     """
-    loop, round_ = _one_round(specs)
+    loop, round_ = _one_round(specs + list(controls))
     out = run.traces(loop, round_)
     if out.exists():  # compacted before a kill: at most the pending files are left to remove
         shutil.rmtree(run.pending(loop, round_), ignore_errors=True)
@@ -68,27 +76,57 @@ async def run_wave(
         litter.unlink(missing_ok=True)  # half-written temp files of a killed controller, never renamed
     done = {p.name.removesuffix(".json") for p in pending.glob("*.json")}
     todo = [s for s in specs if s.rollout_id not in done]
+    todo_controls = [s for s in controls if s.rollout_id not in done]
     finished: dict[str, dict[str, Any]] = {}  # this controller's rows, kept so compaction need not read them back
     # Disk writes (fsync) go to worker threads so rollouts never wait on one another's I/O; a few
     # threads keep up with a wave's ends, and each new one (anyio retires idle ones after 10 s, so a
     # wave's ends find none) costs the event loop a thread start.
     writers = anyio.CapacityLimiter(4)
 
-    async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher]) -> None:
+    async def one(spec: RolloutSpec, launcher: Callable[[Slot], Launcher], control: bool = False) -> None:
         training = _Training(run, spec, cfg, env, pool, launcher, events)
-        row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
+        if control:
+            row = await _control_row(spec, cfg, training)
+        else:
+            row = await _rollout_row(spec, cfg, client, training, events, rollout_fn, revive)
         await anyio.to_thread.run_sync(_persist, training, run.pending_row(loop, round_, spec.rollout_id), row, limiter=writers)
         finished[spec.rollout_id] = row
         events.emit(
             "rollout_finished", loop=loop, round=round_, rollout_id=spec.rollout_id, status=row["status"], val_bpb=row["val_bpb"]
         )
 
-    if todo:  # a SLURM allocation is made (and waited for) only when there is something to run
+    if todo or todo_controls:  # a SLURM allocation is made (and waited for) only when there is something to run
         wave = await reclaimed(run, pool.slots, hosts, events, loop, round_)
         async with wave_launchers(pool.slots, hosts, wave) as launcher, anyio.create_task_group() as tg:
+            for spec in todo_controls:  # first: they take slots while the researcher is still thinking
+                tg.start_soon(one, spec, launcher, True, name=spec.rollout_id)
             for spec in todo:
                 tg.start_soon(one, spec, launcher, name=spec.rollout_id)
-    return await anyio.to_thread.run_sync(_compact, run, specs, finished, cfg, events, calibration)
+    return await anyio.to_thread.run_sync(_compact, run, specs + list(controls), finished, cfg, events, calibration)
+
+
+def seed_controls(cfg: CollectCfg) -> int:
+    """Seed-control runs per wave: `collect.seed_controls` of the wave's slots, at least one."""
+    return max(1, math.ceil(cfg.seed_controls * cfg.rollouts))
+
+
+async def _control_row(spec: RolloutSpec, cfg: Config, training: _Training) -> dict[str, Any]:
+    """The starting train.py run as it is, through the same slots, launcher and harness retries as a
+    rollout's run; the status is the harness's. No researcher turn, nothing to train on."""
+    started = time.time()
+    ex = await training(spec.start_train_py)
+    res = ex.result
+    row = trace.new_row(
+        **spec.columns(), seed_control=True, host=ex.host, slot=ex.slot, gpu_type=ex.gpu_type, job_id=ex.job_id,
+        blob_path=ex.blob_path, infra_attempts=ex.infra_attempts, action_space=cfg.researcher.action_space,
+        final_train_py=spec.start_train_py, exit_code=res.exit_code, status=res.status,
+        detail=(res.detail.splitlines() or [""])[0], val_bpb=float(res.val_bpb) if res.status == "success" else math.nan,
+        steps=int(res.steps), tokens=int(res.tokens), peak_vram_mb=float(res.peak_memory_mb),
+        training_seconds=float(res.training_seconds), wall_seconds=float(res.wall_seconds),
+        stdout_tail=res.stdout_tail.encode("utf-8", "replace").decode(), started_at=started, finished_at=time.time(),
+    )
+    trace.validate(row)
+    return row
 
 
 def wave_key(run: RunDir, loop: str, round_: int) -> str:
@@ -259,7 +297,8 @@ def _compact(
     out = run.traces(loop, round_)
     atomic.write_parquet(out, trace.to_table(flagged, validated=True))  # each row was, before it was written
     shutil.rmtree(pending, ignore_errors=True)
-    scores = aggregate.outcomes(flagged)
-    events.emit("wave_finished", loop=loop, round=round_, n=len(flagged), success_rate=scores["success_rate"],
-                best_val_bpb=scores["best_val_bpb"], mean_val_bpb=scores["mean_val_bpb"])
+    scores = aggregate.outcomes(flagged) | aggregate.controls(flagged)
+    events.emit("wave_finished", loop=loop, round=round_, n=scores["n"], success_rate=scores["success_rate"],
+                best_val_bpb=scores["best_val_bpb"], mean_val_bpb=scores["mean_val_bpb"],
+                control_n=scores["control_n"], control_mean_val_bpb=scores["control_mean_val_bpb"])
     return out

@@ -98,12 +98,25 @@ def improved(row: dict[str, Any], noise: dict[str, float]) -> bool:
 
 
 def filtered(loop: str) -> bool:
-    """Arm F's rule applies to "F" and to a loop named after it ("A-F", "B-F")."""
-    return loop.rsplit("-", 1)[-1] == "F"
+    """Arm F's rule applies to "F" and to a loop named after it ("A-F", "B-F", replicate "A-F.1")."""
+    return loop.split(".")[0].rsplit("-", 1)[-1] == "F"
+
+
+def placebo(loop: str) -> bool:
+    """The placebo line of arm S ("A-S-placebo", replicate "A-S-placebo.1") trains on permuted stamps."""
+    return loop.split(".")[0].endswith("-placebo")
+
+
+def permute_stamps(rows: list[dict[str, Any]], seed: int) -> list[str]:
+    """The rows' stamps, permuted across the rows (seeded): the placebo keeps the format of its
+    own traces and the outcomes' spread, but not which outcome each action earned."""
+    stamps = [stamp_of(r) for r in rows]
+    random.Random(seed).shuffle(stamps)
+    return stamps
 
 
 def select(rows: list[dict[str, Any]], loop: str, noise: dict[str, float] | None) -> list[dict[str, Any]]:
-    usable = [r for r in rows if r["status"] != "infra_error" and any(m["role"] == "assistant" for m in r["messages"])]
+    usable = [r for r in rows if r["status"] != "infra_error" and not r["seed_control"] and any(m["role"] == "assistant" for m in r["messages"])]
     if not filtered(loop):
         return usable
     if noise is None or not {"mean", "std"} <= noise.keys():
@@ -189,9 +202,10 @@ def read_round(run: RunDir, loop: str, round_: int) -> tuple[list[dict[str, Any]
     raise FileNotFoundError(f"no traces for loop {loop} round {round_}: {run.traces(loop, round_)} (nor loop shared)")
 
 
-def examples_of(tok: Any, rows: list[dict[str, Any]], loop: str, noise: dict | None) -> list[Example]:
+def examples_of(tok: Any, rows: list[dict[str, Any]], loop: str, noise: dict | None, seed: int = 0) -> list[Example]:
     chosen = sorted(select(rows, loop, noise), key=lambda r: r["rollout_id"])
-    return [render(tok, r, None if filtered(loop) else stamp_of(r)) for r in chosen]
+    stamps = permute_stamps(chosen, seed) if placebo(loop) else [stamp_of(r) for r in chosen]
+    return [render(tok, r, None if filtered(loop) else stamp) for r, stamp in zip(chosen, stamps)]
 
 
 def fitting(examples: list[Example], max_seq_len: int) -> tuple[list[Example], list[Example]]:
@@ -216,7 +230,7 @@ def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, repla
           replay_rounds: int, noise: dict | None, seed: int) -> Dataset:
     """max_seq_len: the cap, within the model's context (the caller takes the smaller of the two)."""
     rows, source = read_round(run, loop, round_)
-    current, dropped = fitting(examples_of(tok, rows, loop, noise), max_seq_len)
+    current, dropped = fitting(examples_of(tok, rows, loop, noise, seed * 1_000_003 + round_), max_seq_len)
     pool: list[Example] = []
     sources = {round_: source}
     for r in range(max(1, round_ - replay_rounds), round_):
@@ -224,7 +238,7 @@ def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, repla
             old, sources[r] = read_round(run, loop, r)
         except FileNotFoundError:
             continue
-        kept, too_long = fitting(examples_of(tok, old, loop, noise), max_seq_len)
+        kept, too_long = fitting(examples_of(tok, old, loop, noise, seed * 1_000_003 + r), max_seq_len)
         pool += kept
         dropped += too_long
     replayed = replay(current, pool, replay_fraction, seed * 1_000_003 + round_)

@@ -1,4 +1,8 @@
-"""The noise floor: the seed train.py run k times at the wave's concurrency.
+"""The noise floor: the seed train.py run k times at the wave's concurrency, across training seeds.
+
+`SEED` is one of the researcher's own settings, so noise measured at one fixed SEED would leave
+out the spread a researcher's run sees: calibration run i trains with SEED + i where train.py has
+a `SEED = <int>` line (the builtin env); a file without one (autoresearch) is run as it is.
 
 A val_bpb difference smaller than the seed's own run-to-run spread is not an improvement, and the
 spread depends on how many runs share the machine, so it is measured at that concurrency (one run
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -22,6 +27,14 @@ from rfs.config import EnvCfg, cache_dir
 from rfs.envs import Environment, RunResult, execute
 from rfs.hosts import Slot
 from rfs.launch.base import Launcher
+
+
+_SEED = re.compile(r"^SEED = (\d+)", re.MULTILINE)
+
+
+def with_seed(train_py: str, i: int) -> str:
+    """train.py with its training SEED moved on by i (unchanged when it has no SEED line)."""
+    return _SEED.sub(lambda m: f"SEED = {int(m.group(1)) + i}", train_py, count=1)
 
 
 def calibration_path(env_cfg: EnvCfg, concurrency: int) -> Path:
@@ -45,7 +58,7 @@ async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Calla
         slot = await pool.acquire()
         failure = ""
         try:
-            result, outcome = await execute(env, launcher_of(slot), slot, seed, f"calibrate-{i}")
+            result, outcome = await execute(env, launcher_of(slot), slot, with_seed(seed, i), f"calibrate-{i}")
             failure = outcome.infra_error
             runs.append((i, result.status, result.val_bpb, result.detail))
             if on_run:
@@ -69,6 +82,7 @@ async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Calla
         "concurrency": len(pool.slots),
         "host": platform.node(),
         "k": k,
+        "seeds_varied": bool(_SEED.search(seed)),
         "values": values,
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if k > 1 else 0.0,

@@ -75,9 +75,9 @@ async def _calibrated(cfg: Config, run: RunDir, hosts: HostsFile, events: EventL
                       pool: SlotPool) -> Noise:
     """The seed's val_bpb mean ± std on this machine at the wave's concurrency (calibrated once)."""
     cal = load_calibration(cfg.env, len(pool.slots))
+    k = cfg.env.calibration_k
     if cal is None:
         events.emit("phase", loop="*", round=0, phase="calibrate")
-        k = cfg.env.calibration_k
         key = await reclaimed(run, pool.slots, hosts, events, "calibrate", 0)
         async with wave_launchers(pool.slots, hosts, key) as launcher_of:
             cal = await calibrate(env, pool, k, launcher_of, cfg.env, on_run=announce(k))

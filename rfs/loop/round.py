@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
+import pyarrow.compute as pc
 
 from rfs import atomic, trace
+from rfs.agent import prompts
 from rfs.agent.rollout import RolloutSpec
-from rfs.collect.aggregate import aggregate_round
-from rfs.collect.wave import run_wave
+from rfs.collect.aggregate import aggregate_round, controls, researchers
+from rfs.collect.wave import run_wave, seed_controls
 from rfs.devices import pick_device
 from rfs.evals.metrics import record_thread_rounds
 from rfs.loop import guard
 from rfs.loop.experiment import Experiment
-from rfs.loop.memory import build_memory
-from rfs.loop.plan import LoopSpec, rollout_id, rollout_seed
+from rfs.loop.memory import budget_tokens, build_memory, token_counter
+from rfs.loop.plan import LoopSpec, control_id, rollout_id, rollout_seed
 from rfs.loop.serving import V0, Served
 from rfs.loop.state import LoopState, RoundStats
 from rfs.trace import SHARED, outcome_stamp
@@ -33,7 +35,7 @@ from rfs.trace import SHARED, outcome_stamp
 async def play(ex: Experiment, loop: LoopSpec, r: int) -> None:
     """Round r of the loop, up to (not including) its probes and the state's move to round r."""
     traces = trace.read(await _collect(ex, loop, r))
-    record_thread_rounds(ex.run, traces)
+    record_thread_rounds(ex.run, traces.filter(pc.invert(traces["seed_control"])))  # the researcher's threads
     _record(ex, loop, r, traces.to_pylist())
     if loop.trains:
         await _consolidate(ex, loop, r)
@@ -47,18 +49,19 @@ async def _collect(ex: Experiment, loop: LoopSpec, r: int) -> Path:
     key = loop.name if loop.trains else V0
     server = await ex.servers.serve(key, version)
     start_py, start_bpb = _start(ex, loop)
-    specs = _specs(ex, loop.name, loop.arc, r, version, server, start_py, start_bpb,
+    specs = _specs(ex, loop, r, version, server, start_py, start_bpb,
                    memory=_memory(ex, loop, r), stamp=_stamp(ex, loop, version))
     return await _wave(ex, specs, server, key)
 
 
 async def _shared_round(ex: Experiment, loop: LoopSpec) -> Path:
-    """Round 1 is collected once with V0 and linked into every loop that shares it."""
+    """Round 1 is collected once per replicate with V0 and linked into every loop that shares it."""
     async with ex.shared_lock:
-        shared = ex.run.traces(SHARED, 1)
+        shared = ex.run.traces(loop.shared, 1)
         if not shared.exists():
             server = await ex.servers.serve(V0, 0)
-            specs = _specs(ex, SHARED, "A", 1, 0, server, ex.env.seed_train_py(), ex.noise.mean)
+            wave = LoopSpec(loop.shared, "shared", "A", "", SHARED, loop.replicate)
+            specs = _specs(ex, wave, 1, 0, server, ex.env.seed_train_py(), ex.noise.mean)
             await _wave(ex, specs, server, V0)
     mine = ex.run.traces(loop.name, 1)
     if not mine.exists():  # a hard link through a temp name: the loop's file appears whole or not at all
@@ -79,15 +82,21 @@ def _start(ex: Experiment, loop: LoopSpec) -> tuple[str, float]:
 
 
 def _memory(ex: Experiment, loop: LoopSpec, r: int) -> str:
-    """CTRL's prompt carries its own earlier rounds; no other loop has a memory."""
+    """CTRL's prompt carries its own earlier rounds, sized in tokens (rfs.loop.memory); no other
+    loop has a memory."""
     if loop.kind != "ctrl":
         return ""
     past = [row for k in range(1, r) for row in _rows(ex, loop.name, k)]
-    return build_memory(past, ex.cfg.loop.ctrl_memory_chars)
+    count = token_counter(ex.servers.model_dir(V0, 0))
+    start_py, start_bpb = _start(ex, loop)
+    space = ex.cfg.researcher.action_space
+    fixed = prompts.system(ex.env.program_md(), space) + prompts.first_user(start_py, space, start_bpb)
+    return build_memory(past, budget_tokens(ex.cfg, fixed, count), count)
 
 
 def _stamp(ex: Experiment, loop: LoopSpec, version: int) -> str:
-    """Arm S asks for an outcome just past its best so far, once its weights have learned stamps."""
+    """Arm S asks for an outcome just past its best so far, once its weights have learned stamps
+    (its no-prefill line never does: LoopSpec.conditioned)."""
     st = ex.state.loops[loop.name]
     if not (loop.conditioned and version >= 1 and math.isfinite(st.best_val_bpb)):
         return ""
@@ -99,36 +108,48 @@ def _rows(ex: Experiment, loop: str, r: int) -> list[dict[str, Any]]:
     return trace.read_rows(path) if path.exists() else []
 
 
-def _specs(ex: Experiment, loop: str, arc: str, r: int, version: int, server: Served, start_py: str,
+def _specs(ex: Experiment, loop: LoopSpec, r: int, version: int, server: Served, start_py: str,
            start_bpb: float, memory: str = "", stamp: str = "") -> list[RolloutSpec]:
+    """The wave's rollouts, then its seed controls (threads N, N+1 …: the unmodified start file,
+    no memory, no stamp)."""
     cfg = ex.cfg
+    n = cfg.collect.rollouts
     program_sha, seed_sha = ex.seed_hashes()
-    return [
-        RolloutSpec(
-            experiment=cfg.experiment.name, loop=loop, arc=arc, round=r, version=version, thread=t,
-            rollout_id=rollout_id(loop, r, t), seed=rollout_seed(cfg.experiment.seed, loop, r, t),
+
+    def spec(t: int, rid: str, memory: str, stamp: str) -> RolloutSpec:
+        return RolloutSpec(
+            experiment=cfg.experiment.name, loop=loop.name, line=loop.line_name, replicate=loop.replicate,
+            arc=loop.arc, round=r, version=version, thread=t, rollout_id=rid,
+            seed=rollout_seed(cfg.experiment.seed, loop.replicate, r, t),
             start_train_py=start_py, start_val_bpb=start_bpb, memory=memory, conditioning_stamp=stamp,
             researcher_model=server.model_id, researcher_weights_sha256=server.weights_sha256,
             env_name=ex.env.name, program_md=ex.env.program_md(), seed_train_py_sha256=seed_sha,
             program_md_sha256=program_sha,
         )
-        for t in range(cfg.collect.rollouts)
-    ]
+
+    rollouts = [spec(t, rollout_id(loop.name, r, t), memory, stamp) for t in range(n)]
+    return rollouts + [spec(n + i, control_id(loop.name, r, i), "", "") for i in range(seed_controls(cfg.collect))]
 
 
 async def _wave(ex: Experiment, specs: list[RolloutSpec], server: Served, key: str) -> Path:
-    return await run_wave(ex.run, specs, cfg=ex.cfg, env=ex.env, pool=ex.pool, hosts=ex.hosts,
+    n = ex.cfg.collect.rollouts
+    return await run_wave(ex.run, specs[:n], cfg=ex.cfg, env=ex.env, pool=ex.pool, hosts=ex.hosts,
                           client=server.client, events=ex.events, calibration=ex.noise.to_json(),
-                          revive=lambda: ex.servers.revive(key))
+                          revive=lambda: ex.servers.revive(key), controls=specs[n:])
 
 
 def _record(ex: Experiment, loop: LoopSpec, r: int, rows: list[dict[str, Any]]) -> None:
     """The loop's best so far, its history, and the collapse guard's verdict on this round."""
     st = ex.state.loops[loop.name]
     agg = aggregate_round(ex.run, loop.name, r, rows)
-    _best_so_far(ex, loop.name, st, rows)
-    stats = RoundStats(r, agg["best_val_bpb"], agg["mean_val_bpb"], agg["success_rate"], agg["ast_diversity"])
-    problems = guard.judge(st, stats, ex.cfg.guard, guarded=loop.kind != "floor")
+    ctl = controls(rows)
+    _best_so_far(ex, loop.name, st, researchers(rows))
+    successes = sum(row["status"] == "success" for row in researchers(rows))
+    stats = RoundStats(r, agg["best_val_bpb"], agg["mean_val_bpb"], agg["success_rate"], agg["ast_diversity"],
+                       n=successes, control_n=ctl["control_n"], control_mean_val_bpb=ctl["control_mean_val_bpb"],
+                       control_std_val_bpb=ctl["control_std_val_bpb"])
+    # A frozen baseline cannot collapse: only a loop that trains is guarded.
+    problems = guard.judge(st, stats, ex.cfg.guard, ex.noise.std, guarded=loop.trains)
     if problems:
         ex.events.emit("alarm", loop=loop.name, alarm="collapse", message="; ".join(problems))
     if st.status == "paused":

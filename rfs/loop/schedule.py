@@ -60,9 +60,21 @@ def stop_reason(ex: Experiment, st: LoopState, loop: LoopSpec) -> str:
         return f"reached {cap} rounds"
     if ex.over_budget():
         return f"budget of {e.budget_hours} h spent"
-    if e.plateau_rounds and len(st.history) > e.plateau_rounds:
+    if not loop.trains and (why := arms_stopped(ex, st, loop)):
+        return why
+    if loop.trains and e.plateau_rounds and len(st.history) > e.plateau_rounds:
         recent = min(h.best_val_bpb for h in st.history[-e.plateau_rounds:])
         earlier = min(h.best_val_bpb for h in st.history[: -e.plateau_rounds])
         if not recent < earlier:
             return f"plateau: no new best in {e.plateau_rounds} rounds"
     return ""
+
+
+def arms_stopped(ex: Experiment, st: LoopState, loop: LoopSpec) -> str:
+    """A baseline stops only when its arms stop: once every gold loop of its arc and replicate has
+    stopped and the baseline has played as many rounds as the furthest of them ("" until then)."""
+    arms = [a for a in ex.state.loops.values() if a.kind == "gold" and a.arc == loop.arc and a.replicate == loop.replicate]
+    if not arms or any(a.status == "running" for a in arms):
+        return ""
+    furthest = max(a.round for a in arms)
+    return f"its arms stopped at round {furthest}" if st.round >= furthest else ""

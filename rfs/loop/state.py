@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from rfs.loop.plan import LoopSpec
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _added_defaults_left_out(obj: Any, added: tuple[str, ...]) -> dict[str, Any]:
+    """asdict, less the fields added since earlier runs while they hold their defaults: an older
+    state.json is written back as it was read."""
+    defaults = {f.name: f.default for f in fields(obj) if f.name in added}
+    return {k: v for k, v in asdict(obj).items() if not (k in defaults and _same(v, defaults[k]))}
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,13 @@ class RoundStats:
     mean_val_bpb: float
     success_rate: float
     ast_diversity: float
+    n: int = 0  # the round's successful researcher runs: the n of its mean (0 in an older state.json)
+    control_n: int = 0  # the wave's successful seed-control runs of its starting train.py
+    control_mean_val_bpb: float = math.nan  # arc B: the re-measured start, not the lucky run's number
+    control_std_val_bpb: float = math.nan  # the noise this wave ran under (NaN under 2 controls)
+
+    def to_json(self) -> dict[str, Any]:
+        return _added_defaults_left_out(self, ("n", "control_n", "control_mean_val_bpb", "control_std_val_bpb"))
 
 
 @dataclass
@@ -44,6 +62,8 @@ class LoopState:
     arc: str
     arm: str
     start_val_bpb: float
+    line: str = ""  # the line this loop replicates ("" in an older state.json: the loop's own name)
+    replicate: int = 0
     round: int = 0  # the last round whose collection, record and fit are all done
     version: int = 0  # the researcher version the next round collects with (0 for baselines)
     status: str = "running"  # running | done | paused
@@ -56,10 +76,10 @@ class LoopState:
 
     @classmethod
     def fresh(cls, loop: LoopSpec, start_val_bpb: float) -> LoopState:
-        return cls(loop.kind, loop.arc, loop.arm, start_val_bpb)
+        return cls(loop.kind, loop.arc, loop.arm, start_val_bpb, loop.line_name, loop.replicate)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**_added_defaults_left_out(self, ("line", "replicate")), "history": [h.to_json() for h in self.history]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LoopState:

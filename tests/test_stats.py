@@ -20,9 +20,10 @@ RHO = 0.3  # the share of a rollout's noise that paired sampling seeds make comm
 
 
 def design() -> tuple[int, int, int]:
-    """(replicates, rounds, rollouts) of the embedded preset as configured (K = 3 unless it says)."""
+    """(replicates, rounds, rollouts): the embedded preset's rounds and rollouts, with the K = 3
+    replicates of the smallest design the verdict gives an interval for (one replicate gets none)."""
     cfg = config.load(config.default_experiment())
-    return getattr(cfg.experiment, "replicates", 3), cfg.experiment.max_rounds, cfg.collect.rollouts
+    return 3, cfg.experiment.max_rounds, cfg.collect.rollouts
 
 
 def simulate(rng: np.random.Generator, effect: float, k: int, rounds: int, n: int) -> list[dict]:
@@ -74,6 +75,12 @@ def test_hierarchical_point_is_the_mean_of_replicate_means_and_is_deterministic(
     assert iv.value == pytest.approx((2.0 + 2.5) / 2) and iv.df == 1 and iv.lo < iv.value < iv.hi
     assert stats.hierarchical(units, n_boot=300, seed=3) == iv
     assert math.isnan(stats.hierarchical([[(1.0, np.array([]))]]).value)
+
+
+def test_one_replicate_gets_its_point_and_no_interval():
+    """A single loop has no between-loop variance to sample: no interval, never a verdict."""
+    iv = stats.hierarchical([[(1.0, np.array([0.1, 0.3, 0.2]))]])
+    assert iv.value == pytest.approx(0.2) and math.isnan(iv.lo) and math.isnan(iv.hi)
 
 
 def test_hierarchical_interval_grows_with_between_replicate_spread():

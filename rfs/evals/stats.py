@@ -73,8 +73,9 @@ def hierarchical(units: Sequence[Unit], n_boot: int = 2000, seed: int = 0, level
     that noise twice (the interval came out about twice too wide: no false positive in 200
     simulated null experiments, and no power either). The bootstrap variance of a mean of K units
     is (K−1)/K of the unbiased one, so se is corrected by √(K/(K−1)), and a Student-t quantile at
-    K−1 degrees of freedom gives the width. One replicate has no between-loop variance to sample:
-    its rollouts are resampled, df = ∞, and the report says it is a demonstration, not a verdict.
+    K−1 degrees of freedom gives the width. One replicate has no between-loop variance to sample,
+    so it gets its point and no interval: resampling its rollouts alone excluded zero in 27% of 200
+    simulated null experiments (tests/test_stats.py). The report says it is a demonstration.
     """
     units = [u for u in units if u and all(len(x) for _, x in u)]
     if not units:
@@ -82,13 +83,11 @@ def hierarchical(units: Sequence[Unit], n_boot: int = 2000, seed: int = 0, level
     rng = np.random.default_rng(seed)
     k = len(units)
     values = np.array([unit_value(u) for u in units])
-    if k == 1:
-        dist = unit_draws(units[0], rng, n_boot)
-        se, df = float(np.std(dist, ddof=1)), math.inf
-    else:
-        dist = values[rng.integers(0, k, size=(n_boot, k))].mean(axis=1)
-        se, df = float(np.std(dist, ddof=1)) * math.sqrt(k / (k - 1)), float(k - 1)
     value = float(values.mean())
+    if k == 1:
+        return Interval(value, math.nan, math.nan, math.nan, math.nan)
+    dist = values[rng.integers(0, k, size=(n_boot, k))].mean(axis=1)
+    se, df = float(np.std(dist, ddof=1)) * math.sqrt(k / (k - 1)), float(k - 1)
     crit = t_quantile(1 - (1 - level) / 2, df)
     return Interval(value, value - crit * se, value + crit * se, se, df)
 

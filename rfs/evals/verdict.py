@@ -138,7 +138,7 @@ def delta(name: str, baseline: str, a: Line, b: Line | None, seed: int = 0, n_bo
     n = sum(len(x) for u in units for _, x in u)
     how = "paired rollouts" if all(len(u) == 1 for u in units) and b is not None else "unpaired rollouts"
     how = how if b is not None else "one line"
-    extra = "; one replicate, so the interval omits between-loop variance" if len(units) == 1 else ""
+    extra = "; one replicate: no between-loop variance, so no interval (a demonstration, not a verdict)" if len(units) == 1 else ""
     return Estimate(name, baseline, iv.value, iv.lo, iv.hi, len(units), len(rounds), n, f"{how}{extra}")
 
 

@@ -128,6 +128,7 @@ class EvalCfg:
     zero_shot_rollouts: int = 16
     transfer_depth: int = 12
     drift_window: int = 3
+    code_problems: int = 20  # the HumanEval subset's size (rfs/evals/code_probe.py)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def _check(cfg: Config, where: str) -> None:
         (cfg.collect.rollouts >= 1, "collect.rollouts", "at least 1"),
         (0 <= cfg.consolidate.replay_fraction < 1, "consolidate.replay_fraction", "in [0, 1)"),
         (cfg.consolidate.kl_lambda >= 0, "consolidate.kl_lambda", ">= 0"),
+        (1 <= cfg.eval.code_problems <= 164, "eval.code_problems", "1 to 164 (HumanEval's problems)"),
     ]
     for ok, key, expected in rules:
         if not ok:

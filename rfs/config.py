@@ -102,6 +102,7 @@ class ConsolidateCfg:
     # On: without it the 7B shape at 16384 tokens/step does not fit an 80 GB H100, and with it the
     # throughput matches smaller steps without it (docs/LOG.md, bench/lora_shape.py).
     gradient_checkpointing: bool = True
+    devices: int = 1  # GPUs the fit's base is spread over by a device map (the 32B path); 1: one device
     reason: str = ""  # the written reason for any departure from the locked defaults
 
 
@@ -231,6 +232,7 @@ def _check(cfg: Config, where: str) -> None:
         (cfg.collect.rollouts >= 1, "collect.rollouts", "at least 1"),
         (0 <= cfg.consolidate.replay_fraction < 1, "consolidate.replay_fraction", "in [0, 1)"),
         (cfg.consolidate.kl_lambda >= 0, "consolidate.kl_lambda", ">= 0"),
+        (cfg.consolidate.devices >= 1, "consolidate.devices", "at least 1"),
         (1 <= cfg.eval.code_problems <= 164, "eval.code_problems", "1 to 164 (HumanEval's problems)"),
     ]
     for ok, key, expected in rules:

@@ -236,3 +236,33 @@ def test_the_layer_by_layer_merge_equals_peft_merge_and_unload_without_an_fp32_m
     for name, w in want.items():
         assert got[name].dtype == dtype
         torch.testing.assert_close(got[name], w.to(dtype), atol=1e-6, rtol=1e-6)  # the same fp32 sums, rounded once
+
+
+def test_load_spreads_the_base_by_a_device_map_only_when_given_budgets(v0):
+    assert fit.load_kwargs("cpu", None) == {"dtype": torch.float32}
+    assert fit.load_kwargs("cuda", None) == {"dtype": torch.bfloat16}
+    budgets = {0: 70 << 30, 1: 70 << 30}
+    assert fit.load_kwargs("cuda", budgets) == {"dtype": torch.bfloat16, "device_map": "auto", "max_memory": budgets}
+    assert fit.device_gib("cpu", 4) == []  # no GPU: the estimate is printed, not checked
+    # the device-map path loads for real on the CPU, and the budget reaches the map: one too small
+    # for the model sends it past the CPU (to disk), which a plain load never does
+    model, _ = fit.load(v0, "cpu", {"cpu": 1 << 30})
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    tight, _ = fit.load(v0, "cpu", {"cpu": 1 << 10})
+    assert "disk" in tight.hf_device_map.values()
+    plain, _ = fit.load(v0, "cpu")
+    assert not hasattr(plain, "hf_device_map")
+
+
+def test_the_fit_memory_estimate_is_printed_and_recorded_before_the_fit(v0, tmp_path, capsys):
+    run = new_run(tmp_path / "run")
+    events = EventLog(run.events)
+    try:
+        budgets = round_mod.fit_memory(v0, CFG, "cpu", events, "shared", 1)
+    finally:
+        events.close()
+    assert budgets is None  # one device
+    out = capsys.readouterr().out
+    assert "rfs: shared round 1: fit memory (estimate):" in out and "on each of 1 device(s)" in out
+    (event,) = [e for e in iter_events(run.events) if e["kind"] == "fit_memory"]
+    assert event["loop"] == "shared" and event["devices"] == 1 and event["total_gib"] > 0

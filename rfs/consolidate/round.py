@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rfs import atomic, tables
 from rfs.config import ConsolidateCfg
 from rfs.consolidate import anchor as anchors
-from rfs.consolidate import dataset, fit
+from rfs.consolidate import dataset, fit, memory
 from rfs.consolidate.publish import partial, publish
 from rfs.events import EventLog
 from rfs.rundir import RunDir
@@ -61,7 +61,7 @@ def anchor_prompts(examples: list[dataset.Example], n: int) -> tuple[list[list[i
 
 
 def ensure_anchor(run: RunDir, loop: str, v0_dir: Path, examples: list[dataset.Example], cfg: ConsolidateCfg,
-                  device: str) -> anchors.Anchor | None:
+                  device: str, max_memory: dict[int | str, int] | None = None) -> anchors.Anchor | None:
     """Load the loop's stored anchor, computing it from V0 the first time (fixed from then on)."""
     if cfg.kl_lambda == 0:
         return None
@@ -72,7 +72,7 @@ def ensure_anchor(run: RunDir, loop: str, v0_dir: Path, examples: list[dataset.E
     prompts, starts = anchor_prompts(examples, cfg.kl_prompts)
     if not prompts:
         return None
-    v0, _ = fit.load(v0_dir, device)
+    v0, _ = fit.load(v0_dir, device, max_memory)
     anchors.save(anchors.compute(v0.eval(), prompts, device, starts), where, v0_dir)
     del v0
     return anchors.load(where)
@@ -124,6 +124,25 @@ def merge(model: Any) -> Any:
     return model.unload()  # the base model, adapters removed, nothing merged again
 
 
+def fit_memory(model_dir: Path, cfg: ConsolidateCfg, device: str, events: EventLog | None, loop: str,
+               round_: int) -> dict[int | str, int] | None:
+    """Print (and record) the fit's memory estimate before anything loads; raise FitTooLarge when it
+    exceeds the GPUs'. The device map's per-GPU budgets when the base is spread (consolidate.devices > 1)."""
+    shape = json.loads((model_dir / "config.json").read_text())
+    try:
+        est = memory.estimate(shape, cfg, weight_bytes=2 if device.startswith("cuda") else 4, devices=cfg.devices)
+    except KeyError as exc:  # not a decoder shape the estimate knows: the fit still runs, unchecked
+        print(f"rfs: {loop} round {round_}: fit memory not estimated (config.json has no {exc})", flush=True)
+        return None
+    print(f"rfs: {loop} round {round_}: {est.line()}", flush=True)
+    if events:
+        events.emit("fit_memory", loop=loop, round=round_, total_gib=est.total_gib,
+                    per_device_gib=est.per_device_gib(), devices=est.devices)
+    gib = fit.device_gib(device, cfg.devices)
+    memory.check(est, gib)
+    return memory.max_memory(est, gib) if gib and cfg.devices > 1 else None
+
+
 def seq_cap(model_dir: Path, cfg: ConsolidateCfg) -> int:
     """The longest example a round may hold: cfg.max_seq_len within the model's context window."""
     context = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or cfg.max_seq_len
@@ -145,8 +164,9 @@ def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: P
     tmp = partial(final)
     res, erank = fit.FitResult(), {"mean": math.nan, "min": math.nan, "max": math.nan}
     if data.examples:
-        anchor = ensure_anchor(run, loop, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device)
-        model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed)
+        max_memory = fit_memory(Path(parent_dir), cfg, device, events, loop, round_)
+        anchor = ensure_anchor(run, loop, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device, max_memory)
+        model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed, max_memory)
         train, val, val_is_train = split(data.examples, data.manifest["selected"])
         on_step = (lambda s, loss, kl: events.emit("train_step", loop=loop, round=round_, step=s, loss=loss, kl=kl)) if events else None
         res = fit.fit(model, fit.batches(train, cfg), fit.batches(val, cfg), anchor, cfg, device, seed, on_step)

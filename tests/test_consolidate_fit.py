@@ -23,6 +23,7 @@ import tiny_model
 from rfs import atomic, trace
 from rfs.config import ConsolidateCfg
 from rfs.consolidate import anchor, consolidate, dataset, fit
+from rfs.consolidate import round as round_mod
 from rfs.events import EventLog, iter_events
 from rfs.rundir import RunDir
 
@@ -199,3 +200,69 @@ def test_held_out_traces_are_the_rounds_own_and_never_trained():
     assert not {e.rollout_id for e in val} & {e.rollout_id for e in train} and "old" in {e.rollout_id for e in train}
     assert split(ex[:2], selected=2)[1] == [ex[1]]  # two traces: one is held out
     assert split(ex[:1], selected=1)[2]  # one trace: nothing to hold out, and the row says so
+
+
+def _adapted(v0: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The tiny model with LoRA whose B is random (a fresh adapter's B is zero: nothing to merge)."""
+    model = fit.lora(AutoModelForCausalLM.from_pretrained(v0, dtype=dtype), CFG, seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layer_by_layer_merge_equals_peft_merge_and_unload_without_an_fp32_model(v0, monkeypatch, dtype):
+    reference = _adapted(v0, dtype).float().merge_and_unload()  # peft's merge on a whole fp32 copy (the old way)
+    model = _adapted(v0, dtype)
+    biggest = max(p.numel() for p in model.parameters())
+
+    def no_whole_model(*a, **k):
+        raise AssertionError("the merge built a whole-model copy")
+
+    upcasts: list[int] = []
+    to_fp32 = torch.Tensor.float
+    monkeypatch.setattr(torch.nn.Module, "float", no_whole_model)
+    monkeypatch.setattr(torch.nn.Module, "state_dict", no_whole_model)
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: upcasts.append(t.numel()) or to_fp32(t))
+    merged = round_mod.merge(model)
+    monkeypatch.undo()
+    assert upcasts and max(upcasts) <= biggest  # one tensor at a time in fp32, none bigger than a weight
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    got, want = dict(merged.named_parameters()), dict(reference.named_parameters())
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        assert got[name].dtype == dtype
+        torch.testing.assert_close(got[name], w.to(dtype), atol=1e-6, rtol=1e-6)  # the same fp32 sums, rounded once
+
+
+def test_load_spreads_the_base_by_a_device_map_only_when_given_budgets(v0):
+    assert fit.load_kwargs("cpu", None) == {"dtype": torch.float32}
+    assert fit.load_kwargs("cuda", None) == {"dtype": torch.bfloat16}
+    budgets = {0: 70 << 30, 1: 70 << 30}
+    assert fit.load_kwargs("cuda", budgets) == {"dtype": torch.bfloat16, "device_map": "auto", "max_memory": budgets}
+    assert fit.device_gib("cpu", 4) == []  # no GPU: the estimate is printed, not checked
+    # the device-map path loads for real on the CPU, and the budget reaches the map: one too small
+    # for the model sends it past the CPU (to disk), which a plain load never does
+    model, _ = fit.load(v0, "cpu", {"cpu": 1 << 30})
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    tight, _ = fit.load(v0, "cpu", {"cpu": 1 << 10})
+    assert "disk" in tight.hf_device_map.values()
+    plain, _ = fit.load(v0, "cpu")
+    assert not hasattr(plain, "hf_device_map")
+
+
+def test_the_fit_memory_estimate_is_printed_and_recorded_before_the_fit(v0, tmp_path, capsys):
+    run = new_run(tmp_path / "run")
+    events = EventLog(run.events)
+    try:
+        budgets = round_mod.fit_memory(v0, CFG, "cpu", events, "shared", 1)
+    finally:
+        events.close()
+    assert budgets is None  # one device
+    out = capsys.readouterr().out
+    assert "rfs: shared round 1: fit memory (estimate):" in out and "on each of 1 device(s)" in out
+    (event,) = [e for e in iter_events(run.events) if e["kind"] == "fit_memory"]
+    assert event["loop"] == "shared" and event["devices"] == 1 and event["total_gib"] > 0

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from rfs.config import ConsolidateCfg
-from rfs.consolidate.memory import GIB, estimate, param_count
+from rfs.consolidate.memory import GIB, FitTooLarge, check, estimate, max_memory, param_count
 
 # Qwen2.5-32B's and Qwen2.5-7B's config.json shapes
 QWEN_32B = {"hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
@@ -42,3 +42,17 @@ def test_checkpointing_cuts_activations_and_32b_needs_more_than_one_h100():
     assert on.total_gib > 80 and estimate(QWEN_32B, cfg, devices=4).per_device_gib() < 80
     half = estimate(QWEN_32B, dataclasses.replace(cfg, batch_tokens=8192))
     assert half.activations_gib == pytest.approx(on.activations_gib / 2)
+
+
+def test_a_fit_that_cannot_fit_is_refused_and_a_spread_one_gets_per_gpu_budgets():
+    cfg = ConsolidateCfg()
+    one = estimate(QWEN_32B, cfg)  # ~61 GiB of bf16 weights alone, plus activations and logits
+    with pytest.raises(FitTooLarge, match="consolidate.devices"):
+        check(one, [80.0])
+    check(one, [])  # devices unknown (CPU): printed, not checked
+    four = estimate(QWEN_32B, cfg, devices=4)
+    check(four, [80.0] * 4)
+    budgets = max_memory(four, [80.0] * 4)
+    rest = (four.total_gib - four.weights_gib) / 4
+    assert budgets == {i: int((80.0 - rest) * GIB) for i in range(4)}
+    assert sum(budgets.values()) > four.weights_gib * GIB  # the weights fit within the budgets

@@ -16,7 +16,7 @@ import pytest
 
 from rfs import config
 from rfs.collect.slots import SlotPool
-from rfs.evals import code_probe, load, metrics, probes
+from rfs.evals import load, metrics, probes
 from rfs.events import EventLog, iter_events
 from rfs.hosts import HostsFile, Slot
 from rfs.launch.base import Job
@@ -31,7 +31,7 @@ from tests.wave_child import SleepEnv, local_slots
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-N_ZERO_SHOT, DEPTH, TRANSFER_DEPTH = 3, 2, 12
+N_ZERO_SHOT, DEPTH, TRANSFER_DEPTH, N_CODE = 3, 2, 12, 3
 LOOP = LoopSpec("A-S", "gold", "A", "S")
 
 
@@ -79,20 +79,21 @@ def cfg_for(base_url: str, drift_window: int = 2) -> config.Config:
         "researcher": {"backend": "external", "base_url": base_url, "model": "scripted", "action_space": "code",
                        "max_turns": 4, "turn_timeout_s": 30.0},
         "collect": {"infra_retries": 1},
-        "eval": {"zero_shot_rollouts": N_ZERO_SHOT, "transfer_depth": TRANSFER_DEPTH, "drift_window": drift_window},
+        "eval": {"zero_shot_rollouts": N_ZERO_SHOT, "transfer_depth": TRANSFER_DEPTH, "drift_window": drift_window,
+                 "code_problems": N_CODE},
     })
 
 
 def code_answer(messages: list[dict]) -> str:
-    """Right for is_palindrome only: 1 of the 8 tasks passes."""
-    if "is_palindrome" in messages[-1]["content"]:
-        return json.dumps({"code": "def is_palindrome(s):\n    t = [c.lower() for c in s if c.isalnum()]\n    return t == t[::-1]\n"})
+    """Right for HumanEval/53 (add, the first problem) only: 1 of the N_CODE problems passes."""
+    if "def add(" in messages[-1]["content"]:
+        return json.dumps({"code": "def add(x: int, y: int):\n    return x + y\n"})
     return json.dumps({"code": "def wrong():\n    pass\n"})
 
 
 def plans() -> dict[int, list]:
     """Zero-shot rollout i writes x = i + 1 and runs it; the code probe (experiment seed 0) answers."""
-    out: dict[int, list] = {0: [code_answer] * len(code_probe.TASKS)}
+    out: dict[int, list] = {0: [code_answer] * N_CODE}
     for i, p in enumerate(probes.zero_shot_rollouts(cfg_for("http://unused"), 0)):
         out[p.seed % 2**31] = [action("edit", path="train.py", content=train_py(i + 1)), action("run"), action("finish")]
     return out
@@ -126,7 +127,7 @@ def test_probes_v0_and_a_version_once_each(tmp_path):
     run, counter = RunDir(tmp_path / "run"), tmp_path / "launches"
     with ScriptedResearcher(plans()) as sr:
         anyio.run(probe, run.root, sr.base_url + "/v1", DepthEnv(counter), 0, 2)
-        asked = len(sr.requests)
+        asked, sr_requests = len(sr.requests), list(sr.requests)
         anyio.run(probe, run.root, sr.base_url + "/v1", DepthEnv(counter), 0, 2)  # a resumed run
         assert len(sr.requests) == asked  # nothing asked again
     got = version_eval(run)
@@ -138,12 +139,17 @@ def test_probes_v0_and_a_version_once_each(tmp_path):
         # the best zero-shot train.py (x = 1) at the transfer depth
         assert tr["values"] == pytest.approx([1 + 1 / 100 + TRANSFER_DEPTH / 1000])
         assert tr["detail"].startswith(f"success at DEPTH={TRANSFER_DEPTH}")
-        assert code["values"] == [1.0] + [0.0] * (len(code_probe.TASKS) - 1)
-        assert code["mean"] == pytest.approx(1 / len(code_probe.TASKS)) and code["best"] == 1.0
+        assert code["values"] == [1.0] + [0.0] * (N_CODE - 1)
+        assert code["mean"] == pytest.approx(1 / N_CODE) and code["best"] == 1.0
+        assert code["detail"] == f"1/{N_CODE} HumanEval problems passed: HumanEval/53"
     # every probe ran once: zero-shot rollouts and the transfer per version, none on the second call
     want = {f"{loop}-v{v}-{k}" for loop, v in (("shared", 0), ("A-S", 2)) for k in ("zs000", "zs001", "zs002", "transfer")}
     assert launches(counter) == Counter(want)
-    assert asked == 2 * (N_ZERO_SHOT * 3 + len(code_probe.TASKS))  # edit, run, finish; one per task
+    assert asked == 2 * (N_ZERO_SHOT * 3 + N_CODE)  # edit, run, finish; one per problem
+    # paired: each version asked the same problems with the same seeds (the experiment seed, 0, + i)
+    code_asks = [(r["seed"], r["messages"][-1]["content"]) for r in sr_requests
+                 if r["messages"][-1]["content"].startswith("Complete this Python function")]
+    assert code_asks[:N_CODE] == code_asks[N_CODE:] and [seed for seed, _ in code_asks[:N_CODE]] == list(range(N_CODE))
     rows = pq.read_table(run.probes("A-S").traces("probe", 2)).to_pylist()
     assert {(r["loop"], r["version"], r["memory"], r["conditioning_stamp"]) for r in rows} == {("probe", 2, "", "")}
     assert load.traces(run).num_rows == 0  # the loop's curves never see probe rollouts

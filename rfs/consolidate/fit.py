@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rfs.config import ConsolidateCfg
 from rfs.consolidate.anchor import Anchor, kl_all, kl_on
 from rfs.consolidate.dataset import IGNORE, Example
+from rfs.consolidate.memory import GIB, FitTooLarge
 from rfs.devices import pick_device  # noqa: F401  (re-exported: callers use fit.pick_device)
 
 
@@ -126,10 +127,30 @@ def batches(examples: list[Example], cfg: ConsolidateCfg, strategy: str = "pack"
     raise ValueError(f"batching strategy {strategy!r}: expected pack or bucket")
 
 
-def load(model_dir: Path, device: str) -> tuple[Any, Any]:
-    """bf16 on GPU, fp32 on CPU."""
+def device_gib(device: str, devices: int) -> list[float]:
+    """The memory (GiB) of each GPU the fit runs on; empty on the CPU (nothing to check against)."""
+    if not device.startswith("cuda"):
+        return []
+    if devices > torch.cuda.device_count():
+        raise FitTooLarge(f"consolidate.devices = {devices}, but this host has {torch.cuda.device_count()} GPU(s): "
+                          "lower it or run the fit on a bigger host")
+    return [torch.cuda.get_device_properties(i).total_memory / GIB for i in range(devices)]
+
+
+def load_kwargs(device: str, max_memory: dict[int | str, int] | None) -> dict[str, Any]:
+    """from_pretrained's arguments: bf16 on GPU, fp32 on CPU; with max_memory, a device map that
+    spreads the layers over those devices within those budgets (the 32B path)."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    if max_memory is None:
+        return {"dtype": dtype}
+    return {"dtype": dtype, "device_map": "auto", "max_memory": max_memory}
+
+
+def load(model_dir: Path, device: str, max_memory: dict[int | str, int] | None = None) -> tuple[Any, Any]:
+    """The model on `device`, or spread by a device map over max_memory's devices."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs(device, max_memory))
+    if max_memory is None:
+        model = model.to(device)
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -152,13 +173,14 @@ def lora(model: Any, cfg: ConsolidateCfg, seed: int) -> Any:
     return model
 
 
-def load_for_training(model_dir: Path, cfg: ConsolidateCfg, device: str, seed: int) -> tuple[Any, Any]:
-    """Unsloth's kernels when installed on CUDA (lazy: it pins its own torch), else transformers+peft.
+def load_for_training(model_dir: Path, cfg: ConsolidateCfg, device: str, seed: int,
+                      max_memory: dict[int | str, int] | None = None) -> tuple[Any, Any]:
+    """Unsloth's kernels when installed on one GPU (lazy: it pins its own torch), else transformers+peft.
 
     Both return a peft model over the same base with the same LoRA spec, so fit/merge are shared.
     The unsloth branch is untested here (no GPU in CI).
     """
-    if device.startswith("cuda") and importlib.util.find_spec("unsloth") is not None:
+    if device.startswith("cuda") and max_memory is None and importlib.util.find_spec("unsloth") is not None:
         from unsloth import FastLanguageModel
 
         model, tok = FastLanguageModel.from_pretrained(str(model_dir), dtype=torch.bfloat16, load_in_4bit=False,
@@ -168,7 +190,7 @@ def load_for_training(model_dir: Path, cfg: ConsolidateCfg, device: str, seed: i
             target_modules=list(cfg.target_modules), bias="none", random_state=seed,
             use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False)
         return model, tok
-    model, tok = load(model_dir, device)
+    model, tok = load(model_dir, device, max_memory)
     return lora(model, cfg, seed), tok
 
 

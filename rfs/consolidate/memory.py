@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rfs.config import ConsolidateCfg
+from rfs.errors import RfsError
 
 GIB = 1 << 30
 LORA_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
@@ -82,3 +83,21 @@ def estimate(model: dict[str, Any], cfg: ConsolidateCfg, *, weight_bytes: int = 
     params = param_count(model)
     return MemoryEstimate(params, lora, params * weight_bytes / GIB, lora * LORA_BYTES_PER_PARAM / GIB,
                           activations / GIB, logits / GIB, max(1, devices))
+
+
+class FitTooLarge(RfsError):
+    """The fit's estimated memory exceeds the devices it would run on."""
+
+
+def check(est: MemoryEstimate, device_gib: list[float]) -> None:
+    """Raise before anything loads when a device's share exceeds the smallest device (unknown: no check)."""
+    if device_gib and est.per_device_gib() > min(device_gib):
+        raise FitTooLarge(f"{est.line()}, more than the {min(device_gib):.1f} GiB a device has: shard the base over "
+                          "more GPUs (consolidate.devices) or lower consolidate.batch_tokens")
+
+
+def max_memory(est: MemoryEstimate, device_gib: list[float]) -> dict[int, int]:
+    """A device map's budget for the weights on each GPU (bytes): its memory less its share of the
+    adapters, activations and logits, which the map does not place."""
+    rest = (est.total_gib - est.weights_gib) / est.devices
+    return {i: int(max(0.0, gib - rest) * GIB) for i, gib in enumerate(device_gib)}

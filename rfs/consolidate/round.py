@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rfs import atomic, tables
 from rfs.config import ConsolidateCfg
 from rfs.consolidate import anchor as anchors
-from rfs.consolidate import dataset, fit
+from rfs.consolidate import dataset, fit, memory
 from rfs.consolidate.publish import partial, publish
 from rfs.events import EventLog
 from rfs.rundir import RunDir
@@ -59,7 +61,7 @@ def anchor_prompts(examples: list[dataset.Example], n: int) -> tuple[list[list[i
 
 
 def ensure_anchor(run: RunDir, loop: str, v0_dir: Path, examples: list[dataset.Example], cfg: ConsolidateCfg,
-                  device: str) -> anchors.Anchor | None:
+                  device: str, max_memory: dict[int | str, int] | None = None) -> anchors.Anchor | None:
     """Load the loop's stored anchor, computing it from V0 the first time (fixed from then on)."""
     if cfg.kl_lambda == 0:
         return None
@@ -70,7 +72,7 @@ def ensure_anchor(run: RunDir, loop: str, v0_dir: Path, examples: list[dataset.E
     prompts, starts = anchor_prompts(examples, cfg.kl_prompts)
     if not prompts:
         return None
-    v0, _ = fit.load(v0_dir, device)
+    v0, _ = fit.load(v0_dir, device, max_memory)
     anchors.save(anchors.compute(v0.eval(), prompts, device, starts), where, v0_dir)
     del v0
     return anchors.load(where)
@@ -100,10 +102,45 @@ def _curve(points: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{"step": int(p["step"]), "loss": p["loss"], "kl": p.get("kl", math.nan), "lr": p.get("lr", math.nan)} for p in points]
 
 
+@torch.no_grad()
 def merge(model: Any) -> Any:
-    """W + BA summed in fp32, then stored in the training dtype (bf16 on GPU): one rounding, not two."""
-    dtype = next(model.parameters()).dtype
-    return model.float().merge_and_unload().to(dtype)
+    """Fold every LoRA's scaling·B·A into its base weight, one weight at a time, then drop the adapters.
+
+    Each sum is done in fp32 for that one tensor and stored in the weight's own dtype (bf16 on GPU):
+    one rounding, and the extra memory is one weight in fp32, never an fp32 copy of the model
+    (~130 GB at 32B). Weights stay on whichever device a device map put them.
+    """
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        w = module.get_base_layer().weight
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            a = module.lora_A[name].weight.to(w.device).float()  # [r, in]
+            b = module.lora_B[name].weight.to(w.device).float()  # [out, r]
+            delta = (b @ a) * module.scaling[name]
+            w.copy_((w.float() + (delta.T if getattr(module, "fan_in_fan_out", False) else delta)).to(w.dtype))
+    return model.unload()  # the base model, adapters removed, nothing merged again
+
+
+def fit_memory(model_dir: Path, cfg: ConsolidateCfg, device: str, events: EventLog | None, loop: str,
+               round_: int) -> dict[int | str, int] | None:
+    """Print (and record) the fit's memory estimate before anything loads; raise FitTooLarge when it
+    exceeds the GPUs'. The device map's per-GPU budgets when the base is spread (consolidate.devices > 1)."""
+    shape = json.loads((model_dir / "config.json").read_text())
+    try:
+        est = memory.estimate(shape, cfg, weight_bytes=2 if device.startswith("cuda") else 4, devices=cfg.devices)
+    except KeyError as exc:  # not a decoder shape the estimate knows: the fit still runs, unchecked
+        print(f"rfs: {loop} round {round_}: fit memory not estimated (config.json has no {exc})", flush=True)
+        return None
+    print(f"rfs: {loop} round {round_}: {est.line()}", flush=True)
+    if events:
+        events.emit("fit_memory", loop=loop, round=round_, total_gib=est.total_gib,
+                    per_device_gib=est.per_device_gib(), devices=est.devices)
+    gib = fit.device_gib(device, cfg.devices)
+    memory.check(est, gib)
+    return memory.max_memory(est, gib) if gib and cfg.devices > 1 else None
 
 
 def seq_cap(model_dir: Path, cfg: ConsolidateCfg) -> int:
@@ -127,8 +164,9 @@ def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: P
     tmp = partial(final)
     res, erank = fit.FitResult(), {"mean": math.nan, "min": math.nan, "max": math.nan}
     if data.examples:
-        anchor = ensure_anchor(run, loop, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device)
-        model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed)
+        max_memory = fit_memory(Path(parent_dir), cfg, device, events, loop, round_)
+        anchor = ensure_anchor(run, loop, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device, max_memory)
+        model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed, max_memory)
         train, val, val_is_train = split(data.examples, data.manifest["selected"])
         on_step = (lambda s, loss, kl: events.emit("train_step", loop=loop, round=round_, step=s, loss=loss, kl=kl)) if events else None
         res = fit.fit(model, fit.batches(train, cfg), fit.batches(val, cfg), anchor, cfg, device, seed, on_step)

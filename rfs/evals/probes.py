@@ -4,7 +4,7 @@
   stamp, so a version is measured on what its weights know, not on what its prompt carries;
 - transfer: the version's best train.py re-run at a larger depth (cfg.eval.transfer_depth), which
   separates "learned what helps a GPT train" from "memorised what helps this exact GPT";
-- code: small Python tasks unrelated to the research task (rfs/evals/code_probe.py).
+- code: a fixed HumanEval subset, unrelated to the research task (rfs/evals/code_probe.py).
 
 This module only says what to run; the loop runs it through its wave and records the values with
 rfs.evals.metrics.version_eval_row.

@@ -39,7 +39,7 @@ def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 
         "researcher": {"backend": "external", "base_url": base_url + "/v1", "model": str(model_dir),
                        "action_space": "code", "max_turns": 4, "turn_timeout_s": 30.0},
         "collect": {"rollouts": rollouts},
-        "consolidate": {"lora_r": 4, "lora_alpha": 4, "epochs": 1.0, "max_seq_len": 512, "batch_tokens": 1024,
+        "consolidate": {"lora_r": 4, "lora_alpha": 4, "epochs": 1.0, "max_seq_len": 2048, "batch_tokens": 2048,
                         "kl_prompts": 2, "reason": "test: a tiny model fits in seconds"},
         "loop": {"floor_waves": 1, "max_concurrent": 6, "eval_every": 2 if probes else 0},
         "eval": {"zero_shot_rollouts": 2},

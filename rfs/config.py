@@ -48,6 +48,8 @@ class EnvCfg:
 
 @dataclass(frozen=True)
 class VllmCfg:
+    executable: str = "vllm"  # vLLM pins its own torch, so it usually lives in its own environment
+    top_p: float = 1.0  # with researcher.temperature, the sampling rfs sets (no model generation_config.json)
     tensor_parallel: int = 1
     max_model_len: int = 32768
     gpu_memory_utilization: float = 0.85

@@ -50,13 +50,14 @@ class SlotCfg:
 @dataclass(frozen=True)
 class ServerCfg:
     cpus: tuple[int, ...] = (0,)  # cores the embedded researcher server is pinned to
-    gpus: tuple[int, ...] = ()  # vLLM's devices (tensor parallel across them)
-    port: int = 0  # 0: pick a free port
+    gpus: tuple[int, ...] = ()  # vLLM's devices: each server takes its own tensor_parallel of them (rfs.placement)
+    port: int = 0  # the first server's port, the next ones follow; 0: free ports
 
 
 @dataclass(frozen=True)
 class TrainCfg:
     device: str = "auto"  # cpu | cuda | auto
+    gpus: tuple[int, ...] = ()  # the controller host's GPU the LoRA fit runs on (rfs.placement)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ class RunDir:
         return self.root / "state.json"
 
     @property
+    def placement(self) -> Path:
+        """Which GPUs serve, fit and run slots (rfs.placement), as planned at the last start."""
+        return self.root / "placement.json"
+
+    @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
 

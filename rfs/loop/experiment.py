@@ -22,6 +22,7 @@ from rfs.launch import wave_launchers
 from rfs.loop.plan import plan
 from rfs.loop.serving import Servers
 from rfs.loop.state import ExperimentState, Noise
+from rfs.placement import announce_placement, place
 from rfs.rundir import RunDir
 from rfs.setup import setup_embedded
 from rfs.trace import text_sha256
@@ -62,12 +63,14 @@ async def started(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, 
     state = ExperimentState.from_json(run.read_state(), cfg.experiment.name)
     events.emit("experiment_started", experiment=cfg.experiment.name, resumed=bool(state.loops))
     await anyio.to_thread.run_sync(env.prepare)
+    placement = place(cfg, hosts)  # before anything starts: a GPU given twice stops the run here
+    announce_placement(run, placement, events)
     pool = SlotPool(slots(hosts), cfg.collect, events)
     if state.noise is None:
         state.noise = await _calibrated(cfg, run, hosts, events, env, pool)
         run.write_state(state.to_json())  # a resumed run does not calibrate again
     v0 = await anyio.to_thread.run_sync(_resolve_v0, cfg)
-    async with Servers(cfg, hosts, run, events, v0) as servers:
+    async with Servers(cfg, hosts, run, events, v0, placement) as servers:
         yield Experiment(cfg, run, hosts, events, env, pool, servers, state.noise, v0, state)
 
 

@@ -154,7 +154,7 @@ async def _consolidate(ex: Experiment, loop: LoopSpec, r: int) -> Path:
     async with ex.fit_lock, cores_for_fit(ex):
         return await anyio.to_thread.run_sync(
             lambda: consolidate(ex.run, loop.name, r, parent, ex.v0, ex.cfg.consolidate, ex.noise.to_json(),
-                                ex.events, device=ex.hosts.train.device, seed=ex.cfg.experiment.seed)
+                                ex.events, device=ex.servers.placement.fit_device, seed=ex.cfg.experiment.seed)
         )
 
 

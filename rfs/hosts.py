@@ -5,10 +5,11 @@ With no `[[slot]]` tables, slots are local: one per CPU core (or GPU) that the s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ class SlurmCfg:
     extra_args: tuple[str, ...] = ()
     python: str = sys.executable
     root: str = str(ROOT)
+    # The job shape of one slot in the experiment's one allocation (rfs.launch.slurm.Allocation).
+    cpus_per_slot: int = 0  # 0: the slot's `cpus` count (at least 1)
+    mem_per_cpu: str = ""  # SLURM's --mem-per-cpu, e.g. "8G" (a slot gets cpus × this); "": the partition's default
+    pool: str = ""  # the allocation's job name; "": named after the run directory (one controller per run)
 
 
 @dataclass(frozen=True)
@@ -119,3 +124,12 @@ def slots(cfg: HostsFile) -> list[Slot]:
         else:
             out.append(Slot(name, "local", "localhost", s.cpus, s.gpu, sys.executable, str(ROOT)))
     return out
+
+
+def pooled(cfg: HostsFile, run_root: Path) -> HostsFile:
+    """`cfg` with its SLURM allocation named after the run directory, unless hosts.toml names it:
+    a resumed controller then finds (and cancels) the one its killed predecessor left."""
+    if cfg.slurm.pool:
+        return cfg
+    key = hashlib.sha256(str(Path(run_root).resolve()).encode()).hexdigest()[:12]
+    return replace(cfg, slurm=replace(cfg.slurm, pool=key))

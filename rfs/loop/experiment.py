@@ -17,7 +17,7 @@ from rfs.config import Config
 from rfs.envs import Environment
 from rfs.envs.calibrate import announce, calibrate, load_calibration
 from rfs.events import EventLog
-from rfs.hosts import HostsFile, slots
+from rfs.hosts import HostsFile, pooled, slots
 from rfs.launch import wave_launchers
 from rfs.loop.plan import plan
 from rfs.loop.serving import Servers
@@ -60,6 +60,7 @@ class Experiment:
 @asynccontextmanager
 async def started(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, env: Environment) -> AsyncIterator[Experiment]:
     """The experiment in `run`, new or resumed, calibrated and with its servers; they stop on exit."""
+    hosts = pooled(hosts, run.root)  # the SLURM allocation named for this run (rfs.launch.slurm)
     state = ExperimentState.from_json(run.read_state(), cfg.experiment.name)
     events.emit("experiment_started", experiment=cfg.experiment.name, resumed=bool(state.loops))
     await anyio.to_thread.run_sync(env.prepare)

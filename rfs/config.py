@@ -127,6 +127,11 @@ class EvalCfg:
 
 
 @dataclass(frozen=True)
+class MirrorCfg:
+    url: str = ""  # fsspec URL (s3://bucket/run, file:///…); "": no mirror. Before every fit and publish.
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: ExperimentCfg = field(default_factory=ExperimentCfg)
     env: EnvCfg = field(default_factory=EnvCfg)
@@ -136,6 +141,7 @@ class Config:
     loop: LoopCfg = field(default_factory=LoopCfg)
     guard: GuardCfg = field(default_factory=GuardCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    mirror: MirrorCfg = field(default_factory=MirrorCfg)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

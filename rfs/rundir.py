@@ -38,6 +38,11 @@ class RunDir:
         return self.root / "placement.json"
 
     @property
+    def mirrored(self) -> Path:
+        """What rfs.mirror has copied to the object store: {path: [size, mtime_ns]}."""
+        return self.root / "mirror.json"
+
+    @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
 

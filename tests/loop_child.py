@@ -27,8 +27,10 @@ from tests.wave_child import SleepEnv
 LOOPS = (SHARED, "A-S", "A-F", "B-S", "B-F", "CTRL", "FLOOR")
 
 
-def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2, probes: bool = True) -> config.Config:
+def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2, probes: bool = True,
+               mirror: str = "") -> config.Config:
     return config.load(None, {
+        "mirror": {"url": mirror},
         "experiment": {"preset": "cluster", "name": "matrix", "arcs": ["A", "B"], "arms": ["S", "F"],
                        "baselines": ["CTRL", "FLOOR"], "max_rounds": rounds},
         "env": {"name": "builtin", "budget_s": 0.05, "timeout_s": 30.0, "calibration_k": 2},
@@ -71,9 +73,10 @@ def main() -> None:
     p.add_argument("--rollouts", type=int, default=2)
     p.add_argument("--no-probes", action="store_true", help="loop.eval_every = 0")
     p.add_argument("--sleep", type=float, default=0.05, help="seconds each job sleeps")
+    p.add_argument("--mirror", default="", help="mirror.url")
     p.add_argument("--tui", action="store_true", help="the TUI, as on a terminal (stdout must be one)")
     a = p.parse_args()
-    cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts, probes=not a.no_probes)
+    cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts, probes=not a.no_probes, mirror=a.mirror)
     drive(cfg, RunDir(Path(a.run_dir)), hosts(), plain=not a.tui, env=SleepEnv(Path(a.counter), a.sleep))
 
 

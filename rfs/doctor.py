@@ -155,7 +155,7 @@ def check_host(name: str, h: HostCfg, hf: HostsFile, here: dict) -> list[tuple[s
     if differ := sorted(k for k in here["env"] if there["env"].get(k) != here["env"][k]):
         same.append(f"harness files differ from the controller's: {', '.join(differ)}")
     lines.append((f"{name}: python {there['python']}, rfs {there['rfs']}, env manifest", same))
-    wanted = [s.gpu for s in hf.slot if s.launcher == "ssh" and s.host == name and s.gpu >= 0]
+    wanted = [s.gpu for s in hosts.slots(hf) if s.launcher == "ssh" and s.host == name and s.gpu >= 0]
     if wanted:
         seen = there["gpus"]
         bad = ["nvidia-smi is not there"] if seen is None else (
@@ -174,7 +174,7 @@ def check_vllm(cfg: config.Config) -> list[str]:
 
 
 def check_slurm_shape(hf: HostsFile) -> list[str]:
-    slots = [s for s in hf.slot if s.launcher == "slurm"]
+    slots = [s for s in hosts.slots(hf) if s.launcher == "slurm"]
     c = hf.slurm
     cpus = c.cpus_per_slot or max(max(1, len(s.cpus)) for s in slots)
     argv = ["sbatch", "--test-only", f"--ntasks={len(slots)}", f"--cpus-per-task={cpus}", f"--time={c.time_limit}",

@@ -50,6 +50,9 @@ class SlotCfg:
     host: str = "localhost"  # a [hosts.<name>] for ssh
     cpus: tuple[int, ...] = ()  # cores this slot's runs are pinned to
     gpu: int = -1  # CUDA device index; -1 for CPU
+    # This table stands for `count` slots: copy k gets gpu + k and cpus shifted by k * len(cpus)
+    # (SLURM picks its slots' devices itself), so 8 GPUs of a node are one table, not eight.
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ def load(path: Path | None = None) -> HostsFile:
     built = {name: _build(HostCfg, h, f"{where} hosts.{name}") for name, h in hosts.items()}
     cfg = HostsFile(cfg.server, cfg.train, cfg.slurm, built, cfg.slot)
     for i, s in enumerate(cfg.slot):
+        if s.count < 1:
+            raise ConfigError(f"{where} slot[{i}].count: expected 1 or more, got {s.count}")
         if s.launcher not in ("local", "ssh", "slurm"):
             raise ConfigError(f"{where} slot[{i}].launcher: expected local, ssh or slurm, got {s.launcher!r}")
         if s.launcher == "ssh" and s.host not in built:
@@ -114,7 +119,7 @@ def slots(cfg: HostsFile) -> list[Slot]:
         free = [c for c in cores if c not in cfg.server.cpus] or cores
         return [Slot(f"local-{c}", "local", "localhost", (c,), -1, sys.executable, str(ROOT)) for c in free]
     out = []
-    for i, s in enumerate(cfg.slot):
+    for i, s in enumerate(_expanded(cfg.slot)):
         name = s.name or f"{s.launcher}-{i}"
         if s.launcher == "ssh":
             h = cfg.hosts[s.host]
@@ -123,6 +128,21 @@ def slots(cfg: HostsFile) -> list[Slot]:
             out.append(Slot(name, "slurm", s.host, s.cpus, s.gpu, cfg.slurm.python, cfg.slurm.root))
         else:
             out.append(Slot(name, "local", "localhost", s.cpus, s.gpu, sys.executable, str(ROOT)))
+    return out
+
+
+def _expanded(tables: tuple[SlotCfg, ...]) -> list[SlotCfg]:
+    """Each `count = n` table as its n slots, named `<name>-<k>` when the table names them."""
+    out = []
+    for t in tables:
+        if t.count == 1:
+            out.append(t)
+            continue
+        width = len(t.cpus)
+        for k in range(t.count):
+            gpu = t.gpu + k if t.gpu >= 0 and t.launcher != "slurm" else t.gpu
+            cpus = tuple(c + k * width for c in t.cpus)
+            out.append(replace(t, name=f"{t.name}-{k}" if t.name else "", gpu=gpu, cpus=cpus, count=1))
     return out
 
 

@@ -136,3 +136,32 @@ def test_the_gpu_wait_says_why_it_is_skipped(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi here
     assert "nvidia-smi" in anyio.run(lambda: gpus_free((0,), 0.85))
     assert "no GPUs" in anyio.run(lambda: gpus_free((), 0.85))
+
+
+def test_a_count_table_stands_for_its_slots_each_on_its_own_gpu_and_cores(tmp_path):
+    from rfs.hosts import load, slots
+
+    toml = tmp_path / "hosts.toml"
+    toml.write_text("""
+[hosts.n1]
+address = "10.0.0.2"
+
+[[slot]]
+name = "n1"
+launcher = "ssh"
+host = "n1"
+gpu = 0
+cpus = [0, 1]
+count = 3
+
+[[slot]]
+launcher = "slurm"
+gpu = 0
+count = 2
+""")
+    got = [(s.name, s.host, s.gpu, s.cpus) for s in slots(load(toml))]
+    assert got[:3] == [("n1-0", "n1", 0, (0, 1)), ("n1-1", "n1", 1, (2, 3)), ("n1-2", "n1", 2, (4, 5))]
+    assert [(s.launcher, s.gpu) for s in slots(load(toml))][3:] == [("slurm", 0), ("slurm", 0)]
+    toml.write_text(toml.read_text().replace("count = 2", "count = 0"))
+    with pytest.raises(ConfigError, match="count"):
+        load(toml)

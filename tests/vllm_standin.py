@@ -7,6 +7,8 @@ what it was given, and serves the scripted researcher on the port it was told.
 
 Each start writes $RFS_VLLM_STANDIN_DIR/<pid>.json: argv, CUDA_VISIBLE_DEVICES and the flags, so
 a test can check which GPUs each server was given and that the sampling flags were set.
+With $RFS_VLLM_STANDIN_PLANS=<experiment.toml>:<rounds>, it serves tests/loop_child.py's plans for
+that experiment (the same replies the loop tests script), else no plan at all.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ def main(argv: list[str]) -> int:
                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{os.getpid()}.json").write_text(json.dumps(record))
-    server = ScriptedResearcher({}, model=flags["--served-model-name"], port=int(flags["--port"]))
+    plans = {}
+    if spec := os.environ.get("RFS_VLLM_STANDIN_PLANS"):
+        from rfs import config
+        from tests.loop_child import plans as loop_plans
+
+        path, rounds = spec.rsplit(":", 1)
+        plans = loop_plans(config.load(Path(path)), int(rounds))
+    server = ScriptedResearcher(plans, model=flags["--served-model-name"], port=int(flags["--port"]))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with server:

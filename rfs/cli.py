@@ -18,6 +18,7 @@ from rfs.errors import RfsError
 from rfs.collect.slots import SlotPool
 from rfs.launch import launcher_for, wave_launchers
 from rfs.loop.driver import drive
+from rfs.rehearse import rehearse
 from rfs.rundir import RunDir
 from rfs.setup import setup_embedded
 from rfs.tui import watch
@@ -116,6 +117,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(hosts_path)
 
 
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    return rehearse(verbose=args.verbose)
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     cfg = config.load(Path(args.experiment) if args.experiment else None)
     hf = hosts.load(Path(args.hosts) if args.hosts else None)
@@ -179,6 +184,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--hosts", help="hosts TOML: also check each host over ssh (same Python, rfs, manifest; "
                     "GPUs), the placement, the vLLM executable and the SLURM job shape")
     sp.add_argument("--experiment", help="experiment TOML for --hosts (default: experiments/embedded.toml)")
+
+    sp = add("rehearse", cmd_rehearse, "rehearse the cluster layout on this machine (local SLURM, sshd, a "
+             "stand-in vllm, 2 rounds of A-S beside CTRL, a preemption) before a long run")
+    sp.add_argument("--verbose", action="store_true", help="everything the rehearsal prints")
 
     sp = add("env", cmd_env, "the environment alone: `env seed` runs the seed train.py once; `env calibrate` measures the noise floor")
     sp.add_argument("action", choices=["seed", "calibrate"])

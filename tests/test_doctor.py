@@ -94,3 +94,21 @@ def test_the_slurm_check_names_a_shape_the_partition_refuses(slurm, monkeypatch)
     assert check_slurm_shape(fits) == []
     too_big = HostsFile(slurm=slurm.cfg, slot=(SlotCfg(launcher="slurm", cpus=tuple(range(slurm.cpus + 1))),))
     assert "refuses" in check_slurm_shape(too_big)[0]
+
+
+def test_a_host_whose_rfs_checkout_differs_is_named(sshd, tmp_path):
+    from dataclasses import replace
+
+    from rfs.doctor import check_host, probe_here
+    from rfs.hosts import HostsFile
+
+    shutil.copytree(ROOT / "rfs", tmp_path / "rfs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "env", tmp_path / "env", ignore=shutil.ignore_patterns("__pycache__"))
+    host = replace(sshd.host, root=str(tmp_path))
+    here = probe_here()
+    assert [p for _, p in check_host("n", host, HostsFile(hosts={"n": host}), here)] == [[], []]  # the same checkout
+    (tmp_path / "rfs" / "trace.py").write_text((tmp_path / "rfs" / "trace.py").read_text() + "\n# edited\n")
+    (tmp_path / "env" / "MANIFEST.sha256").write_text((ROOT / "env" / "MANIFEST.sha256").read_text())
+    next((tmp_path / "env").rglob("prepare.py")).write_text("# edited\n")
+    [(_, reach), (line, problems)] = check_host("n", host, HostsFile(hosts={"n": host}), here)
+    assert reach == [] and "rfs code" in problems[0] and "harness files differ" in problems[1], problems

@@ -1,7 +1,7 @@
 """`rfs rehearse`: the cluster layout rehearsed on this machine before a long run.
 
 It runs tests/test_rehearsal.py: the real controller over a real local SLURM (started for the
-rehearsal) and real sshd on loopback, vLLM replaced by tests/vllm_standin.py (vLLM's command line,
+rehearsal) and real sshd on two loopback addresses, vLLM replaced by tests/vllm_standin.py (vLLM's command line,
 the scripted researcher's replies, the GPUs it was given recorded), short stand-in jobs; gold A-S
 beside CTRL for 2 rounds with the slot pool's allocation scancelled mid-wave. It needs the `dev`
 extra (pytest) and slurm-wlm, munge and openssh-server installed (see tests/infra.py).

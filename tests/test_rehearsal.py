@@ -1,5 +1,5 @@
 """A rehearsal of the cluster layout on one machine: the real controller (driver) over real SLURM
-and real sshd, vLLM replaced by tests/vllm_standin.py (a stand-in speaking vLLM's command line and
+and real sshd (one, listening on 127.0.0.1 and 127.0.0.2: two ssh "nodes"), vLLM replaced by tests/vllm_standin.py (a stand-in speaking vLLM's command line and
 serving the scripted researcher), stand-in jobs (SleepEnv). Gold A-S beside CTRL for 2 rounds; the
 slot pool's allocation is scancelled mid-wave (preemption).
 
@@ -91,8 +91,10 @@ def test_rehearsal_gold_beside_ctrl_over_slurm_and_ssh_with_a_preemption(slurm, 
     hosts = HostsFile(
         server=ServerCfg(gpus=(0, 1)), train=TrainCfg(device="cpu"),
         slurm=replace(slurm.cfg, root=str(tmp_path / "cluster")),
-        hosts={"box": sshd.host},
-        slot=(SlotCfg(name="slurm", launcher="slurm", cpus=(0,), count=2), SlotCfg(name="ssh", launcher="ssh", host="box")),
+        # one real sshd on two addresses: two "nodes" reached over ssh
+        hosts={"node1": sshd.host, "node2": replace(sshd.host, address="127.0.0.2")},
+        slot=(SlotCfg(name="slurm", launcher="slurm", cpus=(0,), count=2),
+              SlotCfg(name="n1", launcher="ssh", host="node1"), SlotCfg(name="n2", launcher="ssh", host="node2")),
     )
     seen, stop = {"most": 0, "preempted": []}, threading.Event()
     watcher = threading.Thread(target=_watch, args=(run, slurm.env, seen, stop), daemon=True)
@@ -130,6 +132,8 @@ def test_rehearsal_gold_beside_ctrl_over_slurm_and_ssh_with_a_preemption(slurm, 
     allocations = {int(r["job_id"].split(".")[0]) for r in rows if r["slot"].startswith("slurm")}
     assert max(allocations) > max(map(int, seen["preempted"])), (allocations, seen)  # a new one, re-acquired
     assert _pool_jobs(slurm.env) == []
+    ran_on = {e["host"] for e in events if e["kind"] == "run_started"}
+    assert {"node1", "node2"} <= ran_on, ran_on  # both ssh "nodes" ran jobs
     # A-S's own server was stopped when A-S finished, before the experiment ended.
     kinds = [(e["kind"], e.get("version", "")) for e in events]
     stop = next(i for i, (k, v) in enumerate(kinds) if k == "server_stopped" and str(v).startswith("A-S/"))

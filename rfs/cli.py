@@ -9,9 +9,9 @@ from pathlib import Path
 
 import anyio
 
-from rfs import ROOT, config, hosts
+from rfs import ROOT, config, hosts, mirror
 from rfs.config import ConfigError
-from rfs.doctor import doctor
+from rfs.doctor import doctor, doctor_hosts
 from rfs.envs import environment, execute
 from rfs.envs.calibrate import announce, calibrate, load_calibration
 from rfs.evals import load, power
@@ -19,6 +19,7 @@ from rfs.errors import RfsError
 from rfs.collect.slots import SlotPool
 from rfs.launch import launcher_for, wave_launchers
 from rfs.loop.driver import drive
+from rfs.rehearse import rehearse
 from rfs.rundir import RunDir
 from rfs.setup import setup_embedded
 from rfs.tui import watch
@@ -72,6 +73,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    if args.from_url:  # a new machine: the run directory comes back from the object-storage mirror
+        dest = Path(args.run) if args.run else ROOT / "runs" / args.from_url.rstrip("/").rsplit("/", 1)[-1]
+        print(f"restoring {dest} from {args.from_url} …", flush=True)
+        mirror.restore(args.from_url, dest)
+        args.run = str(dest)
     run = RunDir(_given_run(args))
     if not run.config.exists():
         raise ConfigError(f"{run.root}: not a run directory (no experiment.toml)")
@@ -124,7 +130,14 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    return doctor(Path(args.hosts) if args.hosts else None)
+    hosts_path = Path(args.hosts) if args.hosts else None
+    if args.hosts:  # every host, GPU, vLLM and the SLURM partition, as the run will use them
+        return doctor_hosts(hosts_path, Path(args.experiment) if args.experiment else None)
+    return doctor(hosts_path)
+
+
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    return rehearse(verbose=args.verbose)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -168,7 +181,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--plain", action="store_true", help="plain progress lines instead of the TUI")
 
     sp = add("resume", cmd_resume, "continue a run from its state file after a stop, crash or preemption")
-    sp.add_argument("run", nargs="?", help="run directory (default: the most recent under runs/)")
+    sp.add_argument("run", nargs="?", help="run directory (default: the most recent under runs/; with --from, "
+                    "the new directory to rebuild, default runs/<the URL's last part>)")
+    sp.add_argument("--from", dest="from_url", metavar="URL",
+                    help="rebuild the run directory from its object-storage mirror (mirror.url) first")
     sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")
     sp.add_argument("--plain", action="store_true", help="plain progress lines instead of the TUI")
 
@@ -193,7 +209,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="redo the model conversion")
 
     sp = add("doctor", cmd_doctor, "check Python, packages, the environment manifest, hosts and disk")
-    sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")
+    sp.add_argument("--hosts", help="hosts TOML: also check each host over ssh (same Python, rfs, manifest; "
+                    "GPUs), the placement, the vLLM executable and the SLURM job shape")
+    sp.add_argument("--experiment", help="experiment TOML for --hosts (default: experiments/embedded.toml)")
+
+    sp = add("rehearse", cmd_rehearse, "rehearse the cluster layout on this machine (local SLURM, sshd, a "
+             "stand-in vllm, 2 rounds of A-S beside CTRL, a preemption) before a long run")
+    sp.add_argument("--verbose", action="store_true", help="everything the rehearsal prints")
 
     sp = add("env", cmd_env, "the environment alone: `env seed` runs the seed train.py once; `env calibrate` measures the noise floor")
     sp.add_argument("action", choices=["seed", "calibrate"])

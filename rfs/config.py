@@ -61,6 +61,8 @@ class EnvCfg:
 
 @dataclass(frozen=True)
 class VllmCfg:
+    executable: str = "vllm"  # vLLM pins its own torch, so it usually lives in its own environment
+    top_p: float = 1.0  # with researcher.temperature, the sampling rfs sets (no model generation_config.json)
     tensor_parallel: int = 1
     max_model_len: int = 32768
     gpu_memory_utilization: float = 0.85
@@ -148,6 +150,11 @@ class EvalCfg:
 
 
 @dataclass(frozen=True)
+class MirrorCfg:
+    url: str = ""  # fsspec URL (s3://bucket/run, file:///…); "": no mirror. Before every fit and publish.
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: ExperimentCfg = field(default_factory=ExperimentCfg)
     env: EnvCfg = field(default_factory=EnvCfg)
@@ -157,6 +164,7 @@ class Config:
     loop: LoopCfg = field(default_factory=LoopCfg)
     guard: GuardCfg = field(default_factory=GuardCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    mirror: MirrorCfg = field(default_factory=MirrorCfg)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

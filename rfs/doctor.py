@@ -1,17 +1,28 @@
-"""`rfs doctor`: one line per check, saying what is wrong and what to do about it."""
+"""`rfs doctor`: one line per check, saying what is wrong and what to do about it.
+
+With `--hosts`, every host of hosts.toml is checked as the run will use it: reachable over ssh;
+the same Python, rfs code and environment manifest as the controller; its slots' GPUs visible;
+the vLLM executable starting here; the SLURM partition accepting the slot pool's job shape.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
+import anyio
+
 from rfs import ROOT, config, hosts
 from rfs.envs.builtin import manifest
+from rfs.hosts import HostCfg, HostsFile
+from rfs.placement import place
 
 PACKAGES = {
     "core": ["anyio", "httpx", "pyarrow", "zstandard", "asyncssh"],
@@ -78,6 +89,138 @@ def check_disk() -> str:
 def check_embedded_model() -> str:
     model = config.cache_dir() / "models" / "smollm2-135m-instruct"
     return "" if (model / "config.json").exists() else f"the embedded researcher is not set up at {model}: run `python rfs.py setup`"
+
+
+# Run by each host's own Python (rfs need not import there): what must match the controller.
+PROBE = r"""
+import hashlib, json, pathlib, shutil, subprocess, sys
+root = pathlib.Path(sys.argv[1])
+code = hashlib.sha256()
+for p in sorted((root / "rfs").rglob("*.py")):
+    code.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+pinned = root / "env" / "MANIFEST.sha256"
+env = {}
+if pinned.exists():
+    for line in pinned.read_text().splitlines():
+        if line.strip():
+            name = line.split(maxsplit=1)[1].lstrip("*")
+            f = root / "env" / name
+            env[name] = hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else "missing"
+gpus = None
+if shutil.which("nvidia-smi"):
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    gpus = len([l for l in out.stdout.splitlines() if l.startswith("GPU ")]) if out.returncode == 0 else None
+print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3], "rfs": code.hexdigest()[:12],
+                  "root": root.is_dir() and (root / "rfs").is_dir(), "env": env, "gpus": gpus}))
+"""
+SSH_TIMEOUT = 20.0
+
+
+def probe_here() -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+async def _probe_host(h: HostCfg) -> dict:
+    import asyncssh  # lazy: only hosts checks need it
+
+    keys = {"client_keys": [h.key]} if h.key else {}
+    with anyio.fail_after(SSH_TIMEOUT):
+        async with asyncssh.connect(h.address, port=h.port, username=h.user or None,
+                                    known_hosts=h.known_hosts or None, connect_timeout=SSH_TIMEOUT, **keys) as conn:
+            got = await conn.run(f"{h.python} -c {_quote(PROBE)} {_quote(h.root or str(ROOT))}")
+    if got.exit_status != 0:
+        raise RuntimeError(f"{h.python} failed there ({got.exit_status}): {str(got.stderr).strip()[-200:]}")
+    return json.loads(str(got.stdout))
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def check_host(name: str, h: HostCfg, hf: HostsFile, here: dict) -> list[tuple[str, list[str]]]:
+    """One line per thing the run needs of host `name`; an unreachable host is one failing line."""
+    where = f"host {name} ({h.address}:{h.port})"
+    try:
+        there = anyio.run(_probe_host, h)
+    except Exception as exc:  # every way of not answering is one line: unreachable
+        return [(where, [f"unreachable over ssh: {type(exc).__name__}: {exc}"])]
+    lines = [(where, [])]
+    same = []
+    if not there["root"]:
+        same.append(f"no rfs checkout at {h.root or ROOT}; set hosts.{name}.root")
+    if there["python"].rsplit(".", 1)[0] != here["python"].rsplit(".", 1)[0]:
+        same.append(f"Python {there['python']} there, {here['python']} here")
+    if there["rfs"] != here["rfs"]:
+        same.append(f"rfs code {there['rfs']} there, {here['rfs']} here: check out the same commit")
+    if differ := sorted(k for k in here["env"] if there["env"].get(k) != here["env"][k]):
+        same.append(f"harness files differ from the controller's: {', '.join(differ)}")
+    lines.append((f"{name}: python {there['python']}, rfs {there['rfs']}, env manifest", same))
+    wanted = [s.gpu for s in hosts.slots(hf) if s.launcher == "ssh" and s.host == name and s.gpu >= 0]
+    if wanted:
+        seen = there["gpus"]
+        bad = ["nvidia-smi is not there"] if seen is None else (
+            [f"slots want GPU {max(wanted)}, {seen} visible"] if max(wanted) >= seen else [])
+        lines.append((f"{name}: GPUs {sorted(set(wanted))}", bad))
+    return lines
+
+
+def check_vllm(cfg: config.Config) -> list[str]:
+    exe = cfg.researcher.vllm.executable
+    try:
+        out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"{exe} does not start ({exc}); set researcher.vllm.executable to vLLM's own environment"]
+    return [] if out.returncode == 0 else [f"`{exe} --help` exited {out.returncode}: {out.stderr.strip()[-200:]}"]
+
+
+def check_slurm_shape(hf: HostsFile) -> list[str]:
+    slots = [s for s in hosts.slots(hf) if s.launcher == "slurm"]
+    c = hf.slurm
+    cpus = c.cpus_per_slot or max(max(1, len(s.cpus)) for s in slots)
+    argv = ["sbatch", "--test-only", f"--ntasks={len(slots)}", f"--cpus-per-task={cpus}", f"--time={c.time_limit}",
+            *([f"--partition={c.partition}"] * bool(c.partition)), *([f"--account={c.account}"] * bool(c.account)),
+            *([f"--mem-per-cpu={c.mem_per_cpu}"] * bool(c.mem_per_cpu)),
+            *(["--gpus-per-task=1"] * any(s.gpu >= 0 for s in slots)), *c.extra_args, "--wrap", "true"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"sbatch does not answer ({exc})"]
+    said = out.stderr.strip().splitlines()
+    return [] if out.returncode == 0 else [f"the partition refuses {len(slots)} tasks x {cpus} CPUs: {said[-1] if said else ''}"]
+
+
+def cluster_checks(hf: HostsFile, cfg: config.Config) -> list[tuple[str, list[str]]]:
+    here = probe_here()
+    out: list[tuple[str, list[str]]] = []
+    for name, h in hf.hosts.items():
+        out += check_host(name, h, hf, here)
+    try:
+        plan = place(cfg, hf)
+        out.append((f"placement: {'; '.join(plan.lines()[:3])}{' …' if len(plan.lines()) > 3 else ''}", []))
+    except config.ConfigError as exc:
+        out.append(("placement", [str(exc)]))
+    if cfg.researcher.backend == "vllm":
+        out.append((f"vllm: {cfg.researcher.vllm.executable} --help", check_vllm(cfg)))
+    if any(s.launcher == "slurm" for s in hf.slot):
+        out.append((f"slurm partition {hf.slurm.partition or '(default)'}: sbatch --test-only", check_slurm_shape(hf)))
+    return out
+
+
+def doctor_hosts(hosts_path: Path | None, experiment: Path | None = None) -> int:
+    """`rfs doctor --hosts`: the base checks, then one line per cluster check."""
+    code = doctor(hosts_path)
+    try:
+        hf = hosts.load(hosts_path)
+        cfg = config.load(experiment or config.default_experiment())
+    except config.ConfigError as exc:
+        print(f"FAIL config: {exc}")
+        return 1
+    failed = 0
+    for name, problems in cluster_checks(hf, cfg):
+        print(f"FAIL {name}: {'; '.join(problems)}" if problems else f"ok   {name}")
+        failed += bool(problems)
+    return 1 if failed or code else 0
 
 
 def doctor(hosts_path: Path | None = None) -> int:

@@ -5,10 +5,11 @@ With no `[[slot]]` tables, slots are local: one per CPU core (or GPU) that the s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ class SlurmCfg:
     extra_args: tuple[str, ...] = ()
     python: str = sys.executable
     root: str = str(ROOT)
+    # The job shape of one slot in the experiment's one allocation (rfs.launch.slurm.Allocation).
+    cpus_per_slot: int = 0  # 0: the slot's `cpus` count (at least 1)
+    mem_per_cpu: str = ""  # SLURM's --mem-per-cpu, e.g. "8G" (a slot gets cpus × this); "": the partition's default
+    pool: str = ""  # the allocation's job name; "": named after the run directory (one controller per run)
 
 
 @dataclass(frozen=True)
@@ -45,18 +50,22 @@ class SlotCfg:
     host: str = "localhost"  # a [hosts.<name>] for ssh
     cpus: tuple[int, ...] = ()  # cores this slot's runs are pinned to
     gpu: int = -1  # CUDA device index; -1 for CPU
+    # This table stands for `count` slots: copy k gets gpu + k and cpus shifted by k * len(cpus)
+    # (SLURM picks its slots' devices itself), so 8 GPUs of a node are one table, not eight.
+    count: int = 1
 
 
 @dataclass(frozen=True)
 class ServerCfg:
     cpus: tuple[int, ...] = (0,)  # cores the embedded researcher server is pinned to
-    gpus: tuple[int, ...] = ()  # vLLM's devices (tensor parallel across them)
-    port: int = 0  # 0: pick a free port
+    gpus: tuple[int, ...] = ()  # vLLM's devices: each server takes its own tensor_parallel of them (rfs.placement)
+    port: int = 0  # the first server's port, the next ones follow; 0: free ports
 
 
 @dataclass(frozen=True)
 class TrainCfg:
     device: str = "auto"  # cpu | cuda | auto
+    gpus: tuple[int, ...] = ()  # the controller host's GPU the LoRA fit runs on (rfs.placement)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ def load(path: Path | None = None) -> HostsFile:
     built = {name: _build(HostCfg, h, f"{where} hosts.{name}") for name, h in hosts.items()}
     cfg = HostsFile(cfg.server, cfg.train, cfg.slurm, built, cfg.slot)
     for i, s in enumerate(cfg.slot):
+        if s.count < 1:
+            raise ConfigError(f"{where} slot[{i}].count: expected 1 or more, got {s.count}")
         if s.launcher not in ("local", "ssh", "slurm"):
             raise ConfigError(f"{where} slot[{i}].launcher: expected local, ssh or slurm, got {s.launcher!r}")
         if s.launcher == "ssh" and s.host not in built:
@@ -108,7 +119,7 @@ def slots(cfg: HostsFile) -> list[Slot]:
         free = [c for c in cores if c not in cfg.server.cpus] or cores
         return [Slot(f"local-{c}", "local", "localhost", (c,), -1, sys.executable, str(ROOT)) for c in free]
     out = []
-    for i, s in enumerate(cfg.slot):
+    for i, s in enumerate(_expanded(cfg.slot)):
         name = s.name or f"{s.launcher}-{i}"
         if s.launcher == "ssh":
             h = cfg.hosts[s.host]
@@ -118,3 +129,27 @@ def slots(cfg: HostsFile) -> list[Slot]:
         else:
             out.append(Slot(name, "local", "localhost", s.cpus, s.gpu, sys.executable, str(ROOT)))
     return out
+
+
+def _expanded(tables: tuple[SlotCfg, ...]) -> list[SlotCfg]:
+    """Each `count = n` table as its n slots, named `<name>-<k>` when the table names them."""
+    out = []
+    for t in tables:
+        if t.count == 1:
+            out.append(t)
+            continue
+        width = len(t.cpus)
+        for k in range(t.count):
+            gpu = t.gpu + k if t.gpu >= 0 and t.launcher != "slurm" else t.gpu
+            cpus = tuple(c + k * width for c in t.cpus)
+            out.append(replace(t, name=f"{t.name}-{k}" if t.name else "", gpu=gpu, cpus=cpus, count=1))
+    return out
+
+
+def pooled(cfg: HostsFile, run_root: Path) -> HostsFile:
+    """`cfg` with its SLURM allocation named after the run directory, unless hosts.toml names it:
+    a resumed controller then finds (and cancels) the one its killed predecessor left."""
+    if cfg.slurm.pool:
+        return cfg
+    key = hashlib.sha256(str(Path(run_root).resolve()).encode()).hexdigest()[:12]
+    return replace(cfg, slurm=replace(cfg.slurm, pool=key))

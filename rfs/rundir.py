@@ -33,6 +33,16 @@ class RunDir:
         return self.root / "state.json"
 
     @property
+    def placement(self) -> Path:
+        """Which GPUs serve, fit and run slots (rfs.placement), as planned at the last start."""
+        return self.root / "placement.json"
+
+    @property
+    def mirrored(self) -> Path:
+        """What rfs.mirror has copied to the object store: {path: [size, mtime_ns]}."""
+        return self.root / "mirror.json"
+
+    @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
 

@@ -30,8 +30,9 @@ CONTROL_LINES = ("A-S-placebo", "A-S-noprefill")
 
 def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 2, probes: bool = True,
                controls: tuple[str, ...] = (), replicates: int = 1, arcs: tuple[str, ...] = ("A", "B"),
-               arms: tuple[str, ...] = ("S", "F")) -> config.Config:
+               arms: tuple[str, ...] = ("S", "F"), mirror: str = "") -> config.Config:
     return config.load(None, {
+        "mirror": {"url": mirror},
         "experiment": {"preset": "cluster", "name": "matrix", "arcs": list(arcs), "arms": list(arms),
                        "baselines": ["CTRL", "FLOOR"], "max_rounds": rounds, "controls": list(controls),
                        "replicates": replicates},
@@ -77,10 +78,11 @@ def main() -> None:
     p.add_argument("--replicates", type=int, default=1)
     p.add_argument("--small", action="store_true", help="arc A, arm S only (with CTRL and FLOOR)")
     p.add_argument("--sleep", type=float, default=0.05, help="seconds each job sleeps")
+    p.add_argument("--mirror", default="", help="mirror.url")
     p.add_argument("--tui", action="store_true", help="the TUI, as on a terminal (stdout must be one)")
     a = p.parse_args()
     cfg = experiment(Path(a.model_dir), a.base_url, a.rounds, a.rollouts, probes=not a.no_probes,
-                     replicates=a.replicates, **({"arcs": ("A",), "arms": ("S",)} if a.small else {}))
+                     replicates=a.replicates, mirror=a.mirror, **({"arcs": ("A",), "arms": ("S",)} if a.small else {}))
     drive(cfg, RunDir(Path(a.run_dir)), hosts(), plain=not a.tui, env=SleepEnv(Path(a.counter), a.sleep))
 
 

@@ -154,3 +154,29 @@ def test_a_connection_dropped_mid_run_is_infra_error_and_the_run_is_retried_on_a
     finished = [(e["slot"], e["status"]) for e in iter_events(run.events) if e["kind"] == "run_finished"]
     assert finished == [("ssh-0", "infra_error"), ("local-0", "success")]
     assert (tmp_path / "launches").read_text().split() == [row["rollout_id"]] * 2  # launched on both slots
+
+
+def test_concurrent_waves_run_in_one_allocation_and_never_queue_for_a_second(slurm, slurm_hosts, tmp_path):
+    """Two loops' waves at once, each over a slot pool that fills the node: with an allocation per
+    wave the second would queue behind the first (here: fail after 5 s); with one, both run."""
+    n = 3
+    whole_node = _slurm_slots(2, cpus=slurm.cpus // 2)
+    hosts = replace(slurm_hosts, slurm=replace(slurm_hosts.slurm, queue_wait_s=5.0))
+    outs = []
+
+    async def both(base_url: str) -> None:
+        async def one(name: str) -> None:
+            env = SleepEnv(tmp_path / f"launches-{name}", 1.0)
+            outs.append(await _wave(RunDir(tmp_path / name), base_url, env, n, whole_node, hosts))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "a")
+            tg.start_soon(one, "b")
+
+    with ScriptedResearcher(plans(n)) as sr:
+        anyio.run(both, sr.base_url)
+    rows = [r for out in outs for r in pq.read_table(out).to_pylist()]
+    assert [r["status"] for r in rows] == ["success"] * 2 * n, [r["detail"] for r in rows]
+    jobs = {r["job_id"].split(".")[0] for r in rows}
+    assert len(jobs) == 1, [r["job_id"] for r in rows]  # both waves' steps in the one allocation
+    assert _eventually(lambda: jobs.isdisjoint(_squeue(slurm))), _squeue(slurm)

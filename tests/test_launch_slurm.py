@@ -7,13 +7,14 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 
 import anyio
 import pytest
 
 from rfs.hosts import Slot
 from rfs.launch.base import Job
-from rfs.launch.slurm import SlurmError, SlurmLauncher
+from rfs.launch.slurm import Allocation, SlurmError, SlurmLauncher
 from tests.infra import slurm  # noqa: F401  (fixture)
 
 SLOT = Slot("slurm-0", "slurm", "cluster", (0,), -1, sys.executable, "")
@@ -250,3 +251,95 @@ def test_allocation_ended_under_a_running_step_is_infra_error(launcher, slurm):
 
     out = anyio.run(main)
     assert out.infra_error.startswith("SLURM ended step") and out.exit_code is None, out
+
+
+# ------------------------------------------------ the one allocation model (issue 19)
+
+
+def test_concurrent_waves_share_one_allocation_and_the_last_out_cancels_it(slurm, tmp_path):
+    """Two waves each asking for every CPU of the node: two allocations would deadlock (the second
+    waits in the queue for the first); one shared allocation cannot."""
+    shared = Allocation("rfs-pool-test-share")
+
+    def launcher(wave: str) -> SlurmLauncher:
+        return SlurmLauncher(slurm.cfg, env=slurm.env, workroot=str(tmp_path / "work"), wave=wave, allocation=shared)
+
+    async def main():
+        a, b = launcher("w1"), launcher("w2")
+        first = await a.open(1, slurm.cpus, 0, 2.0)
+        second = await b.open(1, slurm.cpus, 0, 2.0)  # a second whole-node request would fail after 2 s
+        await a.close()
+        still = _squeue(slurm.env)
+        out = await b.run(SLOT, Job("s", ("echo", "in the shared allocation"), timeout_s=30))
+        await b.close()
+        return first, second, still, out
+
+    first, second, still, out = anyio.run(main)
+    assert first == second and still == [first], (first, second, still)
+    assert out.exit_code == 0 and out.job_id.startswith(first + "."), out
+    assert _eventually(lambda: first not in _squeue(slurm.env))
+
+
+def test_a_lost_allocation_is_reacquired_and_the_lost_step_is_infra_error(slurm, tmp_path):
+    launcher = SlurmLauncher(slurm.cfg, env=slurm.env, workroot=str(tmp_path / "work"))
+
+    async def main():
+        old = await launcher.open(2)
+        result = []
+        async with anyio.create_task_group() as tg:
+            started = anyio.Event()
+
+            async def go():
+                job = Job("p", ("sh", "-c", "echo up; sleep 300"), timeout_s=60)
+                result.append(await launcher.run(SLOT, job, lambda _: started.set()))
+
+            tg.start_soon(go)
+            await started.wait()
+            subprocess.run(["scancel", old], env={**os.environ, **slurm.env}, check=True, timeout=10)  # preempted
+        after = await launcher.run(SLOT, Job("q", ("echo", "again"), timeout_s=30))
+        new = launcher.allocation
+        await launcher.close()
+        return old, new, result[0], after
+
+    old, new, lost, after = anyio.run(main)
+    assert lost.infra_error.startswith("SLURM ended step") and lost.exit_code is None, lost
+    assert new and new != old and launcher.shared.lost == [old]
+    assert after.exit_code == 0 and after.job_id.startswith(new + "."), after
+    assert _eventually(lambda: new not in _squeue(slurm.env))
+
+
+def test_a_step_still_queued_at_its_timeout_is_infra_error(slurm, tmp_path):
+    launcher = SlurmLauncher(slurm.cfg, env=slurm.env, workroot=str(tmp_path / "work"))
+
+    async def main():
+        await launcher.open(1)  # one CPU: a second step waits for the first
+        try:
+            async with anyio.create_task_group() as tg:
+                started = anyio.Event()
+                tg.start_soon(lambda: launcher.run(SLOT, Job("hold", ("sh", "-c", "echo up; sleep 300"), timeout_s=30),
+                                                   lambda _: started.set()))
+                await started.wait()
+                queued = await launcher.run(SLOT, Job("late", ("echo", "never"), timeout_s=3))
+                tg.cancel_scope.cancel()
+            return queued
+        finally:
+            await launcher.close()
+
+    out = anyio.run(main)
+    assert out.infra_error.startswith("the step was still queued") and not out.timed_out, out
+
+
+def test_steps_never_join_the_controllers_own_slurm_job(slurm, tmp_path):
+    """A controller started by sbatch has SLURM_JOB_ID etc.; srun must not take them for its own."""
+    env = {**slurm.env, "SLURM_JOB_ID": "999999", "SLURM_JOBID": "999999", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "64"}
+    launcher = SlurmLauncher(slurm.cfg, env=env, workroot=str(tmp_path / "work"))
+    out = anyio.run(launcher.run, SLOT, Job("j", ("sh", "-c", "echo job=$SLURM_JOB_ID"), timeout_s=30))
+    assert out.infra_error == "" and out.exit_code == 0, out
+    assert b"job=999999" not in out.output and out.output.startswith(b"job=" + out.job_id.split(".")[0].encode())
+    assert launcher.env["SLURM_CONF"] == slurm.env["SLURM_CONF"]
+
+
+def test_steps_are_sized_from_hosts_toml(slurm):
+    cfg = replace(slurm.cfg, cpus_per_slot=4, mem_per_cpu="8G")
+    argv = SlurmLauncher(cfg, env=slurm.env)._srun(SLOT, Job("z", ("true",), timeout_s=30), "/w")
+    assert "--cpus-per-task=4" in argv and "--mem-per-cpu=8G" in argv

@@ -153,14 +153,17 @@ def test_response_format_per_backend() -> None:
 
 
 def test_vllm_argv_has_every_flag() -> None:
-    cfg = config.VllmCfg(tensor_parallel=4, max_model_len=16384, gpu_memory_utilization=0.9,
-                         extra_args=("--enable-prefix-caching",))
-    argv = vllm_argv(Path("/models/A-S/v2"), "A-S/v2", 8123, cfg, seed=7)
-    assert argv[:3] == ["vllm", "serve", "/models/A-S/v2"]
+    cfg = config.VllmCfg(executable="/opt/vllm-env/bin/vllm", top_p=0.95, tensor_parallel=4, max_model_len=16384,
+                         gpu_memory_utilization=0.9, extra_args=("--enable-prefix-caching",))
+    argv = vllm_argv(Path("/models/A-S/v2"), "A-S/v2", 8123, cfg, seed=7, temperature=0.8)
+    assert argv[:3] == ["/opt/vllm-env/bin/vllm", "serve", "/models/A-S/v2"]
     flags = dict(zip(argv[3:-1:2], argv[4:-1:2]))
+    sampling = json.loads(flags.pop("--override-generation-config"))
     assert flags == {"--served-model-name": "A-S/v2", "--host": "127.0.0.1", "--port": "8123",
                      "--tensor-parallel-size": "4", "--max-model-len": "16384",
-                     "--gpu-memory-utilization": "0.9", "--seed": "7"}
+                     "--gpu-memory-utilization": "0.9", "--seed": "7", "--generation-config": "vllm"}
+    # the model's generation_config.json is not applied; rfs's own sampling is, with no repetition penalty
+    assert sampling == {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.0}
     assert argv[-1] == "--enable-prefix-caching"
 
 

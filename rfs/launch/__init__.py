@@ -13,7 +13,7 @@ from rfs.hosts import HostsFile, Slot
 from rfs.launch.base import Job, JobOutcome, Launcher
 from rfs.launch.local import LocalLauncher
 from rfs.launch.local import reclaim as reclaim_local
-from rfs.launch.slurm import SlurmLauncher
+from rfs.launch.slurm import SlurmLauncher, shared_allocation
 
 CLOSE_TIMEOUT_S = 60.0  # scancel and ssh disconnects each bound themselves; this bounds them all
 
@@ -25,7 +25,8 @@ def launcher_for(slot: Slot, hosts: HostsFile, wave: str = "") -> Launcher:
         from rfs.launch.ssh import SshLauncher  # lazy: asyncssh, which a local-only user need not install
 
         return SshLauncher(hosts.hosts[slot.host], wave)
-    return SlurmLauncher(hosts.slurm, wave=wave)
+    # every wave's steps run in the experiment's one allocation: concurrent waves never queue for two
+    return SlurmLauncher(hosts.slurm, wave=wave, allocation=shared_allocation(hosts.slurm))
 
 
 async def reclaim(slots: list[Slot], hosts: HostsFile, wave: str) -> list[str]:
@@ -51,10 +52,11 @@ def _shared_by(slot: Slot) -> tuple[str, str]:
 async def wave_launchers(slots: list[Slot], hosts: HostsFile, wave: str = "") -> AsyncIterator[Callable[[Slot], Launcher]]:
     """Launchers shared across a wave's slots: `async with wave_launchers(slots, hosts) as launcher_of:`.
 
-    One local launcher, one ssh launcher per host (it pools connections), one SLURM launcher whose
-    allocation, sized to the slurm slots, is made on entry (waiting in the queue up to
-    hosts.slurm.queue_wait_s), so each run is an `srun` step in it. On exit, also on error or
-    cancellation, the allocation is cancelled and the ssh connections closed; a failure to release
+    One local launcher, one ssh launcher per host (it pools connections), one SLURM launcher that
+    joins the experiment's one allocation, sized to the slurm slots, on entry (made, waiting in the
+    queue up to hosts.slurm.queue_wait_s, if no concurrent wave holds it), so each run is an `srun`
+    step in it. On exit, also on error or cancellation, the last wave out cancels the allocation and
+    the ssh connections close; a failure to release
     one is raised once all were tried, since a leaked allocation holds the cluster's nodes.
     """
     shared: dict[tuple[str, str], Launcher] = {}

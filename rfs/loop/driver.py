@@ -12,7 +12,7 @@ from functools import partial
 
 import anyio
 
-from rfs import atomic, config
+from rfs import atomic, config, mirror
 from rfs.config import Config
 from rfs.envs import Environment, environment
 from rfs.events import EventLog
@@ -52,6 +52,7 @@ async def _main(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, en
             ex.state.loops.setdefault(loop.name, LoopState.fresh(loop, ex.noise.mean))
         ex.save()
         await schedule(ex, loops)
+        await mirror.push(cfg.mirror, run)  # the finished run, whole
     events.emit("experiment_finished", experiment=cfg.experiment.name)
     _print_summary(ex)
     return 0

@@ -17,11 +17,12 @@ from rfs.config import Config
 from rfs.envs import Environment
 from rfs.envs.calibrate import announce, calibrate, load_calibration
 from rfs.events import EventLog
-from rfs.hosts import HostsFile, slots
+from rfs.hosts import HostsFile, pooled, slots
 from rfs.launch import wave_launchers
 from rfs.loop.plan import plan
 from rfs.loop.serving import Servers
 from rfs.loop.state import ExperimentState, Noise
+from rfs.placement import announce_placement, place
 from rfs.rundir import RunDir
 from rfs.setup import setup_embedded
 from rfs.trace import text_sha256
@@ -59,15 +60,18 @@ class Experiment:
 @asynccontextmanager
 async def started(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, env: Environment) -> AsyncIterator[Experiment]:
     """The experiment in `run`, new or resumed, calibrated and with its servers; they stop on exit."""
+    hosts = pooled(hosts, run.root)  # the SLURM allocation named for this run (rfs.launch.slurm)
     state = ExperimentState.from_json(run.read_state(), cfg.experiment.name)
     events.emit("experiment_started", experiment=cfg.experiment.name, resumed=bool(state.loops))
     await anyio.to_thread.run_sync(env.prepare)
+    placement = place(cfg, hosts)  # before anything starts: a GPU given twice stops the run here
+    announce_placement(run, placement, events)
     pool = SlotPool(slots(hosts), cfg.collect, events)
     if state.noise is None:
         state.noise = await _calibrated(cfg, run, hosts, events, env, pool)
         run.write_state(state.to_json())  # a resumed run does not calibrate again
     v0 = await anyio.to_thread.run_sync(_resolve_v0, cfg)
-    async with Servers(cfg, hosts, run, events, v0) as servers:
+    async with Servers(cfg, hosts, run, events, v0, placement) as servers:
         yield Experiment(cfg, run, hosts, events, env, pool, servers, state.noise, v0, state)
 
 

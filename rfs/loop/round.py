@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 import anyio
 import pyarrow.compute as pc
 
-from rfs import atomic, trace
+from rfs import atomic, mirror, trace
 from rfs.agent import prompts
 from rfs.agent.rollout import RolloutSpec
 from rfs.collect.aggregate import aggregate_round, controls, researchers
@@ -173,10 +173,13 @@ async def _consolidate(ex: Experiment, loop: LoopSpec, r: int) -> Path:
     ex.events.emit("phase", loop=loop.name, round=r, phase="consolidate")
     parent = ex.v0 if r == 1 else ex.run.model(loop.name, r - 1)
     async with ex.fit_lock, cores_for_fit(ex):
-        return await anyio.to_thread.run_sync(
+        await mirror.push(ex.cfg.mirror, ex.run)  # the round's traces and the state, before the fit
+        merged = await anyio.to_thread.run_sync(
             lambda: consolidate(ex.run, loop.name, r, parent, ex.v0, ex.cfg.consolidate, ex.noise.to_json(),
-                                ex.events, device=ex.hosts.train.device, seed=ex.cfg.experiment.seed)
+                                ex.events, device=ex.servers.placement.fit_device, seed=ex.cfg.experiment.seed)
         )
+        await mirror.push(ex.cfg.mirror, ex.run)  # the published V_r, before a server loads it
+        return merged
 
 
 @asynccontextmanager

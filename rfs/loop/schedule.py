@@ -23,6 +23,8 @@ async def schedule(ex: Experiment, loops: list[LoopSpec]) -> None:
         async with limit:
             ex.events.emit("scheduler", decision="start", loop=loop.name)
             await run_loop(ex, loop)
+            if loop.trains:  # its V_n server has no other user: stopped, its GPUs go back
+                await ex.servers.release(loop.name)
             ex.events.emit("scheduler", decision="finish", loop=loop.name, status=ex.state.loops[loop.name].status)
 
     async with anyio.create_task_group() as tg:

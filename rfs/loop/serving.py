@@ -1,5 +1,8 @@
 """One researcher server per line of weights: V0 (shared by round 1, CTRL, FLOOR and probes) and
-one per gold loop, swapped to V_{n+1} after each merge and health-checked before a wave uses it."""
+one per gold loop, swapped to V_{n+1} after each merge and health-checked before a wave uses it.
+
+Each server runs on its own GPUs and port from the placement plan (rfs.placement), and a gold
+loop's server is stopped when the loop finishes, so its GPUs are free for nobody's surprise."""
 
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ from rfs.agent.client import ResearcherClient
 from rfs.config import Config
 from rfs.events import EventLog
 from rfs.hosts import HostsFile
+from rfs.placement import V0, Placement, place
 from rfs.rundir import RunDir
 from rfs.serve import make_server
 from rfs.setup import weights_sha256
 
-V0 = "v0"
+__all__ = ["V0", "Served", "Servers"]
 
 
 @dataclass
@@ -30,8 +34,10 @@ class Served:
 
 
 class Servers:
-    def __init__(self, cfg: Config, hosts: HostsFile, run: RunDir, events: EventLog, v0: Path | None):
+    def __init__(self, cfg: Config, hosts: HostsFile, run: RunDir, events: EventLog, v0: Path | None,
+                 placement: Placement | None = None):
         self.cfg, self.hosts, self.run, self.events, self.v0 = cfg, hosts, run, events, v0
+        self.placement = placement or place(cfg, hosts)
         self._served: dict[str, Served] = {}
         self._locks: dict[str, anyio.Lock] = {}
 
@@ -65,7 +71,9 @@ class Servers:
                 await current.client.aclose()
             else:
                 log = self.run.logs / f"server-{key}.log"
-                server = make_server(self.cfg.researcher, self.hosts, model_dir, model_id, log, self.events)
+                place = None if external else self.placement.server(key)
+                server = make_server(self.cfg.researcher, self.hosts, model_dir, model_id, log, self.events,
+                                     gpus=place.gpus if place else None, port=place.port if place else 0)
                 await server.start()
             client = ResearcherClient(server.base_url, model_id, self.cfg.researcher, model_dir=model_dir,
                                       enforced=server.enforces_schema)
@@ -82,3 +90,11 @@ class Servers:
             if await served.server.health():
                 return
             await served.server.restart(self.model_dir(key, served.version), served.model_id)
+
+    async def release(self, key: str) -> None:
+        """Stop the server for `key`: no loop needs it any more, and its GPUs go back."""
+        async with self._locks.setdefault(key, anyio.Lock()):
+            served = self._served.pop(key, None)
+            if served is not None:
+                await served.client.aclose()
+                await served.server.stop()

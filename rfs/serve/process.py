@@ -55,6 +55,9 @@ class ProcessServer:
     def argv(self, served: Path, model_id: str) -> list[str]:
         raise NotImplementedError
 
+    async def before_launch(self) -> None:
+        """Waits for what the process needs free (vLLM: its GPUs' memory); nothing by default."""
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
@@ -88,6 +91,7 @@ class ProcessServer:
             return False
 
     async def _launch(self, served: Path) -> None:
+        await self.before_launch()
         argv = self.argv(served, self.model_id)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:

@@ -25,7 +25,7 @@ STANDIN = Path(__file__).resolve().parent / "vllm_standin.py"
 
 def cfg(arms=("S", "F"), tp=1, executable="vllm") -> config.Config:
     return config.load(None, {
-        "experiment": {"preset": "cluster", "arcs": ["A"], "arms": list(arms), "baselines": ["CTRL"]},
+        "experiment": {"preset": "cluster", "arcs": ["A"], "arms": list(arms), "baselines": ["CTRL"], "controls": []},
         "researcher": {"backend": "vllm", "vllm": {"tensor_parallel": tp, "executable": executable}},
     })
 

@@ -76,11 +76,11 @@ async def _calibrated(cfg: Config, run: RunDir, hosts: HostsFile, events: EventL
     """The seed's val_bpb mean ± std on this machine at the wave's concurrency (calibrated once)."""
     cal = load_calibration(cfg.env, len(pool.slots))
     if cal is None:
-        events.emit("phase", loop="*", round=0, phase="calibrate")
         k = cfg.env.calibration_k
+        events.emit("phase", loop="*", round=0, phase="calibrate", k=k)
         key = await reclaimed(run, pool.slots, hosts, events, "calibrate", 0)
         async with wave_launchers(pool.slots, hosts, key) as launcher_of:
-            cal = await calibrate(env, pool, k, launcher_of, cfg.env, on_run=announce(k))
+            cal = await calibrate(env, pool, k, launcher_of, cfg.env, on_run=announce(k, events))
     print(f"seed train.py: val_bpb {cal['mean']:.4f} ± {cal['std']:.4f} over {cal['k']} runs", flush=True)
     return Noise(cal["mean"], cal["std"], cal["k"])
 

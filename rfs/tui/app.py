@@ -213,7 +213,9 @@ class WatchApp(App):
         if v.last_scheduler:
             title += f"  scheduler: {v.last_scheduler}"
         self.query_one("#title", Static).update(Text(title))
-        self.query_one("#now", Static).update(Text("\n".join(v.activities(time.time()))))
+        now = ["finished: q quits and prints the answer (the decomposition table, where the report is)"] if v.finished \
+            else v.activities(time.time())
+        self.query_one("#now", Static).update(Text("\n".join(now)))
         self.query_one("#slots", Static).update(Text(_slots_text(v)))
         alarms = [" ".join(x for x in (a.kind, a.loop, a.message) if x) for a in v.alarms[-8:]]
         self.query_one("#alarms", Static).update(Text("\n".join(alarms) or "none"))

@@ -165,6 +165,7 @@ async def test_app_opens_on_the_live_loop_follows_it_and_tab_stops_following(tmp
         assert "shared round 1 wave: 0/1 rollouts done" in str(app.query_one("#now").content)
         await pilot.press("1")
         assert "idle: waiting for the shared round 1" in str(app.query_one("#loop").content)
+        assert "no rollouts of its own in round 1" in str(app.query_one("#loop").content)  # not "0/0 done"
         assert not app.following
         await pilot.press("f")
         assert app.current_loop().name == "shared" and app.following
@@ -186,3 +187,18 @@ def test_the_fit_reports_total_steps_and_tokens_that_add_up(tmp_path):
     assert {e["total"] for e in steps} == {manifest["steps"]}
     assert sum(e["tokens"] for e in steps) == m["tokens_seen"]
     shutil.rmtree(tmp_path / "v0")
+
+
+@pytest.mark.anyio
+async def test_app_during_calibration_says_what_runs_and_how_long(tmp_path):
+    from rfs.tui.app import WatchApp
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.events.write_text("".join(json.dumps(e) + "\n" for e in CALIBRATION))
+    app = WatchApp(run.root, at_last_event=True)
+    async with app.run_test(size=(130, 36)) as pilot:
+        await pilot.pause()
+        assert str(app.query_one("#now").content) == (
+            "calibrating the seed train.py: run 2/5 done, val_bpb 1.4100 1.4000, 2m00s so far, ~3m00s left")
+        assert str(app.query_one("#loops").content) == "no loop has started yet: the run is in its calibrate phase"

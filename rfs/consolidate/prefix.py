@@ -60,10 +60,11 @@ def common_prefix(examples: list[Example] | tuple[Example, ...]) -> int:
 
 
 def batches(examples: list[Example], batch_tokens: int, min_prefix: int = 1) -> list[PrefixBatch]:
-    """Steps of examples that share a prefix, each computing at most ~batch_tokens positions.
+    """Steps of examples that share a prefix, each holding at most batch_tokens real tokens.
 
-    Examples are ordered by their ids (so equal openings sit together) and added to a step while
-    the step still shares at least `min_prefix` tokens and fits the budget.
+    The budget counts real tokens, as packing's does, so a step trains on as much as a packed one
+    (the same optimization) and computes less. Examples are ordered by their ids (so equal
+    openings sit together) and added to a step while it still shares `min_prefix` tokens.
     """
     ordered = sorted(examples, key=lambda e: (e.input_ids, e.round, e.rollout_id))
     steps: list[PrefixBatch] = []
@@ -71,7 +72,7 @@ def batches(examples: list[Example], batch_tokens: int, min_prefix: int = 1) -> 
     for e in ordered:
         trial = [*group, e]
         p = common_prefix(trial) if len(trial) > 1 else 0
-        fits = PrefixBatch(tuple(trial), p).computed <= batch_tokens
+        fits = PrefixBatch(tuple(trial), p).real <= batch_tokens
         if group and (len(trial) == 1 or (p >= min_prefix and fits)):
             group = trial
             continue

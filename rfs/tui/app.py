@@ -103,8 +103,9 @@ class WatchApp(App):
         *[Binding(str(n), f"select_loop({n - 1})", show=False) for n in range(1, 10)],
     ]
 
-    def __init__(self, run_dir: Path, poll_s: float = POLL_S):
+    def __init__(self, run_dir: Path, poll_s: float = POLL_S, at_last_event: bool = False):
         super().__init__()
+        self.at_last_event = at_last_event  # times as of the last event, not now (screenshots of recorded runs)
         self.rundir = RunDir(Path(run_dir))
         self.view = RunView()
         self.tail = LogTail(self.rundir.events)
@@ -214,7 +215,7 @@ class WatchApp(App):
             title += f"  scheduler: {v.last_scheduler}"
         self.query_one("#title", Static).update(Text(title))
         now = ["finished: q quits and prints the answer (the decomposition table, where the report is)"] if v.finished \
-            else v.activities(time.time())
+            else v.activities(v.last_t if self.at_last_event and v.last_t else time.time())
         self.query_one("#now", Static).update(Text("\n".join(now)))
         self.query_one("#slots", Static).update(Text(_slots_text(v)))
         alarms = [" ".join(x for x in (a.kind, a.loop, a.message) if x) for a in v.alarms[-8:]]
@@ -230,7 +231,9 @@ class WatchApp(App):
         ]
         if tabs:
             tabs.append("(following the live loop)" if self.following else "(f: follow the live loop)")
-        self.query_one("#loops", Static).update(" ".join(tabs) or escape(f"waiting for events in {self.rundir.events}"))
+        empty = (f"no loop has started yet: the run is in its {self.view.phase} phase" if self.view.phase
+                 else f"waiting for events in {self.rundir.events}")
+        self.query_one("#loops", Static).update(" ".join(tabs) or escape(empty))
         round_ = self.current_round(loop) if loop else None
         idle = self.view.idle_reason(loop.name) if loop else ""
         self.query_one("#loop", Static).update(Text(_loop_lines(loop, round_, idle) if loop else ""))
@@ -263,7 +266,9 @@ def _loop_lines(loop: Loop, round_: int | None, idle: str = "") -> str:
         first.append(f"PAUSED: {loop.paused}")
     elif idle:
         first.append(f"idle: {idle}")
-    second = [loop.round_summary(round_)] if round_ is not None else []
+    second = []
+    if round_ is not None:  # a loop that starts from the shared round has no rollouts of its own in it
+        second.append(loop.round_summary(round_) if loop.round_rollouts(round_) else f"no rollouts of its own in round {round_}")
     if loop.last_loss is not None and math.isfinite(loop.last_loss):
         second.append(f"last LoRA loss {loop.last_loss:.3f} kl {loop.last_kl:.3f}")
     return "  ".join(first) + "\n" + "  ".join(second)

@@ -90,6 +90,19 @@ def run_rfs(model_dir: Path, exs: list[dataset.Example], cfg: ConsolidateCfg, de
         return time.perf_counter() - t0
 
 
+def shaped(model_dir: Path, layers: int, out: Path) -> Path:
+    """A randomly initialised model of model_dir's architecture and tokenizer with `layers` layers:
+    the real vocabulary and hence the real traces' token counts, at a fraction of the compute."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
 def matmul_flops(device: str, n: int = 1024, repeats: int = 5) -> list[float]:
     """FLOP/s of an n×n matmul (2n³ FLOPs) in the fit's dtype, timed over a few dozen products."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -157,12 +170,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--shape-of", type=Path, help="a model dir: a random model of its config and tokenizer, cut to --layers layers")
+    ap.add_argument("--variants", default="pack,bucket,prefix", help="rfs variants to time (TRL always)")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing on (rfs pack/bucket and TRL only)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = a.model or tiny_model.build(Path(tmp) / "model", hidden=a.hidden, layers=a.layers)
+        model_dir = a.model or (shaped(a.shape_of, a.layers, Path(tmp) / "model") if a.shape_of else
+                                tiny_model.build(Path(tmp) / "model", hidden=a.hidden, layers=a.layers))
+        variants = tuple(a.variants.split(","))
         tok = AutoTokenizer.from_pretrained(model_dir)
         exs = examples(tok, a.examples, a.max_len, seed=0)
         tokens = sum(len(e.input_ids) for e in exs)
@@ -171,14 +188,13 @@ def main() -> None:
                              batch_tokens=max(a.max_len, round(a.batch * mean_len / a.max_len) * a.max_len), kl_lambda=0.0,
                              gradient_checkpointing=a.gc)
         no_gc = dataclasses.replace(cfg, gradient_checkpointing=False)
-        times: dict[str, list[float]] = {"rfs_pack": [], "rfs_bucket": [], "rfs_prefix": [], "trl": []}
+        times: dict[str, list[float]] = {**{f"rfs_{v}": [] for v in variants}, "trl": []}
         flops: list[float] = []
         run_rfs(model_dir, exs[:4], cfg, a.device, "bucket")  # warm-up (allocator, kernels), untimed
         for _ in range(a.repeats):
             flops += matmul_flops(a.device, repeats=1)
-            times["rfs_pack"].append(run_rfs(model_dir, exs, cfg, a.device, "pack"))
-            times["rfs_bucket"].append(run_rfs(model_dir, exs, cfg, a.device, "bucket"))
-            times["rfs_prefix"].append(run_rfs(model_dir, exs, no_gc, a.device, "prefix"))
+            for v in variants:
+                times[f"rfs_{v}"].append(run_rfs(model_dir, exs, no_gc if v == "prefix" else cfg, a.device, v))
             with contextlib.redirect_stdout(sys.stderr):  # TRL prints its own summary; stdout is our JSON
                 times["trl"].append(run_trl(model_dir, exs, cfg, a.batch, Path(tmp) / "trl", a.device))
         tps = {k: [tokens / t for t in v] for k, v in times.items()}
@@ -187,7 +203,8 @@ def main() -> None:
         pre = prefix.batches(exs, cfg.batch_tokens)
         lengths = [len(e.input_ids) for e in exs]
         print(json.dumps({
-            "model": str(a.model or f"random llama hidden={a.hidden} layers={a.layers}"), "device": a.device,
+            "model": str(a.model or (f"random {a.shape_of.name} shape, {a.layers} layers" if a.shape_of else
+                                     f"random llama hidden={a.hidden} layers={a.layers}")), "device": a.device,
             "examples": len(exs), "tokens": tokens, "length_min_mean_max": [min(lengths), round(mean_len), max(lengths)],
             "threads": torch.get_num_threads(), "repeats": a.repeats,
             "fill": {k: fill(fit.batches(exs, cfg, k)) for k in ("bucket", "pack")}, "trl_fill": trl_fill(exs, a.batch),
@@ -199,10 +216,10 @@ def main() -> None:
                                      "flops_per_token": 4 * weights, "basis": "LoRA fit: 4 FLOPs per matmul weight per token"},
             "rfs_batch_tokens": cfg.batch_tokens, "trl_batch": a.batch,
             "tokens_per_s": {k: {"min": min(v), "median": statistics.median(v), "all": v} for k, v in tps.items()},
-            "ratio_vs_trl_median": {k: statistics.median(tps[f"rfs_{k}"]) / statistics.median(tps["trl"]) for k in VARIANTS},
-            "ratio_vs_trl_min": {k: min(tps[f"rfs_{k}"]) / min(tps["trl"]) for k in VARIANTS},
-            "fraction_of_machine_median": {k: statistics.median(tps[f"rfs_{k}"]) / statistics.median(machine) for k in VARIANTS},
-            "fraction_of_machine_min": {k: min(tps[f"rfs_{k}"]) / min(machine) for k in VARIANTS},
+            "ratio_vs_trl_median": {k: statistics.median(tps[f"rfs_{k}"]) / statistics.median(tps["trl"]) for k in variants},
+            "ratio_vs_trl_min": {k: min(tps[f"rfs_{k}"]) / min(tps["trl"]) for k in variants},
+            "fraction_of_machine_median": {k: statistics.median(tps[f"rfs_{k}"]) / statistics.median(machine) for k in variants},
+            "fraction_of_machine_min": {k: min(tps[f"rfs_{k}"]) / min(machine) for k in variants},
         }, indent=2))
 
 

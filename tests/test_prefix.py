@@ -40,9 +40,18 @@ def grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_shared_prefix_step_equals_the_plain_step(v0):
+def masked_opening(e: dataset.Example, n: int) -> dataset.Example:
+    return dataclasses.replace(e, labels=[dataset.IGNORE] * n + e.labels[n:])
+
+
+@pytest.mark.parametrize("opening", ["as rendered", "masked"])
+def test_shared_prefix_step_equals_the_plain_step(v0, opening):
+    """As rendered, arm S's stamp opens the first reply inside the shared prefix (trained tokens
+    there); masked, the prefix is all prompt and only its last position is projected."""
     tok = AutoTokenizer.from_pretrained(v0)
     exs = traces(tok)
+    if opening == "masked":
+        exs = [masked_opening(e, prefix.common_prefix(exs)) for e in exs]
     model = fit.lora(fit.load(v0, "cpu")[0], CFG, seed=0)
     with torch.no_grad():  # LoRA B starts at zero: move it, so the adapter's gradients are not trivial
         for n, p in model.named_parameters():

@@ -10,6 +10,9 @@ dropout mask where the plain step draws one per example: equal in distribution, 
 It needs gradient checkpointing off (the prefix's cache is the point; a 135M model's activations
 fit a CPU's memory without it).
 
+The vocabulary projection (a third of a 135M model's matmul weights) runs only at positions with
+a trained target, plus the prefix's last: masked prompt tokens need none.
+
 `PrefixBatch` is a step: examples grouped by their common prefix (`batches`); `batch_loss` is the
 drop-in for `fit.batch_loss` on it.
 """
@@ -94,13 +97,17 @@ def batch_loss(model: Any, batch: PrefixBatch, device: str) -> torch.Tensor:
     loss = torch.zeros((), device=device)
     cache = None
     if p:
-        out = model(input_ids=torch.tensor([first.input_ids[:p]], device=device), use_cache=True)
+        head = _targets(first)[: p - 1]
+        # the vocabulary projection only at the prefix's trained positions (masked program.md and
+        # train.py need none) and at its last, which predicts each example's first suffix token
+        keep = [i for i, t in enumerate(head) if t != IGNORE] + [p - 1]
+        out = model(input_ids=torch.tensor([first.input_ids[:p]], device=device), use_cache=True,
+                    logits_to_keep=torch.tensor(keep, device=device))
         cache = out.past_key_values
-        logits = out.logits[0].float()  # [p, V]
-        # positions before p-1 predict prefix tokens: the same targets in every example, so b times
-        tgt = torch.tensor(_targets(first)[: p - 1], device=device)
-        if p > 1:
-            loss = loss + b * torch.nn.functional.cross_entropy(logits[:-1], tgt, ignore_index=IGNORE, reduction="sum")
+        logits = out.logits[0].float()  # [len(keep), V]
+        if len(keep) > 1:  # prefix tokens are the same targets in every example, so they count b times
+            tgt = torch.tensor([head[i] for i in keep[:-1]], device=device)
+            loss = loss + b * torch.nn.functional.cross_entropy(logits[:-1], tgt, reduction="sum")
         # position p-1 predicts each example's first suffix token
         last = torch.tensor([_targets(e)[p - 1] for e in exs], device=device)
         loss = loss + torch.nn.functional.cross_entropy(logits[-1:].expand(b, -1), last, ignore_index=IGNORE,
@@ -117,7 +124,9 @@ def batch_loss(model: Any, batch: PrefixBatch, device: str) -> torch.Tensor:
         tgt[i, :n] = torch.tensor(_targets(e)[p:])
         mask[i, p : p + n] = 1
     positions = torch.arange(p, p + width).expand(b, width)
+    # the vocabulary projection only where some example has a trained target (tool output is masked)
+    cols = (tgt != IGNORE).any(dim=0).nonzero().flatten()
     logits = model(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
-                   past_key_values=cache, use_cache=cache is not None).logits
-    return loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten().to(device),
+                   past_key_values=cache, use_cache=cache is not None, logits_to_keep=cols.to(device)).logits
+    return loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tgt[:, cols].flatten().to(device),
                                                     ignore_index=IGNORE, reduction="sum")

@@ -12,7 +12,7 @@ import anyio
 from rfs import ROOT, config, hosts, mirror
 from rfs.config import ConfigError
 from rfs.doctor import doctor, doctor_hosts
-from rfs.envs import environment, execute
+from rfs.envs import RunResult, environment, execute
 from rfs.envs.calibrate import announce, calibrate, load_calibration
 from rfs.evals import load, power
 from rfs.errors import RfsError
@@ -141,17 +141,19 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    given = _train_py(args.file) if args.action == "run" else None  # a bad path fails before any setup
     cfg = config.load(Path(args.experiment) if args.experiment else None)
     hf = hosts.load(Path(args.hosts) if args.hosts else None)
     slots = hosts.slots(hf)
     env = environment(cfg.env)
     env.prepare()
-    if args.action == "seed":
-        slot = slots[0]
-        result, _ = anyio.run(execute, env, launcher_for(slot, hf), slot, env.seed_train_py(), "seed")
-        print(f"seed train.py: status={result.status} val_bpb={result.val_bpb:.4f} steps={result.steps} "
-              f"training_seconds={result.training_seconds:.1f}  ({result.detail})")
-        return 0 if result.status == "success" else 1
+    if args.action in ("seed", "run"):
+        label, train_py = given or ("seed train.py", env.seed_train_py())
+        slot = next((s for s in slots if s.launcher == "local"), slots[0])
+        print(f"{label} on {slot.name}: training budget {cfg.env.budget_s:g} s (harness clock), "
+              f"then the harness's own evaluation …", flush=True)
+        result, _ = anyio.run(execute, env, launcher_for(slot, hf), slot, train_py, args.action)
+        return _print_result(label, result)
     k = args.k or cfg.env.calibration_k
 
     async def calibrated() -> dict:
@@ -162,6 +164,33 @@ def cmd_env(args: argparse.Namespace) -> int:
     print(f"val_bpb over {stats['k']} seed runs at concurrency {stats['concurrency']}: "
           f"{stats['mean']:.4f} ± {stats['std']:.4f}  (values {', '.join(f'{v:.4f}' for v in stats['values'])})")
     return 0
+
+
+def _train_py(file: str | None) -> tuple[str, str]:
+    if not file:
+        raise ConfigError("env run needs a train.py: `python rfs.py env run path/to/train.py`")
+    path = Path(file)
+    try:
+        return str(path), path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror}); give the path of a train.py") from None
+
+
+ERROR_TAIL = 15  # lines of a failed run's output: enough for a traceback's end
+
+
+def _print_result(label: str, r: RunResult) -> int:
+    """The autoresearch summary: status and the harness's val_bpb; a failed run's output tail. 0 on success."""
+    print(f"{label}: status={r.status} val_bpb={r.val_bpb:.4f} steps={r.steps} "
+          f"training_seconds={r.training_seconds:.1f}  ({r.detail})", flush=True)
+    if r.status == "success":
+        return 0
+    lines = r.stdout_tail.rstrip().splitlines()
+    ends = [i for i, line in enumerate(lines) if line.strip() == "---"]  # the harness's summary follows
+    tail = lines[: ends[-1] if ends else len(lines)][-ERROR_TAIL:]  # the summary was printed above
+    if tail:
+        print(f"last {len(tail)} lines of its output:\n" + "\n".join(f"  {line}" for line in tail), flush=True)
+    return 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -217,8 +246,11 @@ def parser() -> argparse.ArgumentParser:
              "stand-in vllm, 2 rounds of A-S beside CTRL, a preemption) before a long run")
     sp.add_argument("--verbose", action="store_true", help="everything the rehearsal prints")
 
-    sp = add("env", cmd_env, "the environment alone: `env seed` runs the seed train.py once; `env calibrate` measures the noise floor")
-    sp.add_argument("action", choices=["seed", "calibrate"])
+    sp = add("env", cmd_env, "the environment alone: `env run FILE.py` runs any train.py through the trusted harness "
+             "and prints its summary (exit 1 unless it succeeds); `env seed` runs the seed train.py once; "
+             "`env calibrate` measures the noise floor")
+    sp.add_argument("action", choices=["run", "seed", "calibrate"])
+    sp.add_argument("file", nargs="?", help="env run: the train.py to run (the harness evaluates it, not its own prints)")
     sp.add_argument("--k", type=int, help="calibration runs (default: env.calibration_k)")
     sp.add_argument("--experiment", help="experiment TOML (default: the embedded preset)")
     sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")

@@ -14,12 +14,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from rfs.progress import PlainLines
+
 
 class EventLog:
     def __init__(self, path: Path, echo: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.echo = echo  # plain progress lines on stdout when no TUI is attached
+        self._lines = PlainLines()  # fed every event, printed or not, so progress stays exact
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if self._torn_tail():  # a controller killed mid-write: end that line so ours stays whole
             os.write(self._fd, b"\n")
@@ -35,9 +38,9 @@ class EventLog:
     def emit(self, kind: str, **fields: Any) -> None:
         record = {"t": round(time.time(), 3), "kind": kind, **fields}
         os.write(self._fd, (json.dumps(record, default=str, allow_nan=True) + "\n").encode())
-        if self.echo:
-            detail = " ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, (dict, list)))
-            print(f"[{time.strftime('%H:%M:%S')}] {kind} {detail}", flush=True)
+        line = self._lines.line(record)
+        if self.echo and line is not None:
+            print(line, flush=True)
 
     def close(self) -> None:
         os.close(self._fd)

@@ -168,8 +168,11 @@ def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: P
         anchor = ensure_anchor(run, loop, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device, max_memory)
         model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed, max_memory)
         train, val, val_is_train = split(data.examples, data.manifest["selected"])
-        on_step = (lambda s, loss, kl: events.emit("train_step", loop=loop, round=round_, step=s, loss=loss, kl=kl)) if events else None
-        res = fit.fit(model, fit.batches(train, cfg), fit.batches(val, cfg), anchor, cfg, device, seed, on_step)
+        train_batches = fit.batches(train, cfg)
+        order = fit.stream(train_batches, cfg.epochs, seed)  # the fit's own step order: step s trains order[s-1]
+        on_step = (lambda s, loss, kl: events.emit("train_step", loop=loop, round=round_, step=s, total=len(order),
+                                                   tokens=order[s - 1].real, loss=loss, kl=kl)) if events else None
+        res = fit.fit(model, train_batches, fit.batches(val, cfg), anchor, cfg, device, seed, on_step)
         res.val_is_train = val_is_train
         erank = fit.effective_rank(model)
         model.save_pretrained(tmp / "adapter")

@@ -25,6 +25,7 @@ from rfs.atomic import write_json
 from rfs.collect.slots import SlotPool
 from rfs.config import EnvCfg, cache_dir
 from rfs.envs import Environment, RunResult, execute
+from rfs.events import EventLog
 from rfs.hosts import Slot
 from rfs.launch.base import Launcher
 
@@ -91,10 +92,12 @@ async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Calla
     return out
 
 
-def announce(k: int) -> Callable[[int, RunResult], None]:
-    """An on_run that prints each seed run as it ends."""
+def announce(k: int, events: EventLog | None = None) -> Callable[[int, RunResult], None]:
+    """An on_run that prints each seed run as it ends (as a `calibrate_run` event when given a log)."""
 
     def show(i: int, res: RunResult) -> None:
+        if events:  # the event log prints its own progress line (plain) or feeds the TUI
+            return events.emit("calibrate_run", loop="*", run=i, k=k, status=res.status, val_bpb=res.val_bpb, steps=res.steps)
         print(f"seed train.py, calibration run {i + 1}/{k}: {res.status} val_bpb={res.val_bpb:.4f} "
               f"steps={res.steps} training_seconds={res.training_seconds:.1f}", flush=True)
 

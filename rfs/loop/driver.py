@@ -18,7 +18,6 @@ from rfs.envs import Environment, environment
 from rfs.events import EventLog
 from rfs.hosts import HostsFile
 from rfs.loop import experiment
-from rfs.loop.experiment import Experiment
 from rfs.loop.plan import plan
 from rfs.loop.schedule import schedule
 from rfs.loop.state import LoopState
@@ -40,9 +39,11 @@ def drive(cfg: Config, run: RunDir, hosts: HostsFile, plain: bool = False, env: 
         events = EventLog(run.events, echo=not tui)
         try:
             main = partial(_main, cfg, run, hosts, events, env or environment(cfg.env))
-            return with_tui(main, run.root, events) if tui else anyio.run(main)
+            code = with_tui(main, run.root, events) if tui else anyio.run(main)
         finally:
             events.close()
+        print(summary(run), flush=True)  # after the TUI has given the terminal back
+        return code
 
 
 async def _main(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, env: Environment) -> int:
@@ -54,13 +55,30 @@ async def _main(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, en
         await schedule(ex, loops)
         await mirror.push(cfg.mirror, run)  # the finished run, whole
     events.emit("experiment_finished", experiment=cfg.experiment.name)
-    _print_summary(ex)
     return 0
 
 
-def _print_summary(ex: Experiment) -> None:
-    print(f"\n{ex.cfg.experiment.name}: {ex.run.root}")
-    for name, st in ex.state.loops.items():
-        bests = " ".join(f"{h.best_val_bpb:.4f}" if math.isfinite(h.best_val_bpb) else "nan" for h in st.history)
-        print(f"  {name:6s} rounds={st.round} status={st.status} ({st.reason}) best per round: {bests}")
-    print(f"report: python rfs.py report {ex.run.root}")
+def summary(run: RunDir) -> str:
+    """The run's answer, printed when it ends: each loop's best per round, the decomposition table
+    from the report it writes, where that report is, and the commands that look further."""
+    from rfs.evals.report import report  # lazy: it plots with matplotlib, which only the end needs
+
+    lines = [f"\n{run.root.name}: {run.root}"]
+    for name, st in run.read_state().get("loops", {}).items():
+        bests = " ".join(_bpb(h.get("best_val_bpb", math.nan)) for h in st.get("history", []))
+        lines.append(f"  {name:6s} rounds={st.get('round', '-')} status={st.get('status', '-')} "
+                     f"({st.get('reason', '')}) best per round: {bests}")
+    out = report(run.root)
+    lines += ["", (run.report / "decomposition.md").read_text().rstrip(), "",
+              f"report: {out} (hero plot, statuses, alarms, every rollout in results.tsv)",
+              "look further:"]
+    further = [(f"python rfs.py report {run.root}", "write the report again"),
+               (f"python rfs.py watch {run.root}", "the run in the TUI, every rollout's transcript"),
+               ("python rfs.py plan", "what a powered study costs (replicates × rounds × rollouts)")]
+    width = max(len(c) for c, _ in further)
+    lines += [f"  {c.ljust(width)}  {why}" for c, why in further]
+    return "\n".join(lines)
+
+
+def _bpb(x: float) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and math.isfinite(x) else "nan"

@@ -102,6 +102,7 @@ def _record(ex: Experiment, t: Target, probe: str, values: list[float], detail: 
     # share it; with no await inside, no other loop's upsert can interleave and drop this row.
     row = metrics.version_eval_row(ex.cfg.experiment.name, t.arc, t.loop, t.version, probe, values, detail)
     metrics.record_version_eval(ex.run, [row])
+    ex.events.emit("probe_done", loop=t.loop, round=t.version, probe=probe)
 
 
 async def _zero_shot(ex: Experiment, t: Target, served: Served) -> list[dict[str, Any]]:

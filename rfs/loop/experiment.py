@@ -81,10 +81,10 @@ async def _calibrated(cfg: Config, run: RunDir, hosts: HostsFile, events: EventL
     cal = load_calibration(cfg.env, len(pool.slots))
     k = cfg.env.calibration_k
     if cal is None:
-        events.emit("phase", loop="*", round=0, phase="calibrate")
+        events.emit("phase", loop="*", round=0, phase="calibrate", k=k)
         key = await reclaimed(run, pool.slots, hosts, events, "calibrate", 0)
         async with wave_launchers(pool.slots, hosts, key) as launcher_of:
-            cal = await calibrate(env, pool, k, launcher_of, cfg.env, on_run=announce(k))
+            cal = await calibrate(env, pool, k, launcher_of, cfg.env, on_run=announce(k, events))
     print(f"seed train.py: val_bpb {cal['mean']:.4f} ± {cal['std']:.4f} over {cal['k']} runs", flush=True)
     return Noise(cal["mean"], cal["std"], cal["k"])
 

@@ -78,13 +78,14 @@ class RolloutTable(DataTable):
     BINDINGS = [Binding("enter", "select_cursor", "transcript")]
 
 
-_MAIN_ONLY = {"next_loop", "select_loop", "browse_round"}
+_MAIN_ONLY = {"next_loop", "select_loop", "browse_round", "follow"}
 
 
 class WatchApp(App):
     TITLE = "rfs watch"
     CSS = """
     #title { background: $primary; color: $text; padding: 0 1; }
+    #now { padding: 0 1; color: $warning; }
     #loops { padding: 0 1; }
     #loop { padding: 0 1; color: $text; }
     #side { width: 48; border-left: solid $primary; padding: 0 1; }
@@ -98,20 +99,24 @@ class WatchApp(App):
         Binding("shift+tab", "next_loop(-1)", "prev loop", priority=True),
         Binding("[", "browse_round(-1)", "earlier round"),
         Binding("]", "browse_round(1)", "later"),
+        Binding("f", "follow", "follow the live loop"),
         *[Binding(str(n), f"select_loop({n - 1})", show=False) for n in range(1, 10)],
     ]
 
-    def __init__(self, run_dir: Path, poll_s: float = POLL_S):
+    def __init__(self, run_dir: Path, poll_s: float = POLL_S, at_last_event: bool = False):
         super().__init__()
+        self.at_last_event = at_last_event  # times as of the last event, not now (screenshots of recorded runs)
         self.rundir = RunDir(Path(run_dir))
         self.view = RunView()
         self.tail = LogTail(self.rundir.events)
         self.poll_s = poll_s
         self.selected = 0
         self.shown_round: int | None = None  # None: follow the loop's live round
+        self.following = True  # show whichever loop is working; a loop key stops it, f resumes
 
     def compose(self) -> ComposeResult:
         yield Static(id="title")
+        yield Static(id="now")
         yield Static(id="loops")
         with Horizontal():
             with Vertical():
@@ -157,12 +162,26 @@ class WatchApp(App):
     def action_next_loop(self, step: int) -> None:
         if self.view.loops:
             self.selected, self.shown_round = (self.selected + step) % len(self.view.loops), None
+            self.following = False
             self.refresh_view()
 
     def action_select_loop(self, index: int) -> None:
         if index < len(self.view.loops):
             self.selected, self.shown_round = index, None
+            self.following = False
             self.refresh_view()
+
+    def action_follow(self) -> None:
+        self.following, self.shown_round = True, None
+        self.refresh_view()
+
+    def _follow(self) -> None:
+        """Select the live loop: the shown one while it works, else the one that worked last."""
+        names = self.loop_names()
+        current = names[self.selected] if self.selected < len(names) else None
+        live = self.view.live_loop(current)
+        if live is not None and live != current:
+            self.selected, self.shown_round = names.index(live), None
 
     def action_browse_round(self, step: int) -> None:
         loop = self.current_loop()
@@ -183,6 +202,8 @@ class WatchApp(App):
 
     def refresh_view(self) -> None:
         v = self.view
+        if self.following:
+            self._follow()
         state = "finished" if v.finished else "running"
         last = time.strftime("%H:%M:%S", time.localtime(v.last_t)) if v.last_t else "-"
         title = f"rfs watch  {v.experiment or self.rundir.root.name}  {state}  last event {last}"
@@ -193,6 +214,9 @@ class WatchApp(App):
         if v.last_scheduler:
             title += f"  scheduler: {v.last_scheduler}"
         self.query_one("#title", Static).update(Text(title))
+        now = ["finished: q quits and prints the answer (the decomposition table, where the report is)"] if v.finished \
+            else v.activities(v.last_t if self.at_last_event and v.last_t else time.time())
+        self.query_one("#now", Static).update(Text("\n".join(now)))
         self.query_one("#slots", Static).update(Text(_slots_text(v)))
         alarms = [" ".join(x for x in (a.kind, a.loop, a.message) if x) for a in v.alarms[-8:]]
         self.query_one("#alarms", Static).update(Text("\n".join(alarms) or "none"))
@@ -205,9 +229,14 @@ class WatchApp(App):
             f"[reverse] {i + 1} {escape(n)} [/]" if i == self.selected else f" {i + 1} {escape(n)} "
             for i, n in enumerate(names)
         ]
-        self.query_one("#loops", Static).update(" ".join(tabs) or escape(f"waiting for events in {self.rundir.events}"))
+        if tabs:
+            tabs.append("(following the live loop)" if self.following else "(f: follow the live loop)")
+        empty = (f"no loop has started yet: the run is in its {self.view.phase} phase" if self.view.phase
+                 else f"waiting for events in {self.rundir.events}")
+        self.query_one("#loops", Static).update(" ".join(tabs) or escape(empty))
         round_ = self.current_round(loop) if loop else None
-        self.query_one("#loop", Static).update(Text(_loop_lines(loop, round_) if loop else ""))
+        idle = self.view.idle_reason(loop.name) if loop else ""
+        self.query_one("#loop", Static).update(Text(_loop_lines(loop, round_, idle) if loop else ""))
         self._fill_rollouts(loop.round_rollouts(round_) if loop else [])
         trajectory = self.view.trajectory(loop.name) if loop else []
         self.query_one("#spark", Static).update(Text(sparkline(trajectory[-SPARK_WIDTH:])))
@@ -224,7 +253,7 @@ class WatchApp(App):
             table.move_cursor(row=min(cursor, table.row_count - 1))
 
 
-def _loop_lines(loop: Loop, round_: int | None) -> str:
+def _loop_lines(loop: Loop, round_: int | None, idle: str = "") -> str:
     """Who and where on the first line; how the shown round is going on the second."""
     if round_ is None or round_ == loop.round:
         where = f"round {loop.round if loop.round is not None else '-'} (live)"
@@ -235,7 +264,11 @@ def _loop_lines(loop: Loop, round_: int | None) -> str:
         first.append(f"server {loop.server}")
     if loop.paused:
         first.append(f"PAUSED: {loop.paused}")
-    second = [loop.round_summary(round_)] if round_ is not None else []
+    elif idle:
+        first.append(f"idle: {idle}")
+    second = []
+    if round_ is not None:  # a loop that starts from the shared round has no rollouts of its own in it
+        second.append(loop.round_summary(round_) if loop.round_rollouts(round_) else f"no rollouts of its own in round {round_}")
     if loop.last_loss is not None and math.isfinite(loop.last_loss):
         second.append(f"last LoRA loss {loop.last_loss:.3f} kl {loop.last_kl:.3f}")
     return "  ".join(first) + "\n" + "  ".join(second)

@@ -15,7 +15,7 @@ from rfs.tui.app import WatchApp
 
 async def screenshot(run_dir: Path, out: Path, keys: tuple[str, ...] = (), size: tuple[int, int] = (130, 36)) -> str:
     """Save the screen as SVG at `out` and return the SVG text."""
-    app = WatchApp(Path(run_dir))
+    app = WatchApp(Path(run_dir), at_last_event=True)  # "so far" and "left" as of the recording's end
     async with app.run_test(size=size) as pilot:
         await pilot.pause()
         for key in keys:

@@ -8,7 +8,7 @@ read-only, no capabilities) and under guard.py's audit hook as a second line. Th
 is the harness's: it starts when train.py draws its data (prepare.train_bytes, through a pipe: the
 cache is not visible) and runs to the process's end; start-up past --grace or training past
 --budget + --tolerance is killed and is a timeout, whatever train.py believes its budget is.
-Resident memory over --memory-mb is killed and is a crash. Then prepare.py and the harness files
+Resident memory over --memory-mb or more processes than --max-procs is killed and is a crash. Then prepare.py and the harness files
 are checked, the saved model is evaluated in a separate process, and an autoresearch-style summary
 is printed. train.py's lines are re-emitted with a "| " prefix (the first and last 200; the rest
 counted), so the unprefixed summary can only come from here.
@@ -224,10 +224,14 @@ def train(workdir: Path, data: Path, taken: Path, args, stats: dict, echo) -> tu
                 stopped = f"the start-up allowance of {args.grace:g}s ran out before train.py drew its data"
             elif "start" in clock and now > clock["start"] + args.budget + args.tolerance:
                 stopped = f"training ran past the budget of {args.budget:g}s + {args.tolerance:g}s tolerance (harness clock)"
-            elif args.memory_mb > 0:
-                peak = max(peak, _rss_mb(_descendants(proc.pid)))
-                if peak > args.memory_mb:
-                    stopped = f"out of memory: {peak:.0f} MB resident, over the slot's {args.memory_mb:g} MB"
+            else:
+                pids = _descendants(proc.pid)
+                if len(pids) > args.max_procs:
+                    stopped = f"too many processes: {len(pids)}, over the limit of {args.max_procs}"
+                elif args.memory_mb > 0:
+                    peak = max(peak, _rss_mb(pids))
+                    if peak > args.memory_mb:
+                        stopped = f"out of memory: {peak:.0f} MB resident, over the slot's {args.memory_mb:g} MB"
             time.sleep(WATCH_S)
     finally:
         _kill_group(proc.pid)
@@ -323,7 +327,7 @@ def run(args, summary: dict) -> None:
         raise Outcome("harness_violation", "prepare.py was modified during the run")
     if code == GUARD_CHANNEL_CLOSED:
         raise Outcome("harness_violation", "train.py closed the harness guard's channel")
-    if stopped.startswith("out of memory"):
+    if stopped.startswith(("out of memory", "too many processes")):
         raise Outcome("crash", stopped)
     if stopped:
         raise Outcome("timeout", stopped)
@@ -362,6 +366,8 @@ def main() -> None:
                    help="seconds past the budget allowed for the export and exit; a run still going is killed")
     p.add_argument("--memory-mb", type=float, default=float(os.environ.get("RFS_JOB_MEMORY_MB", "0")),
                    help="resident memory of the whole run; over it, killed and recorded as crash (0: no watch)")
+    p.add_argument("--max-procs", type=int, default=int(os.environ.get("RFS_JOB_PIDS_MAX", "256")),
+                   help="processes the run may have at once; more (a fork bomb) is killed and recorded as crash")
     p.add_argument("--eval-timeout", type=float, default=120.0)
     args = p.parse_args()
     _libc_prctl(PR_SET_CHILD_SUBREAPER, 1)

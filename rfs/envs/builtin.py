@@ -24,7 +24,8 @@ MANIFEST = ROOT / "env" / "MANIFEST.sha256"
 # Every file env/MANIFEST.sha256 pins (paths relative to env/). Regenerate after a deliberate change:
 #   python -m rfs.envs.builtin > env/MANIFEST.sha256
 PINNED = ("builtin/program.md", "builtin/prepare.py", "builtin/harness.py", "builtin/guard.py",
-          "builtin/evaluate.py", "builtin/train.py", "autoresearch/program.md")
+          "builtin/evaluate.py", "builtin/train.py", "builtin/sandbox.py", "autoresearch/program.md",
+          "autoresearch/handover.py", "autoresearch/score.py")
 HARNESS_STATUSES = ("success", "crash", "timeout", "harness_violation", "syntax_error", "infra_error")
 TAIL_LINES = 40
 

@@ -125,6 +125,7 @@ def test_training_past_the_budget_is_a_timeout(standin, tmp_path):
     assert result.status == "timeout" and "harness clock" in result.detail and math.isnan(result.val_bpb), out
 
 
+@pytest.mark.slow  # waits out the start-up allowance
 def test_a_start_up_past_its_allowance_is_a_timeout(standin, tmp_path):
     result, out = _result(standin, tmp_path, _seed(after_imports=f"time.sleep({STARTUP + 30:g})"))
     assert result.status == "timeout" and "start-up" in result.detail, out

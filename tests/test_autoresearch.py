@@ -74,6 +74,7 @@ def standin() -> Iterator[tuple[Path, Path, Path]]:
     digest = {n: hashlib.sha256((STANDIN / n).read_bytes()).hexdigest() for n in ("prepare.py", "train.py")}
     pins = base / "UPSTREAM"
     pins.write_text(f"url = x\ncommit = {'0' * 40}\nprepare_sha256 = {digest['prepare.py']}\ntrain_sha256 = {digest['train.py']}\n")
+    (checkout / ".rfs-env").write_text("HF_HUB_OFFLINE=1\n")  # as vendor.sh writes it: every run gets it
     subprocess.run([sys.executable, str(STANDIN / "prepare.py"), "--from", str(cache_dir() / "data" / "builtin")],
                    check=True, capture_output=True, env=dict(os.environ, HOME=str(home)))
     yield checkout, pins, home
@@ -139,9 +140,10 @@ def test_a_monkeypatched_evaluator_scores_nothing(standin, tmp_path):
 
 
 def test_a_printed_val_bpb_is_only_compared(standin, tmp_path):
-    forged = 'print("---"); print("val_bpb:          0.100000")'
+    forged = 'import os; print("OFFLINE", os.environ.get("HF_HUB_OFFLINE")); print("---"); print("val_bpb:          0.100000")'
     result, out = _result(standin, tmp_path, _seed(after_imports=forged))
     assert result.status == "success" and result.val_bpb > 1.0, out
+    assert "| OFFLINE 1" in out  # the host's provisioned variables reach the run
     assert result.summary["printed_val_bpb"] == "0.100000" and result.summary["printed_bpb_mismatch"] == "1"
 
 

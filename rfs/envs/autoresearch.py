@@ -1,10 +1,17 @@
 """The autoresearch environment: Karpathy's autoresearch at a pinned commit, on a GPU host.
 
-Its evaluation lives in the pristine prepare.py that train.py imports, so the guard is the
-restore + sha256 check: the host runner (`python -m rfs.envs.autoresearch run …`, started by the
-job) copies the pinned prepare.py into the working directory, runs the edited train.py with the
-checkout's own environment, checks prepare.py is unchanged, re-emits train.py's lines with a "| "
-prefix and prints the summary with both hashes. vendor.sh makes the checkout (never on CI).
+Upstream's evaluation lives in the prepare.py that train.py imports and its numbers are what
+train.py prints; rfs believes neither. The host runner (`python -m rfs.envs.autoresearch run …`,
+started by the job) copies the pinned prepare.py into the working directory and runs the edited
+train.py through env/autoresearch/handover.py, confined by env/builtin/sandbox.py (the validation
+file hidden, everything but the working directory read-only, no capabilities). Its clock runs from
+the first training batch to the model handed over at evaluate_bpb; a separate process
+(env/autoresearch/score.py) scores the exported graph with the pristine evaluate_bpb after a
+causality check. train.py's lines come back with a "| " prefix; a val_bpb it printed is recorded
+as printed_val_bpb and compared. What upstream's design leaves open: its loss is the model's own
+(model(x, y, reduction='none')), so score.py checks that loss is a normalised causal prediction;
+and the training shards stay readable before the first batch, so start-up is bounded by its own
+allowance. vendor.sh provisions each host (never on CI).
 """
 
 from __future__ import annotations
@@ -190,11 +197,20 @@ def _kill(pgid: int) -> None:
         pass
 
 
+def provisioned_env(checkout: Path) -> dict[str, str]:
+    """The variables vendor.sh wrote for every run on this host (the local hub cache, offline)."""
+    path = checkout / ".rfs-env"
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
 def _train(python: Path, prefix: list[str], workdir: Path, taken: Path, args, lines: list[str]) -> tuple[int | None, str, _Clock]:
     """Run train.py confined, through handover.py; return (exit code, why it was stopped or "", clock)."""
     read, write = os.pipe()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RFS_")}
-    env.update(RFS_HANDOVER_FD=str(write), PYTHONUNBUFFERED="1")
+    env.update(provisioned_env(Path(args.checkout)), RFS_HANDOVER_FD=str(write), PYTHONUNBUFFERED="1")
     spawned = time.monotonic()
     proc = subprocess.Popen([*prefix, str(python), str(HANDOVER), "train.py"], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write,), process_group=0)
@@ -245,8 +261,9 @@ def _probe_val(python: Path, pristine: Path) -> Path:
 
 
 def _score(python: Path, pristine: Path, taken: Path, timeout: float) -> dict:
+    env = {**os.environ, **provisioned_env(pristine.parent)}
     proc = subprocess.run([str(python), str(SCORE), str(pristine), str(taken)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         return {"infra": f"the scorer exited {proc.returncode}: {proc.stderr.strip()[-200:]}"}

@@ -54,7 +54,7 @@ class ExperimentCfg:
 class EnvCfg:
     name: str = "autoresearch"  # builtin | autoresearch
     budget_s: float = 300.0  # the training budget, the harness's own wall clock
-    timeout_s: float = 360.0  # agent hard timeout per training run
+    timeout_s: float = 600.0  # hard kill per training run (upstream autoresearch's 10 minutes)
     device: str = "cuda"  # cpu | cuda
     calibration_k: int = 10  # seed runs, each with its own training SEED where train.py has one
 

@@ -53,6 +53,9 @@ class SlotCfg:
     # This table stands for `count` slots: copy k gets gpu + k and cpus shifted by k * len(cpus)
     # (SLURM picks its slots' devices itself), so 8 GPUs of a node are one table, not eight.
     count: int = 1
+    # MB of host memory one job on this slot may use; 0: local slots share 3/4 of the machine's
+    # memory equally, remote ones have no limit set here.
+    memory_mb: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,16 @@ class Slot:
     gpu: int
     python: str
     root: str
+    memory_mb: int = 0  # host memory the job may use (0: not limited here); see SlotCfg.memory_mb
+
+
+MACHINE_SHARE = 0.75  # of this machine's memory, split between its local slots; the rest: controller, server
+
+
+def local_share_mb(n_slots: int) -> int:
+    """Each of n local slots' equal share of this machine's memory, in MB."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(total * MACHINE_SHARE / max(1, n_slots)) >> 20
 
 
 def load(path: Path | None = None) -> HostsFile:
@@ -117,17 +130,20 @@ def slots(cfg: HostsFile) -> list[Slot]:
     if not cfg.slot:
         cores = sorted(os.sched_getaffinity(0))
         free = [c for c in cores if c not in cfg.server.cpus] or cores
-        return [Slot(f"local-{c}", "local", "localhost", (c,), -1, sys.executable, str(ROOT)) for c in free]
+        share = local_share_mb(len(free))
+        return [Slot(f"local-{c}", "local", "localhost", (c,), -1, sys.executable, str(ROOT), share) for c in free]
+    tables = _expanded(cfg.slot)
+    share = local_share_mb(sum(s.launcher == "local" for s in tables))
     out = []
-    for i, s in enumerate(_expanded(cfg.slot)):
+    for i, s in enumerate(tables):
         name = s.name or f"{s.launcher}-{i}"
         if s.launcher == "ssh":
             h = cfg.hosts[s.host]
-            out.append(Slot(name, "ssh", s.host, s.cpus, s.gpu, h.python, h.root or str(ROOT)))
+            out.append(Slot(name, "ssh", s.host, s.cpus, s.gpu, h.python, h.root or str(ROOT), s.memory_mb))
         elif s.launcher == "slurm":
-            out.append(Slot(name, "slurm", s.host, s.cpus, s.gpu, cfg.slurm.python, cfg.slurm.root))
+            out.append(Slot(name, "slurm", s.host, s.cpus, s.gpu, cfg.slurm.python, cfg.slurm.root, s.memory_mb))
         else:
-            out.append(Slot(name, "local", "localhost", s.cpus, s.gpu, sys.executable, str(ROOT)))
+            out.append(Slot(name, "local", "localhost", s.cpus, s.gpu, sys.executable, str(ROOT), s.memory_mb or share))
     return out
 
 

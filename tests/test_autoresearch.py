@@ -1,17 +1,25 @@
-"""The autoresearch adapter: the summary parser on recorded output, and the host runner's
-restore + sha256 guard run for real against a stand-in checkout (the real one needs CUDA)."""
+"""The autoresearch adapter: the summary parser on recorded output, and the host runner run for real
+against a CPU stand-in checkout (tests/autoresearch_standin, upstream's file contract; the real one
+needs CUDA): confinement, the runner's clock, the hand-over and the separate pristine evaluation."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from rfs.config import EnvCfg
-from rfs.envs.autoresearch import AutoresearchEnv, parse_autoresearch, upstream
+import pytest
+
+from rfs.config import EnvCfg, cache_dir
+from rfs.envs.autoresearch import STATUSES, AutoresearchEnv, parse_autoresearch, upstream
+from rfs.envs.builtin import BuiltinEnv
 from rfs.hosts import Slot
 from rfs.launch.base import JobOutcome
 
@@ -48,58 +56,142 @@ def test_upstream_is_pinned_to_a_commit():
     assert len(up["prepare_sha256"]) == 64 and len(up["train_sha256"]) == 64
 
 
-def _checkout(tmp: Path) -> tuple[Path, Path]:
-    """A stand-in vendored checkout: a pristine prepare.py, pins for it, and the interpreter link."""
-    checkout = tmp / "checkout"
+STANDIN = Path(__file__).parent / "autoresearch_standin"  # a CPU stand-in with upstream's file contract
+BUDGET, TOLERANCE, STARTUP, EVAL = 2.0, 5.0, 30.0, 60.0
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[tuple[Path, Path, Path]]:
+    """A vendored stand-in checkout (pristine files, interpreter link), its pins and a HOME with its
+    data. Outside /tmp: the sandbox gives each run a private /tmp, and the checkout must stay visible."""
+    BuiltinEnv(EnvCfg(name="builtin", device="cpu")).prepare()
+    base = Path.home() / ".cache" / f"rfs-test-standin-{uuid.uuid4().hex[:8]}"
+    checkout, home = base / "checkout", base / "home"
     (checkout / ".rfs-pristine").mkdir(parents=True)
-    (checkout / ".venv" / "bin").mkdir(parents=True)
-    (checkout / ".venv" / "bin" / "python").symlink_to(sys.executable)
-    prepare = b"def evaluate_bpb():\n    return 0.9979\n"
-    (checkout / ".rfs-pristine" / "prepare.py").write_bytes(prepare)
-    pins = tmp / "UPSTREAM"
-    digest = hashlib.sha256(prepare).hexdigest()
-    pins.write_text(f"url = x\ncommit = {'0' * 40}\nprepare_sha256 = {digest}\ntrain_sha256 = {'0' * 64}\n")
-    return checkout, pins
+    (checkout / ".venv").symlink_to(sys.prefix)  # this interpreter's environment, as the checkout's own
+    for name in ("prepare.py", "train.py"):
+        shutil.copyfile(STANDIN / name, checkout / ".rfs-pristine" / name)
+    digest = {n: hashlib.sha256((STANDIN / n).read_bytes()).hexdigest() for n in ("prepare.py", "train.py")}
+    pins = base / "UPSTREAM"
+    pins.write_text(f"url = x\ncommit = {'0' * 40}\nprepare_sha256 = {digest['prepare.py']}\ntrain_sha256 = {digest['train.py']}\n")
+    (checkout / ".rfs-env").write_text("HF_HUB_OFFLINE=1\n")  # as vendor.sh writes it: every run gets it
+    subprocess.run([sys.executable, str(STANDIN / "prepare.py"), "--from", str(cache_dir() / "data" / "builtin")],
+                   check=True, capture_output=True, env=dict(os.environ, HOME=str(home)))
+    yield checkout, pins, home
+    shutil.rmtree(base, ignore_errors=True)
 
 
-def _run(tmp: Path, train_py: str, pins: Path | None = None) -> JobOutcome:
-    checkout, own_pins = _checkout(tmp)
+def _run(standin, tmp: Path, train_py: str, pins: Path | None = None) -> JobOutcome:
+    checkout, own_pins, home = standin
     workdir = tmp / "work"
-    workdir.mkdir()
+    workdir.mkdir(parents=True)
     (workdir / "train.py").write_text(train_py)
-    argv = [sys.executable, "-m", "rfs.envs.autoresearch", "run", "--workdir", str(workdir),
-            "--checkout", str(checkout), "--kill-after", "10", "--upstream", str(pins or own_pins)]
-    proc = subprocess.run(argv, capture_output=True, env=dict(os.environ, PYTHONPATH=str(Path.cwd())))
-    return JobOutcome(proc.returncode, proc.stdout + proc.stderr, False, 1.0)
+    argv = [sys.executable, "-m", "rfs.envs.autoresearch", "run", "--workdir", str(workdir), "--checkout", str(checkout),
+            "--budget", f"{BUDGET:g}", "--startup", f"{STARTUP:g}", "--tolerance", f"{TOLERANCE:g}",
+            "--eval-timeout", f"{EVAL:g}", "--upstream", str(pins or own_pins)]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, env=dict(os.environ, PYTHONPATH=str(Path.cwd()), HOME=str(home)))
+    return JobOutcome(proc.returncode, proc.stdout + proc.stderr, False, time.monotonic() - started)
 
 
-def test_runner_success_records_both_hashes(tmp_path):
-    train = f"import prepare\nprint({RECORDED!r})\n"
-    result = AutoresearchEnv(CFG).result(_run(tmp_path, train))
-    assert result.status == "success" and result.val_bpb == 0.9979 and result.steps == 953
-    assert result.tokens == 499_600_000 and result.peak_memory_mb == 45060.2
+def _seed(replace: tuple[str, str] = ("", ""), after_imports: str = "") -> str:
+    seed = (STANDIN / "train.py").read_text()
+    if replace[0]:
+        assert replace[0] in seed
+        seed = seed.replace(*replace)
+    anchor = "from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader\n"
+    return seed.replace(anchor, anchor + after_imports + "\n", 1)
+
+
+def _result(standin, tmp: Path, train_py: str, pins: Path | None = None):
+    outcome = _run(standin, tmp, train_py, pins)
+    result = AutoresearchEnv(CFG).result(outcome)
+    assert result.summary.get("status") in STATUSES, outcome.output.decode()
+    return result, outcome.output.decode()
+
+
+def test_the_standin_seed_runs_inside_its_time_rules_and_is_scored_by_the_harness(standin, tmp_path):
+    result, out = _result(standin, tmp_path, _seed())
+    assert result.status == "success", out
+    assert math.isfinite(result.val_bpb) and 1.0 < result.val_bpb < 9.0
+    assert BUDGET <= result.training_seconds <= BUDGET + TOLERANCE  # the harness's clock, first batch to hand-over
+    assert float(result.summary["startup_seconds"]) <= STARTUP and float(result.summary["eval_seconds"]) <= EVAL
+    assert result.summary["isolation"].startswith("mount+pid") and result.steps > 0
     assert result.summary["prepare_sha256_before"] == result.summary["prepare_sha256_after"]
-    assert "| val_bpb:          0.997900" in result.stdout_tail
+    assert "| val_bpb:" not in out  # the run ended at the hand-over: its own evaluation never ran
 
 
-def test_runner_editing_prepare_is_a_violation(tmp_path):
-    train = f"open('prepare.py', 'a').write('# better\\n')\nprint({RECORDED!r})\n"
-    result = AutoresearchEnv(CFG).result(_run(tmp_path, train))
-    assert result.status == "harness_violation" and math.isnan(result.val_bpb)
+def test_training_past_the_budget_is_a_timeout(standin, tmp_path):
+    result, out = _result(standin, tmp_path, _seed(after_imports="TIME_BUDGET = 60"))
+    assert result.status == "timeout" and "harness clock" in result.detail and math.isnan(result.val_bpb), out
+
+
+@pytest.mark.slow  # waits out the start-up allowance
+def test_a_start_up_past_its_allowance_is_a_timeout(standin, tmp_path):
+    result, out = _result(standin, tmp_path, _seed(after_imports=f"time.sleep({STARTUP + 30:g})"))
+    assert result.status == "timeout" and "start-up" in result.detail, out
+
+
+def test_a_monkeypatched_evaluator_scores_nothing(standin, tmp_path):
+    cheat = "import prepare\nprepare.evaluate_bpb = evaluate_bpb = lambda *a, **k: 0.5"
+    result, out = _result(standin, tmp_path, _seed(after_imports=cheat))
+    assert "| val_bpb:          0.500000" in out  # it printed its number ...
+    assert result.status == "crash" and math.isnan(result.val_bpb), out  # ... and handed no model over
+
+
+def test_a_printed_val_bpb_is_only_compared(standin, tmp_path):
+    forged = 'import os; print("OFFLINE", os.environ.get("HF_HUB_OFFLINE")); print("---"); print("val_bpb:          0.100000")'
+    result, out = _result(standin, tmp_path, _seed(after_imports=forged))
+    assert result.status == "success" and result.val_bpb > 1.0, out
+    assert "| OFFLINE 1" in out  # the host's provisioned variables reach the run
+    assert result.summary["printed_val_bpb"] == "0.100000" and result.summary["printed_bpb_mismatch"] == "1"
+
+
+VAL_BY_C = """
+import ctypes, os, prepare
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.open(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME).encode(), 0)
+buf = ctypes.create_string_buffer(64)
+print('VAL-READ' if fd >= 0 and libc.read(fd, buf, 64) > 0 else 'VAL-BLOCKED')
+"""
+
+
+def test_the_validation_split_cannot_be_read(standin, tmp_path):
+    result, out = _result(standin, tmp_path / "c", _seed(after_imports=VAL_BY_C))
+    assert "VAL-BLOCKED" in out and "VAL-READ" not in out, out
+    assert result.status == "success"
+    loader = "make_dataloader(Tokenizer.from_directory(), 8, MAX_SEQ_LEN, 'val')"
+    result, out = _result(standin, tmp_path / "py", _seed(replace=(
+        'make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train")', loader)))
+    assert result.status == "crash" and "training split only" in out, out
+
+
+@pytest.mark.parametrize("edit,why", [
+    (("is_causal=True", "is_causal=False"), "later tokens change"),
+    (("reduction=reduction)", "reduction=reduction) * 0.5"), "not a normalised prediction"),
+])
+def test_a_model_that_is_not_a_causal_lm_is_a_violation(standin, tmp_path, edit, why):
+    result, out = _result(standin, tmp_path, _seed(replace=edit))
+    assert result.status == "harness_violation" and why in result.detail and math.isnan(result.val_bpb), out
+
+
+def test_runner_editing_prepare_is_a_violation(standin, tmp_path):
+    result, out = _result(standin, tmp_path, _seed(after_imports="open('prepare.py', 'a').write('# better\\n')"))
+    assert result.status == "harness_violation" and math.isnan(result.val_bpb), out
     assert result.summary["prepare_sha256_before"] != result.summary["prepare_sha256_after"]
 
 
-def test_runner_crash_and_syntax_error(tmp_path):
-    crash = AutoresearchEnv(CFG).result(_run(tmp_path / "a", "raise SystemExit('CUDA out of memory')\n"))
+def test_runner_crash_and_syntax_error(standin, tmp_path):
+    crash, _ = _result(standin, tmp_path / "a", "raise SystemExit('CUDA out of memory')\n")
     assert crash.status == "crash" and "CUDA out of memory" in crash.detail and math.isnan(crash.val_bpb)
-    syntax = AutoresearchEnv(CFG).result(_run(tmp_path / "b", "def f(:\n"))
+    syntax, _ = _result(standin, tmp_path / "b", "def f(:\n")
     assert syntax.status == "syntax_error"
 
 
-def test_runner_unpinned_prepare_is_infra_error(tmp_path):
+def test_runner_unpinned_prepare_is_infra_error(standin, tmp_path):
     pins = tmp_path / "other-pins"
     pins.write_text(f"url = x\ncommit = {'0' * 40}\nprepare_sha256 = {'f' * 64}\ntrain_sha256 = {'0' * 64}\n")
-    result = AutoresearchEnv(CFG).result(_run(tmp_path, "print('hi')\n", pins))
+    result, _ = _result(standin, tmp_path, "print('hi')\n", pins)
     assert result.status == "infra_error" and "pinned" in result.detail
 
 

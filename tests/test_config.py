@@ -25,7 +25,7 @@ def test_cluster_preset_keeps_the_locked_defaults():
     c = cfg.consolidate
     assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.epochs, c.weight_decay) == (64, 64, 0.05, 2.0, 0.01)
     assert (c.replay_fraction, c.replay_rounds, c.kl_lambda, c.kl_prompts) == (0.2, 5, 0.05, 50)
-    assert cfg.collect.rollouts == 48 and cfg.env.timeout_s == 360.0 and cfg.loop.eval_every == 2
+    assert cfg.collect.rollouts == 48 and cfg.env.timeout_s == 600.0 and cfg.loop.eval_every == 2
 
 
 def test_config_is_frozen():

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from rfs import ROOT
-from rfs.config import EnvCfg
+from rfs.config import EnvCfg, cache_dir
 from rfs.envs import execute
 from rfs.envs.builtin import PINNED, BuiltinEnv, manifest, manifest_text, parse_summary
 from rfs.envs.calibrate import calibrate, calibration_path, load_calibration
@@ -26,6 +26,7 @@ from rfs.launch.local import LocalLauncher
 # timeout 40 s leaves the harness a 19.5 s start-up allowance: torch imports slowly on a busy machine.
 CFG = EnvCfg(name="builtin", budget_s=1.0, timeout_s=40.0, device="cpu")
 SLOT = Slot("local-test", "local", "localhost", tuple(sorted(os.sched_getaffinity(0)))[-1:], -1, sys.executable, str(ROOT))
+VAL = cache_dir() / "data" / "builtin" / "val.bin"
 TINY = {"DEPTH": "1", "N_EMBD": "32", "N_HEAD": "2", "SEQ_LEN": "32", "BATCH_SIZE": "8"}
 
 
@@ -84,7 +85,7 @@ def test_forged_summary_is_never_believed(env):
 
 def test_reading_the_validation_split_is_a_violation(env):
     sneak = (
-        "try:\n    open(os.path.join(os.path.dirname(os.environ['RFS_TRAIN_DATA']), 'val.bin'), 'rb').read()\n"
+        f"try:\n    open({str(VAL)!r}, 'rb').read()\n"
         "except PermissionError:\n    pass  # catching the denial does not hide it\n"
         "raise SystemExit(0)"
     )

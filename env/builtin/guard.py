@@ -1,7 +1,7 @@
 """Bootstrap that runs train.py under an audit hook: `python guard.py train.py` (started by harness.py).
 
 The hook is installed before train.py's first line runs and cannot be removed. It denies reading
-the data cache (except the training split), writing outside the working directory and the temp
+the data cache (the training split comes through the harness's pipe), writing outside the working directory and the temp
 dir, starting other programs (a new interpreter would not carry the hook) and network sockets.
 Each denial is written to a pipe the harness holds (fd RFS_GUARD_FD) before the PermissionError
 is raised, so catching the error in train.py does not hide it; if the pipe is gone, the process
@@ -14,7 +14,6 @@ import sys
 import tempfile
 
 GUARD_FD = int(os.environ["RFS_GUARD_FD"])
-TRAIN = os.path.realpath(os.environ["RFS_TRAIN_DATA"])
 CACHE = os.path.realpath(os.environ["RFS_GUARD_CACHE"])
 WRITABLE = tuple(os.path.realpath(p) for p in (os.getcwd(), tempfile.gettempdir(), "/dev/shm")) + ("/dev/null",)
 EXEC_EVENTS = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "pty.spawn"}
@@ -49,7 +48,7 @@ def _hook(event: str, args: tuple) -> None:
         path, mode, flags = _path(args[0]), args[1], args[2]
         if path is None:
             return
-        if _inside(path, (CACHE,)) and path != TRAIN:
+        if _inside(path, (CACHE,)):
             _deny(f"read of {path}")
         writing = (mode and any(c in mode for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
         if writing and not _inside(path, WRITABLE):

@@ -3,15 +3,22 @@
     python env/builtin/harness.py --workdir W --budget S --device cpu --threads T
 
 Checks its own files against env/MANIFEST.sha256, restores pristine prepare.py and program.md into
-W, trains W/train.py under guard.py with only the training split's path, kills it (and anything it
-started) at the budget plus a start-up allowance, checks prepare.py is untouched, evaluates the
-saved model in a separate process, and prints an autoresearch-style summary. Every line train.py
-prints is re-emitted with a "| " prefix, so the unprefixed summary can only come from here.
+W, and trains W/train.py confined by the OS (sandbox.py: the data cache hidden, everything but W
+read-only, no capabilities) and under guard.py's audit hook as a second line. The training clock
+is the harness's: it starts when train.py draws its data (prepare.train_bytes, through a pipe: the
+cache is not visible) and runs to the process's end; start-up past --grace or training past
+--budget + --tolerance is killed and is a timeout, whatever train.py believes its budget is.
+Resident memory over --memory-mb or more processes than --max-procs is killed and is a crash. Then prepare.py and the harness files
+are checked, the saved model is evaluated in a separate process, and an autoresearch-style summary
+is printed. train.py's lines are re-emitted with a "| " prefix (the first and last 200; the rest
+counted), so the unprefixed summary can only come from here.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import collections
 import ctypes
 import hashlib
 import json
@@ -22,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,6 +39,12 @@ MANIFEST = ENV_DIR.parent / "MANIFEST.sha256"
 PRISTINE = ("prepare.py", "program.md")
 PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG = 36, 1
 GUARD_CHANNEL_CLOSED = 97  # guard.py's exit code when its violation pipe was tampered with
+NS_ROOT = ("unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private", "--kill-child")
+NS_USER = ("unshare", "--user", "--map-root-user", *NS_ROOT[1:])
+LINE_MAX = 4096  # bytes of one output line read at a time
+ECHO_HEAD, ECHO_TAIL = 200, 200  # train.py's lines passed on: the first and the last, the rest counted
+MODEL_FILES = ("model.pt2", "model.json")  # what prepare.save_model hands over
+WATCH_S = 0.1  # how often the harness checks its clock and the run's memory
 
 
 class Outcome(Exception):
@@ -92,7 +106,8 @@ def _reap_orphans() -> None:
 
 def _pump(stream, sink) -> threading.Thread:
     def run() -> None:
-        for raw in iter(stream.readline, b""):
+        # Bounded reads: a line without an end cannot grow the harness's memory.
+        for raw in iter(lambda: stream.readline(LINE_MAX), b""):
             sink(raw.decode(errors="replace").rstrip("\n"))
 
     t = threading.Thread(target=run, daemon=True)
@@ -100,43 +115,137 @@ def _pump(stream, sink) -> threading.Thread:
     return t
 
 
-def train(workdir: Path, data: Path, args, stats: dict, echo) -> tuple[int | None, bool, list[str]]:
-    """Run train.py under the guard; return (exit code, timed out, guard violations)."""
-    read_fd, write_fd = os.pipe()
+def sandbox(workdir: Path, hidden: Path) -> tuple[list[str], str]:
+    """The argv prefix that confines training (sandbox.py), and its name; tried once per run on this host."""
+    for unshare, name in ((NS_ROOT, "mount+pid namespaces"), (NS_USER, "user+mount+pid namespaces")):
+        prefix = [*unshare, sys.executable, str(ENV_DIR / "sandbox.py"), "--workdir", str(workdir), "--hide", str(hidden), "--"]
+        try:
+            if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0:
+                return prefix, name
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return [], "audit hook only: this host allows no mount namespace, the data cache stays visible"
+
+
+def _serve_data(requests: int, data: int, path: Path, clock: dict, pgid: int, workdir: Path, taken: Path) -> None:
+    """The harness's training clock. It starts when train.py draws its data (prepare.train_bytes
+    asks over a pipe and gets the training split back through another: the cache is not visible)
+    and stops when the model is handed over (prepare.save_model): the run is killed at that moment
+    and the model moved out of its reach, so nothing before the draw or after the hand-over can be
+    spent on training, and no later write can change what is scored."""
+    try:
+        while byte := os.read(requests, 1):
+            if byte == b"1" and "start" not in clock:
+                clock["start"] = time.monotonic()
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 20):
+                        os.write(data, block)
+                os.close(data)
+                data = -1
+            elif byte == b"2":
+                clock["end"] = time.monotonic()
+                _kill_group(pgid)
+                for name in MODEL_FILES:
+                    if (workdir / name).is_file():
+                        shutil.move(workdir / name, taken / name)
+                return
+    except OSError:
+        pass  # train.py closed its end: it gets no data
+    finally:
+        os.close(requests)
+        if data >= 0:
+            os.close(data)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(stat))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+def train(workdir: Path, data: Path, taken: Path, args, stats: dict, echo) -> tuple[int | None, str, list[str]]:
+    """Run train.py confined and under the guard; return (exit code, why it was stopped or "", guard violations)."""
+    guard_r, guard_w = os.pipe()
+    req_r, req_w = os.pipe()
+    data_r, data_w = os.pipe()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RFS_")}
     env.update(
-        RFS_TRAIN_DATA=str(data / "train.bin"),
+        RFS_TRAIN_FDS=f"{req_w},{data_r}",
         RFS_TIME_BUDGET=str(args.budget),
         RFS_DEVICE=args.device,
         RFS_THREADS=str(args.threads),
-        RFS_GUARD_FD=str(write_fd),
+        RFS_GUARD_FD=str(guard_w),
         RFS_GUARD_CACHE=str(data.parent.parent),  # the whole cache, not just this env's data
         OMP_NUM_THREADS=str(args.threads),
         PYTHONUNBUFFERED="1",
     )
-    started = time.time()
+    prefix, stats["isolation"] = sandbox(workdir, data.parent)
+    spawned = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, str(ENV_DIR / "guard.py"), "train.py"],
+        [*prefix, sys.executable, str(ENV_DIR / "guard.py"), "train.py"],
         cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        pass_fds=(write_fd,), process_group=0, preexec_fn=_die_with_parent,
+        pass_fds=(guard_w, req_w, data_r), process_group=0, preexec_fn=_die_with_parent,
     )
-    os.close(write_fd)
+    for fd in (guard_w, req_w, data_r):
+        os.close(fd)
+    clock: dict = {}
+    server = threading.Thread(target=_serve_data, args=(req_r, data_w, data / "train.bin", clock, proc.pid, workdir, taken))
+    server.start()
     violations: list[str] = []
-    pumps = [_pump(proc.stdout, echo), _pump(os.fdopen(read_fd, "rb"), violations.append)]
-    timed_out = False
+    pumps = [_pump(proc.stdout, echo), _pump(os.fdopen(guard_r, "rb"), violations.append)]
+    stopped, peak = "", 0.0
     try:
-        proc.wait(timeout=args.budget + args.grace)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        while proc.poll() is None and not stopped and "end" not in clock:
+            now = time.monotonic()
+            if "start" not in clock and now > spawned + args.grace:
+                stopped = f"the start-up allowance of {args.grace:g}s ran out before train.py drew its data"
+            elif "start" in clock and now > clock["start"] + args.budget + args.tolerance:
+                stopped = f"training ran past the budget of {args.budget:g}s + {args.tolerance:g}s tolerance (harness clock)"
+            else:
+                pids = _descendants(proc.pid)
+                if len(pids) > args.max_procs:
+                    stopped = f"too many processes: {len(pids)}, over the limit of {args.max_procs}"
+                elif args.memory_mb > 0:
+                    peak = max(peak, _rss_mb(pids))
+                    if peak > args.memory_mb:
+                        stopped = f"out of memory: {peak:.0f} MB resident, over the slot's {args.memory_mb:g} MB"
+            time.sleep(WATCH_S)
     finally:
         _kill_group(proc.pid)
         proc.wait()
         _reap_orphans()
+    server.join()
+    end = clock.get("end", time.monotonic())
     for p in pumps:
         p.join(timeout=5)
-    stats["training_wall"] = time.time() - started
-    stats["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return proc.returncode, timed_out, violations
+    stats["training_seconds"] = end - clock.get("start", end)
+    stats["peak_memory_mb"] = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    if "end" in clock and not stopped:
+        return 0, "", violations  # killed at the hand-over, not by a failure
+    return proc.returncode, stopped, violations
 
 
 def _kill_group(pgid: int) -> None:
@@ -183,32 +292,51 @@ def run(args, summary: dict) -> None:
     except SyntaxError as exc:
         raise Outcome("syntax_error", f"train.py line {exc.lineno}: {exc.msg}") from None
     tail: list[str] = []
+    shown = {"lines": 0, "dropped": 0, "bytes": 0}
+    held: collections.deque[str] = collections.deque(maxlen=ECHO_TAIL)
 
     def echo(line: str) -> None:
         tail.append(line)
         del tail[:-20]
-        print("| " + line, flush=True)
+        if shown["lines"] < ECHO_HEAD:
+            shown["lines"] += 1
+            print("| " + line[:LINE_MAX], flush=True)
+            return
+        if len(held) == held.maxlen:
+            shown["dropped"] += 1
+            shown["bytes"] += len(held[0])
+        held.append(line[:LINE_MAX])
 
     stats: dict = {}
-    code, timed_out, violations = train(workdir, data, args, stats, echo)
-    summary.update(training_seconds=stats["training_wall"], peak_memory_mb=stats["peak_memory_mb"])
-    info = _read_info(workdir)
+    taken = Path(tempfile.mkdtemp(prefix="rfs-model-"))  # outside the sandbox's view (its /tmp is private)
+    atexit.register(shutil.rmtree, taken, ignore_errors=True)
+    try:
+        code, stopped, violations = train(workdir, data, taken, args, stats, echo)
+    finally:
+        if shown["dropped"]:
+            print(f"| [harness: {shown['dropped']} lines ({shown['bytes']} bytes) of train.py's output not shown]")
+        for line in held:
+            print("| " + line)
+    summary.update(training_seconds=stats["training_seconds"], peak_memory_mb=stats["peak_memory_mb"],
+                   isolation=stats["isolation"])
+    info = _read_info(taken)  # counts only: train.py's own figures are never the harness's clock
     summary.update(num_steps=info.get("steps", 0), num_tokens=info.get("tokens", 0))
-    if "training_seconds" in info:
-        summary["training_seconds"] = info["training_seconds"]
     if violations:
         raise Outcome("harness_violation", f"guard denied {violations[0]}")
     if not (workdir / "prepare.py").exists() or _sha(workdir / "prepare.py") != pristine:
         raise Outcome("harness_violation", "prepare.py was modified during the run")
     if code == GUARD_CHANNEL_CLOSED:
         raise Outcome("harness_violation", "train.py closed the harness guard's channel")
-    if timed_out:
-        raise Outcome("timeout", f"training ran past the budget of {args.budget:g}s + {args.grace:g}s start-up allowance")
+    if stopped.startswith(("out of memory", "too many processes")):
+        raise Outcome("crash", stopped)
+    if stopped:
+        raise Outcome("timeout", stopped)
     if code != 0:
         raise Outcome("crash", f"train.py exited {code}: {_last_error(tail)}")
-    if not (workdir / "model.pt2").exists():
-        raise Outcome("crash", "train.py finished without saving a model (prepare.save_model)")
-    verdict = evaluate(workdir, args)
+    if not (taken / "model.pt2").exists():
+        raise Outcome("crash", "train.py finished without handing a model over (prepare.save_model)")
+    check_manifest()  # where no namespace made them read-only, the run could have edited them
+    verdict = evaluate(taken, args)
     if "violation" in verdict:
         raise Outcome("harness_violation", verdict["violation"])
     if "error" in verdict:
@@ -234,13 +362,20 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grace", type=float, default=20.0, help="start-up allowance before a hard kill")
+    p.add_argument("--tolerance", type=float, default=5.0,
+                   help="seconds past the budget allowed for the export and exit; a run still going is killed")
+    p.add_argument("--memory-mb", type=float, default=float(os.environ.get("RFS_JOB_MEMORY_MB", "0")),
+                   help="resident memory of the whole run; over it, killed and recorded as crash (0: no watch)")
+    p.add_argument("--max-procs", type=int, default=int(os.environ.get("RFS_JOB_PIDS_MAX", "256")),
+                   help="processes the run may have at once; more (a fork bomb) is killed and recorded as crash")
     p.add_argument("--eval-timeout", type=float, default=120.0)
     args = p.parse_args()
     _libc_prctl(PR_SET_CHILD_SUBREAPER, 1)
     # The launcher stops us with SIGTERM; unwinding through train()'s finally kills the training run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
-    summary = {"val_bpb": math.nan, "training_seconds": 0.0, "peak_memory_mb": 0.0, "num_steps": 0, "num_tokens": 0}
+    summary = {"val_bpb": math.nan, "training_seconds": 0.0, "peak_memory_mb": 0.0, "num_steps": 0, "num_tokens": 0,
+               "isolation": "not started"}
     try:
         run(args, summary)
     except Outcome as out:
@@ -255,6 +390,7 @@ def main() -> None:
         value = summary[key]
         text = f"{value:.6f}" if key == "val_bpb" else f"{value:.1f}" if isinstance(value, float) else str(value)
         print(f"{key + ':':18s}{text}")
+    print(f"{'isolation:':18s}{summary['isolation']}")
     print(f"{'status:':18s}{summary['status']}")
     print(f"{'detail:':18s}{summary['detail']}", flush=True)
 

@@ -17,6 +17,8 @@ _WRITES = re.compile(r"open\(|write|unlink|remove|rename|replace\(|shutil|os\.sy
 _VAL_DENIED = re.compile(r"(denied|forbidden|not allowed|permission)[^\n]{0,80}\bval|\bval\w*[^\n]{0,80}(denied|forbidden|not allowed)", re.I)
 _VAL_READ = re.compile(r"val\.bin|val_data|split\s*=\s*['\"]val['\"]")
 _PRINTED_BPB = re.compile(r"^\|\s*val_bpb:\s*(\S+)", re.M)  # train.py's own output, re-emitted with "| "
+_ISOLATION = re.compile(r"^isolation:\s*(.*)$", re.M)  # the harness's own summary line (unprefixed)
+CONFINED = ("mount+pid namespaces", "user+mount+pid namespaces")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,15 @@ def forged_output(row: dict[str, Any], cfg: AnomalyCfg) -> str | None:
     return None
 
 
+def unconfined(row: dict[str, Any]) -> str | None:
+    """A success the harness could not confine (no mount namespace on its host): the validation
+    split was readable by C code there, so only the audit hook stood between it and the run."""
+    if row["status"] != "success":
+        return None
+    said = _ISOLATION.findall(row["stdout_tail"])
+    return "unconfined" if said and not said[-1].strip().startswith(CONFINED) else None
+
+
 def row_flags(
     row: dict[str, Any],
     *,
@@ -106,6 +117,7 @@ def row_flags(
         too_good_for_steps(row, cfg, calibration, median_steps),
         short_training(row, cfg, budget_s),
         forged_output(row, cfg),
+        unconfined(row),
     )
     return [flag for flag in checks if flag]
 

@@ -24,7 +24,8 @@ MANIFEST = ROOT / "env" / "MANIFEST.sha256"
 # Every file env/MANIFEST.sha256 pins (paths relative to env/). Regenerate after a deliberate change:
 #   python -m rfs.envs.builtin > env/MANIFEST.sha256
 PINNED = ("builtin/program.md", "builtin/prepare.py", "builtin/harness.py", "builtin/guard.py",
-          "builtin/evaluate.py", "builtin/train.py", "autoresearch/program.md")
+          "builtin/evaluate.py", "builtin/train.py", "builtin/sandbox.py", "autoresearch/program.md",
+          "autoresearch/handover.py", "autoresearch/score.py")
 HARNESS_STATUSES = ("success", "crash", "timeout", "harness_violation", "syntax_error", "infra_error")
 TAIL_LINES = 40
 
@@ -107,17 +108,22 @@ class BuiltinEnv:
     def harness_hashes(self) -> dict[str, str]:
         return {name: digest for name, digest in manifest().items() if name.startswith("builtin/")}
 
+    def tolerance_s(self) -> float:
+        """How far past the budget the harness's clock lets a run go (the model's export and the
+        exit); a run still going then is killed: a timeout, never a success."""
+        return max(5.0, 0.1 * self.cfg.budget_s)
+
     def grace_s(self) -> float:
-        """Start-up allowance before the harness hard-kills training: half of what the job timeout
-        leaves beyond the budget, so evaluation still fits inside the launcher's timeout."""
-        return max(2.0, (self.cfg.timeout_s - self.cfg.budget_s) / 2)
+        """Start-up allowance, until train.py draws its data: half of what the job timeout leaves
+        beyond budget and tolerance, so evaluation still fits inside the launcher's timeout."""
+        return max(2.0, (self.cfg.timeout_s - self.cfg.budget_s - self.tolerance_s()) / 2)
 
     def job(self, train_py: str, slot: Slot, rollout_id: str) -> Job:
         harness = str(Path(slot.root) / "env" / "builtin" / "harness.py")
         threads = max(1, len(slot.cpus))
         argv = (slot.python, harness, "--workdir", WORKDIR, "--budget", f"{self.cfg.budget_s:g}",
                 "--device", self.cfg.device, "--threads", str(threads), "--grace", f"{self.grace_s():g}",
-                "--eval-timeout", f"{self.grace_s():g}")
+                "--tolerance", f"{self.tolerance_s():g}", "--eval-timeout", f"{self.grace_s():g}")
         return Job(rollout_id, argv, {"train.py": train_py.encode()}, self.cfg.timeout_s)
 
     def result(self, outcome: JobOutcome) -> RunResult:

@@ -8,6 +8,7 @@ from typing import Callable, Protocol
 from rfs.hosts import Slot
 
 WORKDIR = "{workdir}"  # placeholder in Job.argv, replaced by the launcher's fresh working directory
+OUTPUT_HEAD, OUTPUT_TAIL = 256 << 10, 768 << 10  # a job's output is kept as its first and last bytes; the rest counted
 RESULT_MAX = 1 << 20  # files a job leaves in its working directory come back in JobOutcome.files up to this size
 
 
@@ -29,12 +30,20 @@ class Job:
 @dataclass(frozen=True)
 class JobOutcome:
     exit_code: int | None  # None when killed or never started
-    output: bytes  # stdout and stderr, merged, in order
+    output: bytes  # stdout and stderr, merged, in order; at most OUTPUT_HEAD + OUTPUT_TAIL of it (plus a marker)
     timed_out: bool
     wall_seconds: float
     infra_error: str = ""  # non-empty: the slot failed, not the code (host down, ssh drop, preemption)
     job_id: str = ""  # e.g. SLURM "1234.7"
     files: dict[str, bytes] = field(default_factory=dict)  # small result files brought back
+    output_dropped: int = 0  # bytes of output between the head and the tail that were not kept
+
+
+def capped(head: bytes, tail: bytes, dropped: int) -> bytes:
+    """A job's output as kept: head, a line saying how much was left out, tail."""
+    if not dropped:
+        return head + tail
+    return head + f"\n[rfs: {dropped} bytes of output not kept]\n".encode() + tail
 
 
 class Launcher(Protocol):

@@ -1,8 +1,11 @@
 """The local launcher: one subprocess per job on this machine, confined and always cleaned up.
 
 Each job gets a fresh temporary working directory (removed afterwards), its own session and
-process group, an environment tag, the slot's cores (sched_setaffinity), finite rlimits and, where the
-platform allows it, no network (rfs.launch.netns). On timeout or cancellation the whole group and
+process group, an environment tag, the slot's cores (sched_setaffinity), finite rlimits (the address
+space sized from the slot's memory on CPU slots; RFS_JOB_MEMORY_MB tells the harness the slot's
+memory to watch, on GPU slots too) and, where the platform allows it, no network (rfs.launch.netns).
+Its output is kept as head + tail (rfs.launch.base.OUTPUT_HEAD/OUTPUT_TAIL), the rest counted, so the
+controller's memory stays bounded however much a job prints. On timeout or cancellation the whole group and
 every process carrying the tag get SIGTERM, then SIGKILL.
 
 A controller killed by -9 cannot stop its jobs: they run on, orphaned. Each job therefore also
@@ -28,11 +31,12 @@ import anyio
 
 from rfs.batches import Batches
 from rfs.hosts import Slot
-from rfs.launch.base import WORKDIR, Job, JobOutcome, workdir_prefix
+from rfs.launch.base import OUTPUT_HEAD, OUTPUT_TAIL, WORKDIR, Job, JobOutcome, capped, workdir_prefix
 from rfs.launch.netns import Isolation, isolation
 
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL: lets the harness reap its own children
-RLIMIT_AS_BYTES = 32 << 30  # generous but finite: a runaway allocation fails instead of swapping the host
+RLIMIT_AS_BYTES = 32 << 30  # a slot with no memory size: generous but finite
+AS_SLACK_BYTES = 4 << 30  # address space beyond the slot's memory: torch maps much it never touches
 RLIMIT_CPU_FACTOR = 4  # CPU seconds allowed per wall second of timeout, per core
 WAVE_VAR = "RFS_WAVE"  # names the wave a job belongs to, inherited by all it starts
 
@@ -56,8 +60,9 @@ NATIVE = bool(shutil.which("prlimit") and shutil.which("taskset"))
 
 def _confined(slot: Slot, timeout_s: float, net_prefix: tuple[str, ...], argv: list[str]) -> list[str]:
     cpu_seconds = int(timeout_s * max(1, len(slot.cpus)) * RLIMIT_CPU_FACTOR) + 60
-    # CUDA maps far more address space than it uses: no RLIMIT_AS on GPU slots.
-    as_bytes = RLIMIT_AS_BYTES if slot.gpu < 0 else 0
+    # CUDA maps far more address space than it uses: no RLIMIT_AS on GPU slots; there, and as the
+    # precise limit everywhere, the harness watches the run's resident memory (RFS_JOB_MEMORY_MB).
+    as_bytes = ((slot.memory_mb << 20) + AS_SLACK_BYTES if slot.memory_mb else RLIMIT_AS_BYTES) if slot.gpu < 0 else 0
     cpus = ",".join(map(str, slot.cpus))
     if not NATIVE:
         return [*net_prefix, sys.executable, "-c", CONFINE, cpus, str(cpu_seconds), str(as_bytes), *argv]
@@ -154,13 +159,13 @@ class _Child:
             await anyio.sleep(0.05)
         return self.popen.returncode
 
-    def written(self) -> bytes:
-        """All the output in the memory file (started with stream=False)."""
-        chunks, offset = [], 0
-        while chunk := os.pread(self._out, 1 << 20, offset):
-            chunks.append(chunk)
-            offset += len(chunk)
-        return b"".join(chunks)
+    def written(self) -> tuple[bytes, bytes, int]:
+        """The output in the memory file (started with stream=False): head, tail and the bytes between."""
+        size = os.fstat(self._out).st_size
+        if size <= OUTPUT_HEAD + OUTPUT_TAIL:
+            return _pread_all(self._out, 0, size), b"", 0
+        return (_pread_all(self._out, 0, OUTPUT_HEAD), _pread_all(self._out, size - OUTPUT_TAIL, OUTPUT_TAIL),
+                size - OUTPUT_HEAD - OUTPUT_TAIL)
 
     async def read(self) -> bytes:
         """The next output from the pipe (started with stream=True), b"" once every writer closed it."""
@@ -176,6 +181,30 @@ class _Child:
             if fd is not None:
                 os.close(fd)
         self._out = self._pidfd = None
+
+
+def _pread_all(fd: int, offset: int, n: int) -> bytes:
+    chunks = []
+    while n > 0 and (chunk := os.pread(fd, min(n, 1 << 20), offset)):
+        chunks.append(chunk)
+        offset, n = offset + len(chunk), n - len(chunk)
+    return b"".join(chunks)
+
+
+class _Kept:
+    """A streamed job's output as kept: the first OUTPUT_HEAD bytes, the last OUTPUT_TAIL, the rest counted."""
+
+    def __init__(self) -> None:
+        self.head, self.tail, self.dropped = bytearray(), bytearray(), 0
+
+    def add(self, data: bytes) -> None:
+        room = OUTPUT_HEAD - len(self.head)
+        self.head += data[:room]
+        self.tail += data[room:] if room > 0 else data
+        if len(self.tail) > OUTPUT_TAIL:
+            cut = len(self.tail) - OUTPUT_TAIL
+            del self.tail[:cut]
+            self.dropped += cut
 
 
 def popen_confined(isolation: Isolation, argv: list[str], **kwargs) -> subprocess.Popen:
@@ -296,18 +325,20 @@ class LocalLauncher:
             env[WAVE_VAR] = self.wave
         if slot.gpu >= 0:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+        if slot.memory_mb:
+            env["RFS_JOB_MEMORY_MB"] = str(slot.memory_mb)
         stream = on_line is not None
         try:
             proc = await _Child.start(_confined(slot, job.timeout_s, self.isolation.prefix, argv), workdir, env,
                                       self._spawn, stream=stream, isolation=self.isolation)
         except (OSError, subprocess.SubprocessError) as exc:
             return JobOutcome(None, b"", False, time.monotonic() - started, infra_error=f"could not start {argv[0]!r}: {exc}")
-        chunks: list[bytes] = []
+        kept = _Kept()
         stopped = False
         try:
             async with anyio.create_task_group() as tg:
                 if stream:
-                    tg.start_soon(self._stream, proc, chunks, on_line)
+                    tg.start_soon(self._stream, proc, kept, on_line)
                 with anyio.move_on_after(job.timeout_s) as scope:
                     await proc.wait()
                 timed_out = scope.cancelled_caught
@@ -315,7 +346,7 @@ class LocalLauncher:
                 stopped = True  # nothing of the job is left to start anything new
                 # A daemonised grandchild may still hold the pipe open: drain briefly, then stop reading.
                 tg.cancel_scope.deadline = anyio.current_time() + 2
-            output = b"".join(chunks) if stream else proc.written()
+            head, tail, dropped = (bytes(kept.head), bytes(kept.tail), kept.dropped) if stream else proc.written()
         finally:
             # Cancelled before or during the stop above: stop here, where the cancellation cannot reach.
             with anyio.CancelScope(shield=True):
@@ -323,14 +354,17 @@ class LocalLauncher:
                     await _stop(proc, tag.encode(), self._tagged)
                 proc.close()
         exit_code = None if timed_out else proc.returncode
-        return JobOutcome(exit_code, output, timed_out, time.monotonic() - started)
+        return JobOutcome(exit_code, capped(head, tail, dropped), timed_out, time.monotonic() - started, output_dropped=dropped)
 
     @staticmethod
-    async def _stream(proc: _Child, chunks: list[bytes], on_line: Callable[[str], None]) -> None:
+    async def _stream(proc: _Child, kept: _Kept, on_line: Callable[[str], None]) -> None:
         pending = b""
         while data := await proc.read():
-            chunks.append(data)
+            kept.add(data)
             pending += data
+            if len(pending) > OUTPUT_TAIL and b"\n" not in data:  # a line without an end: pass it on in pieces
+                on_line(pending.decode(errors="replace"))
+                pending = b""
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 on_line(line.decode(errors="replace"))

@@ -14,12 +14,12 @@ QUICK = '[experiment]\nname = "envrun"\npreset = "embedded"\n[env]\nbudget_s = 1
 
 
 def env_run(tmp_path, train_py: str | None) -> subprocess.CompletedProcess:
-    (tmp_path / "quick.toml").write_text(QUICK)
+    (tmp_path / "short.toml").write_text(QUICK)
     args = [sys.executable, "rfs.py", "env", "run"]
     if train_py is not None:
         (tmp_path / "train.py").write_text(train_py)
         args.append(str(tmp_path / "train.py"))
-    return subprocess.run([*args, "--experiment", str(tmp_path / "quick.toml")], cwd=ROOT, capture_output=True,
+    return subprocess.run([*args, "--experiment", str(tmp_path / "short.toml")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 

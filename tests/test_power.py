@@ -20,7 +20,7 @@ def test_required_k_reaches_the_target_power_and_one_fewer_does_not():
 
 
 def test_hours_count_every_line_replicate_round_and_rollout_over_the_slots():
-    cfg = config.load(config.default_experiment())  # embedded: A-S, CTRL, FLOOR
+    cfg = config.load(config.default_experiment(), {"experiment": {"controls": []}})  # A-S, CTRL, FLOOR
     var = power.Variance(0.01, 0.0, 0.6, 3600.0, "test")
     assert power.lines_per_replicate(cfg) == 3
     assert power.hours(cfg, var, n=4, rounds=3, k=2, slots=4) == pytest.approx(2 * 3 * 3 * 4 / 4)

@@ -46,5 +46,30 @@ def capped(head: bytes, tail: bytes, dropped: int) -> bytes:
     return head + f"\n[rfs: {dropped} bytes of output not kept]\n".encode() + tail
 
 
+class Kept:
+    """A streamed job's output as kept: the first OUTPUT_HEAD bytes and the last OUTPUT_TAIL, the
+    rest counted, so however much a job prints the controller holds at most that much of it."""
+
+    def __init__(self) -> None:
+        self.head, self.tail, self.dropped = bytearray(), bytearray(), 0
+
+    def __iadd__(self, data: bytes) -> "Kept":
+        room = OUTPUT_HEAD - len(self.head)
+        self.head += data[:room]
+        self.tail += data[room:] if room > 0 else data
+        if len(self.tail) > OUTPUT_TAIL:
+            self.dropped += len(self.tail) - OUTPUT_TAIL
+            del self.tail[: len(self.tail) - OUTPUT_TAIL]
+        return self
+
+    extend = __iadd__
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail) + self.dropped
+
+    def __bytes__(self) -> bytes:
+        return capped(bytes(self.head), bytes(self.tail), self.dropped)
+
+
 class Launcher(Protocol):
     async def run(self, slot: Slot, job: Job, on_line: Callable[[str], None] | None = None) -> JobOutcome: ...

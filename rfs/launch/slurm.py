@@ -37,7 +37,7 @@ import anyio.abc
 
 from rfs.errors import RfsError
 from rfs.hosts import SlurmCfg, Slot
-from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome, workdir_prefix
+from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome, Kept, workdir_prefix
 
 CLIENT_TIMEOUT = 30.0  # salloc aside, a SLURM client that takes longer is stuck (munged down, controller gone)
 STOP_WAIT = 15.0  # after scancel: KillWait plus slack for srun to report and exit
@@ -240,7 +240,7 @@ class SlurmLauncher:
             shutil.rmtree(wd, ignore_errors=True)
 
     async def _step(self, slot: Slot, job: Job, wd: str, on_line, start: float) -> JobOutcome:
-        out, err, step, missing = bytearray(), bytearray(), [], []
+        out, err, step, missing = Kept(), Kept(), [], []  # output bounded however much the job prints
 
         def line(raw: bytes) -> None:
             text = raw.decode(errors="replace")
@@ -255,6 +255,8 @@ class SlurmLauncher:
 
         threads = str(max(1, len(slot.cpus)))
         env = {**self.env, **job.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        if slot.memory_mb:  # the harness watches the run's resident memory against it (rfs/launch/local.py)
+            env["RFS_JOB_MEMORY_MB"] = str(slot.memory_mb)
         proc = await anyio.open_process(self._srun(slot, job, wd), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         stopped = ""  # why we ended the step ourselves, if we did
         try:
@@ -273,7 +275,7 @@ class SlurmLauncher:
                     await self._stop(proc, step[0] if step else "")
                 await proc.aclose()
         wall = time.monotonic() - start
-        slurm_said = err.decode(errors="replace").strip()
+        slurm_said = bytes(err).decode(errors="replace").strip()
         named = _STEP_ID.search(slurm_said)
         job_id = step[0] if step else named.group(1) if named else self.allocation
         if stopped == "timeout" and not step:  # never ran: the queue's fault, not the code's
@@ -291,7 +293,7 @@ class SlurmLauncher:
         if _OOM.search(slurm_said):
             return JobOutcome(None, bytes(out), False, wall, f"out of memory (SLURM's OOM killer) in step {job_id}: "
                               f"{slurm_said[-300:]}; raise hosts.slurm.mem_per_cpu", job_id)
-        return JobOutcome(code, bytes(out + err), False, wall, job_id=job_id)
+        return JobOutcome(code, bytes(out) + bytes(err), False, wall, job_id=job_id, output_dropped=out.dropped + err.dropped)
 
     async def _stop(self, proc: anyio.abc.Process, step: str) -> None:
         """scancel the step (SIGKILL to srun would leave it running), or TERM srun, which cancels it too."""

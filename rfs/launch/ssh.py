@@ -22,7 +22,7 @@ import anyio
 import asyncssh
 
 from rfs.hosts import HostCfg, Slot
-from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome, workdir_prefix
+from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome, Kept, workdir_prefix
 
 CONNECT_TIMEOUT = 15.0
 CLEANUP_TIMEOUT = 30.0  # bound on kill + collect + remove, so a hung host cannot hang the wave
@@ -83,6 +83,8 @@ def command(slot: Slot, job: Job, wd: str) -> str:
     """The remote command line for one job in working directory `wd`."""
     threads = str(max(1, len(slot.cpus)))
     env = {**job.env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if slot.memory_mb:  # the harness watches the run's resident memory against it (rfs/launch/local.py)
+        env["RFS_JOB_MEMORY_MB"] = str(slot.memory_mb)
     if slot.gpu >= 0:
         env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
     argv = [a.replace(WORKDIR, wd) for a in job.argv]
@@ -172,7 +174,7 @@ class SshLauncher:
         return replace(outcome, files=files) if files else outcome
 
     async def _run_in(self, conn, wd: str, slot: Slot, job: Job, on_line, start: float, where: str) -> JobOutcome:
-        out = bytearray()
+        out = Kept()  # bounded however much the job prints
         try:
             proc = await conn.create_process(command(slot, job, wd), encoding=None, stderr=asyncssh.STDOUT)
             head = await _head(proc, out)
@@ -196,7 +198,7 @@ class SshLauncher:
         if lost or (finished and proc.exit_status is None and proc.exit_signal is None):
             return _infra(f"{where}: connection lost during the job ({lost or 'no exit status'})", start, bytes(out))
         code = proc.exit_status if finished and proc.exit_signal is None else None
-        return JobOutcome(code, bytes(out), scope.cancelled_caught, wall)
+        return JobOutcome(code, bytes(out), scope.cancelled_caught, wall, output_dropped=out.dropped)
 
     async def _finish(self, conn, wd: str, sent: dict[str, bytes], collect: bool) -> dict[str, bytes]:
         """Remove the working directory, first bringing back the small files the job left at its top
@@ -211,7 +213,7 @@ class SshLauncher:
             return {}
 
 
-async def _head(proc, out: bytearray, most: int = 200) -> str:
+async def _head(proc, out: Kept, most: int = 200) -> str:
     """Our first line ("rfs-pgid N" or "rfs-infra …"). A login shell's own chatter before it (a motd,
     an rc file's warning) is kept in the output, never taken for the job's start or an error."""
     for _ in range(most):
@@ -223,7 +225,7 @@ async def _head(proc, out: bytearray, most: int = 200) -> str:
     return ""
 
 
-async def _stream(proc, out: bytearray, on_line: Callable[[str], None] | None) -> None:
+async def _stream(proc, out: Kept, on_line: Callable[[str], None] | None) -> None:
     pending = b""
     while chunk := await proc.stdout.read(1 << 16):
         out += chunk

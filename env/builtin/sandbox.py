@@ -24,6 +24,7 @@ FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime":
          "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 KEEP_RW = ("/proc", "/dev")  # the fresh /proc of this PID namespace; device nodes (a GPU's)
 LIBC = ctypes.CDLL(None, use_errno=True)
+CHECKOUT = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))  # rfs's, with env/
 
 
 def mount(source, target: str, fstype, flags: int, data=None) -> None:
@@ -61,8 +62,16 @@ def confine(workdir: str, hide: list[str], hide_files: list[str]) -> None:
             mount(None, f, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         os.unlink(blank)  # the mounts keep it
     private = ("/tmp", "/dev/shm")
+    # What the run needs to start may live under a private directory (a checkout or a venv in /tmp):
+    # held now, bound back read-only after the private ones replace them.
+    needed = {p for p in (sys.prefix, sys.base_prefix, CHECKOUT) if any(_inside(p, d) for d in private)}
+    kept = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in needed}
     for d in private:
         mount("rfs-private", d, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for p, fd in kept.items():
+        os.makedirs(p, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", p, None, MS_BIND)
+        os.close(fd)
     # The working directory may live under the /tmp just replaced: bind it back from the held fd.
     os.makedirs(workdir, exist_ok=True)
     mount(f"/proc/self/fd/{held}", workdir, None, MS_BIND)

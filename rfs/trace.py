@@ -10,7 +10,7 @@ import functools
 import hashlib
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -295,10 +295,13 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def outcome_stamp(status: str, val_bpb: float, steps: int) -> str:
+def outcome_stamp(status: str, val_bpb: float, steps: int, flags: Sequence[str] = ()) -> str:
     """The stamp consolidation prepends to a reply and arm S pre-fills to condition on an outcome.
 
     One function for both so training and conditioning put exactly the same text in the same place.
+    A run the harness flagged (anomaly_flags) says so in its stamp: its number is never rewarded as
+    if it were clean.
     """
     bpb = f"{val_bpb:.3f}" if status == "success" and math.isfinite(val_bpb) else "nan"
-    return f"<val_bpb={bpb} status={status} steps={int(steps)}>"
+    flagged = f" flags={','.join(flags)}" if flags else ""
+    return f"<val_bpb={bpb} status={status} steps={int(steps)}{flagged}>"

@@ -212,3 +212,14 @@ def test_tokens_straddling_the_reasoning_boundary_are_not_trained(tok):
                 straddles += a < span[0] or b > span[1]  # e.g. ' "' and '",' with the tiny BPE
             pos += len(piece)
     assert straddles  # the case exists for this tokenizer: the test checks something
+
+
+def test_a_flagged_run_is_never_arm_fs_improvement_and_its_stamp_says_so():
+    """The harness's anomaly flags: arm F never selects a flagged success, arm S trains it with
+    its flags in the stamp, so no flagged number is rewarded as if it were clean."""
+    noise = {"mean": 1.3, "std": 0.01}
+    clean = tiny_model.trace_row("clean", val_bpb=1.0)
+    flagged = {**tiny_model.trace_row("flagged", val_bpb=0.9), "anomaly_flags": ["too_good_for_steps"]}
+    assert [r["rollout_id"] for r in dataset.select([clean, flagged], "A-F", noise)] == ["clean"]
+    assert dataset.stamp_of(flagged).endswith("flags=too_good_for_steps>")
+    assert "flags=" not in dataset.stamp_of(clean)

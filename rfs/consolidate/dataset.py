@@ -86,15 +86,17 @@ def reply_text(content: str, reasoning: str) -> list[tuple[str, int]]:
 
 
 def stamp_of(row: dict[str, Any]) -> str:
-    return outcome_stamp(row["status"], float(row["val_bpb"]), int(row["steps"] or 0))
+    return outcome_stamp(row["status"], float(row["val_bpb"]), int(row["steps"] or 0), row["anomaly_flags"])
 
 
 def improved(row: dict[str, Any], noise: dict[str, float]) -> bool:
-    """Arm F's rule: a success whose val_bpb is below the round's start by more than 2·std."""
+    """Arm F's rule: a success whose val_bpb is below the round's start by more than 2·std, and that
+    the harness did not flag (a flagged number is never selected as an improvement)."""
     start = row["start_val_bpb"]
     if start is None or not math.isfinite(start):
         start = noise["mean"]
-    return row["status"] == "success" and row["val_bpb"] < start - NOISE_SIGMAS * noise["std"]
+    clean = not row["anomaly_flags"]
+    return clean and row["status"] == "success" and row["val_bpb"] < start - NOISE_SIGMAS * noise["std"]
 
 
 def filtered(loop: str) -> bool:
@@ -262,7 +264,8 @@ def build(run: RunDir, loop: str, round_: int, tok: Any, max_seq_len: int, repla
         "trained_tokens": sum(sum(lab != IGNORE for lab in e.labels) for e in examples),
         "tokens": sum(len(e.input_ids) for e in examples),
         "noise": noise,
-        "rule": "S: all but infra_error, stamped" if not filtered(loop) else f"F: success and val_bpb < start - {NOISE_SIGMAS}*std",
+        "rule": "S: all but infra_error, stamped" if not filtered(loop) else f"F: unflagged success and val_bpb < start - {NOISE_SIGMAS}*std",
+        "flagged": sum(bool(r["anomaly_flags"]) for r in select(rows, loop, noise)),  # trained with their flags stamped
         "sha256": digest(examples),
     }
     return Dataset(examples, manifest)

@@ -157,7 +157,7 @@ def _record(ex: Experiment, loop: LoopSpec, r: int, rows: list[dict[str, Any]]) 
 
 
 def _best_so_far(ex: Experiment, name: str, st: LoopState, rows: list[dict[str, Any]]) -> None:
-    ok = [row for row in rows if row["status"] == "success"]
+    ok = [row for row in rows if row["status"] == "success" and not row["anomaly_flags"]]  # a flagged number is no best
     if not ok:
         return
     top = min(ok, key=lambda row: row["val_bpb"])

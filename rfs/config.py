@@ -128,6 +128,8 @@ class EvalCfg:
     zero_shot_rollouts: int = 16
     transfer_depth: int = 12
     drift_window: int = 3
+    # first actions sampled per version, after each gold round, for the behaviour shift (0: none)
+    behaviour_samples: int = 32
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         # probes cost a wave each on 2 cores: V0 and the last of 3 versions (V3) only
         "loop": {"floor_waves": 1, "eval_every": 3},
-        "eval": {"zero_shot_rollouts": 4, "transfer_depth": 3},
+        # behaviour shift: 4 x 12 first actions a round through llama.cpp (about a minute on 2 cores)
+        "eval": {"zero_shot_rollouts": 4, "transfer_depth": 3, "behaviour_samples": 12},
     },
 }
 

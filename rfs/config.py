@@ -170,7 +170,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         # probes cost a wave each on 2 cores: V0 and the last of 3 versions (V3) only
         "loop": {"floor_waves": 1, "eval_every": 3},
-        # behaviour shift: 12 first actions per version and round (36 after round 1) through llama.cpp (about a minute on 2 cores)
+        # behaviour shift: 12 first actions a version (36 after round 1) through llama.cpp, ~1 min on 2 cores
         "eval": {"zero_shot_rollouts": 4, "transfer_depth": 3, "behaviour_samples": 12},
     },
 }

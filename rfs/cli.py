@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from pathlib import Path
@@ -193,6 +194,20 @@ def _print_result(label: str, r: RunResult) -> int:
     return 1
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    from rfs.control import control, fit_cfg  # lazy: it loads torch and transformers (the train extra)
+
+    cfg = config.load(Path(args.experiment) if args.experiment else None)
+    fit = fit_cfg(cfg.consolidate, epochs=args.epochs, lr=args.lr)
+    res = anyio.run(lambda: control(cfg, hosts.load(Path(args.hosts) if args.hosts else None), fit,
+                                    examples=args.examples, samples=args.samples,
+                                    where=Path(args.run) if args.run else None))
+    print(json.dumps(res, indent=1))
+    print(f"control: {res['target']} after {res['stamp']}: V0 {res['rate_v0']:.0%}, V1 {res['rate_v1']:.0%} "
+          f"of {res['samples']} first actions each (ratio {res['ratio']:.1f}); {res['wall_s']:.0f} s")
+    return 0 if res["rate_v1"] > res["rate_v0"] else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rfs", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -236,6 +251,17 @@ def parser() -> argparse.ArgumentParser:
     sp = add("setup", cmd_setup, "prepare the environment's data and the embedded researcher model (once)")
     sp.add_argument("experiment", nargs="?", help="experiment TOML (default: the embedded preset)")
     sp.add_argument("--force", action="store_true", help="redo the model conversion")
+
+    sp = add("control", cmd_control, "the positive control: one synthetic round in which one value of one "
+             "hyperparameter always carries the best stamp, consolidated once; prints how often V0 and V1, "
+             "served and conditioned on the good stamp, choose it (exit 1 unless V1 chooses it more often)")
+    sp.add_argument("--examples", type=int, default=16, help="synthetic traces, half of them good (default: 16)")
+    sp.add_argument("--samples", type=int, default=50, help="first actions sampled per version (default: 50)")
+    sp.add_argument("--epochs", type=float, help="override the fit's epochs (default: the control's)")
+    sp.add_argument("--lr", type=float, help="override the fit's learning rate (default: the control's)")
+    sp.add_argument("--run", help="directory for the round, V1 and the server logs (default: a new temp dir)")
+    sp.add_argument("--experiment", help="experiment TOML (default: the embedded preset)")
+    sp.add_argument("--hosts", help="hosts TOML (default: hosts.toml)")
 
     sp = add("doctor", cmd_doctor, "check Python, packages, the environment manifest, hosts and disk")
     sp.add_argument("--hosts", help="hosts TOML: also check each host over ssh (same Python, rfs, manifest; "

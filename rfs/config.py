@@ -147,6 +147,8 @@ class EvalCfg:
     transfer_depth: int = 12
     drift_window: int = 3
     code_problems: int = 20  # the HumanEval subset's size (rfs/evals/code_probe.py)
+    # first actions sampled per version, after each gold round, for the behaviour shift (0: none)
+    behaviour_samples: int = 32
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         # probes cost a wave each on 2 cores: V0 and the last of 3 versions (V3) only
         "loop": {"floor_waves": 1, "eval_every": 3},
-        "eval": {"zero_shot_rollouts": 4, "transfer_depth": 3},
+        # behaviour shift: 12 first actions a version (36 after round 1) through llama.cpp, ~1 min on 2 cores
+        "eval": {"zero_shot_rollouts": 4, "transfer_depth": 3, "behaviour_samples": 12},
     },
 }
 

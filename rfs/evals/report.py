@@ -13,6 +13,7 @@ from typing import Any
 
 from rfs import atomic, config
 from rfs.evals import drift, load, metrics, plot, power, verdict
+from rfs.evals.behaviour import behaviour_md
 from rfs.events import read_events
 from rfs.rundir import RunDir
 from rfs.trace import CTRL, FLOOR, PROBE, SHARED, STATUSES
@@ -66,6 +67,7 @@ def report(run_dir: Path) -> Path:
         "## Alarms\n\n" + ("\n".join(f"- {a}" for a in alarms) + "\n" if alarms else "none\n"),
         "## Verdict\n\n" + decomposition + _best_of_n_md(groups, gold),
         "## Noise\n\n" + _noise_md(scored, noise),
+        behaviour_md(run),
         "## Plan: what this run's variance implies\n\n" + _plan_md(run, groups, noise, metric, missing),
         "## Hero plot\n\n![best val_bpb per round](hero.png)\n\nEvery rollout: [results.tsv](results.tsv) "
         "(autoresearch's format).\n",

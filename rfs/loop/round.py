@@ -22,6 +22,7 @@ from rfs.agent.rollout import RolloutSpec
 from rfs.collect.aggregate import aggregate_round, controls, researchers
 from rfs.collect.wave import run_wave, seed_controls
 from rfs.devices import pick_device
+from rfs.evals import behaviour
 from rfs.evals.metrics import record_thread_rounds
 from rfs.loop import guard
 from rfs.loop.experiment import Experiment
@@ -39,6 +40,7 @@ async def play(ex: Experiment, loop: LoopSpec, r: int) -> None:
     _record(ex, loop, r, traces.to_pylist())
     if loop.trains:
         await _consolidate(ex, loop, r)
+        await behaviour.measure(ex, loop.name, r)
 
 
 async def _collect(ex: Experiment, loop: LoopSpec, r: int) -> Path:

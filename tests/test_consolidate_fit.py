@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tiny_model
 from rfs import atomic, trace
 from rfs.config import ConsolidateCfg
-from rfs.consolidate import anchor, consolidate, dataset, fit
+from rfs.consolidate import anchor, consolidate, dataset, fit, prefix
 from rfs.consolidate import round as round_mod
 from rfs.events import EventLog, iter_events
 from rfs.rundir import RunDir
@@ -266,3 +266,16 @@ def test_the_fit_memory_estimate_is_printed_and_recorded_before_the_fit(v0, tmp_
     assert "rfs: shared round 1: fit memory (estimate):" in out and "on each of 1 device(s)" in out
     (event,) = [e for e in iter_events(run.events) if e["kind"] == "fit_memory"]
     assert event["loop"] == "shared" and event["devices"] == 1 and event["total_gib"] > 0
+
+
+def test_without_gradient_checkpointing_the_round_fits_by_shared_prefix_steps(v0, tmp_path):
+    """The embedded default's fit: the round's common opening computed once per step, and it teaches
+    (held-out loss falls) as the packed fit does."""
+    run = new_run(tmp_path)
+    cfg = dataclasses.replace(CFG, gradient_checkpointing=False)
+    steps = fit.batches([e for e in dataset.examples_of(AutoTokenizer.from_pretrained(v0), rows(), "S", None)], cfg,
+                        "pack" if cfg.gradient_checkpointing else "prefix")
+    assert all(isinstance(b, prefix.PrefixBatch) for b in steps) and any(b.prefix > 0 for b in steps)
+    out = consolidate(run, "S", 1, v0, v0, cfg, None, device="cpu", seed=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["trained"] and manifest["loss_after"] < manifest["loss_before"]

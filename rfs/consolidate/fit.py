@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rfs.config import ConsolidateCfg
 from rfs.consolidate.anchor import Anchor, kl_all, kl_on
 from rfs.consolidate.dataset import IGNORE, Example
+from rfs.consolidate import prefix
 from rfs.consolidate.memory import GIB, FitTooLarge
 from rfs.devices import pick_device  # noqa: F401  (re-exported: callers use fit.pick_device)
 
@@ -119,12 +120,16 @@ def row_len(examples: list[Example], cfg: ConsolidateCfg) -> int:
 
 
 def batches(examples: list[Example], cfg: ConsolidateCfg, strategy: str = "pack") -> list[Batch]:
-    """One Batch per optimizer step. bench/consolidate.py measures both strategies."""
+    """One Batch per optimizer step. bench/consolidate.py measures the strategies: "prefix" computes
+    the round's shared opening once per step (rfs/consolidate/prefix.py; exact, needs no gradient
+    checkpointing), "pack" and "bucket" compute every example whole."""
+    if strategy == "prefix":
+        return prefix.batches(examples, cfg.batch_tokens)  # type: ignore[return-value]
     if strategy == "pack":
         return packed(examples, row_len(examples, cfg), cfg.batch_tokens)
     if strategy == "bucket":
         return bucketed(examples, cfg.batch_tokens)
-    raise ValueError(f"batching strategy {strategy!r}: expected pack or bucket")
+    raise ValueError(f"batching strategy {strategy!r}: expected prefix, pack or bucket")
 
 
 def device_gib(device: str, devices: int) -> list[float]:
@@ -203,6 +208,8 @@ def batch_logits(model: Any, batch: Batch, device: str) -> torch.Tensor:
 
 def batch_loss(model: Any, batch: Batch, device: str) -> torch.Tensor:
     """Summed cross-entropy over the batch's trained tokens."""
+    if isinstance(batch, prefix.PrefixBatch):
+        return prefix.batch_loss(model, batch, device)
     logits = batch_logits(model, batch, device)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten().to(device),
                                              ignore_index=IGNORE, reduction="sum")

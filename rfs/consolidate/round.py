@@ -168,7 +168,8 @@ def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: P
         anchor = ensure_anchor(run, loop, Path(v0_dir), data.examples[: data.manifest["selected"]], cfg, device, max_memory)
         model, tok = fit.load_for_training(Path(parent_dir), cfg, device, seed, max_memory)
         train, val, val_is_train = split(data.examples, data.manifest["selected"])
-        train_batches = fit.batches(train, cfg)
+        # The shared opening computed once per step (exact); gradient checkpointing cannot keep its cache.
+        train_batches = fit.batches(train, cfg, "pack" if cfg.gradient_checkpointing else "prefix")
         order = fit.stream(train_batches, cfg.epochs, seed)  # the fit's own step order: step s trains order[s-1]
         on_step = (lambda s, loss, kl: events.emit("train_step", loop=loop, round=round_, step=s, total=len(order),
                                                    tokens=order[s - 1].real, loss=loss, kl=kl)) if events else None

@@ -17,9 +17,9 @@ SIGMA = 0.05  # the calibrated std: with n = 4 on both sides a regression must e
 
 
 def stats(r: int = 1, success: float = 0.5, diversity: float = 0.5, mean: float = 1.0, n: int = 4,
-          control_std: float = math.nan, control_n: int = 0) -> RoundStats:
+          control_std: float = math.nan, control_n: int = 0, spread: float = math.nan) -> RoundStats:
     return RoundStats(r, best_val_bpb=mean - 0.05, mean_val_bpb=mean, success_rate=success, ast_diversity=diversity,
-                      n=n, control_n=control_n, control_std_val_bpb=control_std)
+                      n=n, control_n=control_n, control_std_val_bpb=control_std, std_val_bpb=spread)
 
 
 def fresh() -> LoopState:
@@ -96,6 +96,13 @@ def test_the_waves_seed_controls_set_the_noise_when_there_are_two():
     past = [stats(1, mean=1.0)]
     assert not guard.strikes(stats(2, mean=1.2, control_std=0.2, control_n=2), past, CFG, SIGMA)  # limit 0.42
     assert guard.strikes(stats(2, mean=1.2, control_std=0.2, control_n=1), past, CFG, SIGMA)  # one control: calibration
+
+
+def test_the_researchers_own_spread_widens_the_threshold_beyond_the_seeds():
+    """The embedded run's rounds of 3 scattered 3.55 to 4.5: a mean 0.26 worse is within that scatter."""
+    past = [stats(1, mean=3.75, n=3, spread=0.30)]
+    assert not guard.strikes(stats(2, mean=4.02, n=3, spread=0.40), past, CFG, 0.012)  # 3·√(.16/3+.09/3) = 0.87
+    assert guard.strikes(stats(2, mean=4.02, n=3), [stats(1, mean=3.75, n=3)], CFG, 0.012)  # seed noise alone: 0.03
 
 
 def test_one_noisy_round_never_pauses():

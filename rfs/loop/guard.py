@@ -4,10 +4,11 @@ Per-round diagnostics (success rate, AST diversity of the final train.py files, 
 the loop's own best mean) are compared with thresholds; a loop that stays past them for
 `guard.patience` (≥ 2) consecutive rounds is paused, the others go on.
 
-The regression rule knows the noise: a round's mean of n successful runs moves by σ/√n by chance,
-σ the std of the seed controls run in that wave (the calibration's when the wave has fewer than
-two), so a regression counts only past z·σ·√(1/n + 1/n_best) — the noise of the difference of the
-two means. Baselines (CTRL, FLOOR and their arc-B and replicate loops) run the frozen V0, which
+The regression rule knows the noise: a round's mean of n successful runs moves by s/√n by chance,
+s the larger of the spread of the round's own runs (the researcher's choices scatter far more than
+the seed: an embedded round of 3 ran 3.55 to 4.5) and the std of the seed controls run in that wave
+(the calibration's when the wave has fewer than two), so a regression counts only past
+z·√(s²/n + s_best²/n_best) — the noise of the difference of the two means. Baselines (CTRL, FLOOR and their arc-B and replicate loops) run the frozen V0, which
 cannot collapse: they are never guarded, and stop only when their arms stop (rfs.loop.schedule).
 """
 
@@ -26,10 +27,15 @@ def sigma(stats: RoundStats, calibrated_std: float) -> float:
     return calibrated_std
 
 
+def spread(stats: RoundStats, std: float) -> float:
+    """One run's std in this round: its runs' own spread when it has one, never below the seed's."""
+    return max(std, stats.std_val_bpb) if math.isfinite(stats.std_val_bpb) else std
+
+
 def regression_threshold(stats: RoundStats, best: RoundStats, std: float, cfg: GuardCfg) -> float:
-    """How far above the best mean this round's mean may lie by chance (z·σ·√(1/n + 1/n_best))."""
+    """How far above the best mean this round's mean may lie by chance (z·√(s²/n + s_best²/n_best))."""
     n, m = max(stats.n, 1), max(best.n, 1)
-    return cfg.regression_z * std * math.sqrt(1 / n + 1 / m)
+    return cfg.regression_z * math.sqrt(spread(stats, std) ** 2 / n + spread(best, std) ** 2 / m)
 
 
 def strikes(stats: RoundStats, history: list[RoundStats], cfg: GuardCfg, calibrated_std: float) -> list[str]:

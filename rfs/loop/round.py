@@ -149,7 +149,8 @@ def _record(ex: Experiment, loop: LoopSpec, r: int, rows: list[dict[str, Any]]) 
     successes = sum(row["status"] == "success" for row in researchers(rows))
     stats = RoundStats(r, agg["best_val_bpb"], agg["mean_val_bpb"], agg["success_rate"], agg["ast_diversity"],
                        n=successes, control_n=ctl["control_n"], control_mean_val_bpb=ctl["control_mean_val_bpb"],
-                       control_std_val_bpb=ctl["control_std_val_bpb"])
+                       control_std_val_bpb=ctl["control_std_val_bpb"],
+                       std_val_bpb=agg["std_val_bpb"] if successes >= 2 else math.nan)
     # A frozen baseline cannot collapse: only a loop that trains is guarded.
     problems = guard.judge(st, stats, ex.cfg.guard, ex.noise.std, guarded=loop.trains)
     if problems:

@@ -51,9 +51,11 @@ class RoundStats:
     control_n: int = 0  # the wave's successful seed-control runs of its starting train.py
     control_mean_val_bpb: float = math.nan  # arc B: the re-measured start, not the lucky run's number
     control_std_val_bpb: float = math.nan  # the noise this wave ran under (NaN under 2 controls)
+    std_val_bpb: float = math.nan  # the spread of the researcher's successful runs (NaN under 2)
 
     def to_json(self) -> dict[str, Any]:
-        return _added_defaults_left_out(self, ("n", "control_n", "control_mean_val_bpb", "control_std_val_bpb"))
+        return _added_defaults_left_out(self, ("n", "control_n", "control_mean_val_bpb", "control_std_val_bpb",
+                                               "std_val_bpb"))
 
 
 @dataclass

@@ -24,7 +24,8 @@ from rfs.collect.wave import run_wave, seed_controls
 from rfs.devices import pick_device
 from rfs.evals import behaviour
 from rfs.evals.metrics import record_thread_rounds
-from rfs.loop import guard
+from rfs.loop import fit_process, guard
+from rfs.loop.fit_process import FitJob
 from rfs.loop.experiment import Experiment
 from rfs.loop.memory import budget_tokens, build_memory, token_counter
 from rfs.loop.plan import LoopSpec, control_id, rollout_id, rollout_seed
@@ -170,17 +171,13 @@ def _best_so_far(ex: Experiment, name: str, st: LoopState, rows: list[dict[str, 
 
 
 async def _consolidate(ex: Experiment, loop: LoopSpec, r: int) -> Path:
-    # The optional `train` extra (torch, transformers, peft), loaded only when a gold loop trains.
-    from rfs.consolidate import consolidate
-
     ex.events.emit("phase", loop=loop.name, round=r, phase="consolidate")
     parent = ex.v0 if r == 1 else ex.run.model(loop.name, r - 1)
     async with ex.fit_lock, cores_for_fit(ex):
         await mirror.push(ex.cfg.mirror, ex.run)  # the round's traces and the state, before the fit
-        merged = await anyio.to_thread.run_sync(
-            lambda: consolidate(ex.run, loop.name, r, parent, ex.v0, ex.cfg.consolidate, ex.noise.to_json(),
-                                ex.events, device=ex.servers.placement.fit_device, seed=ex.cfg.experiment.seed)
-        )
+        merged = await fit_process.fit(FitJob(
+            ex.run, loop.name, r, parent, ex.v0, ex.cfg.consolidate, ex.noise.to_json(),
+            device=ex.servers.placement.fit_device, seed=ex.cfg.experiment.seed, echo=ex.events.echo))
         await mirror.push(ex.cfg.mirror, ex.run)  # the published V_r, before a server loads it
         return merged
 

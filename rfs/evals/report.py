@@ -162,7 +162,7 @@ def _decomposition(run: RunDir, scored: verdict.Scored, missing: list[str]) -> s
 
 _VERDICT_NOTE = (
     "Δ is an improvement (positive = better) on the primary metric, rounds ≥ 2 pooled up to the last round "
-    "both sides reached. 95% intervals: hierarchical bootstrap (replicates, then rollouts within them; "
+    "both sides reached. 95% intervals: hierarchical bootstrap (replicates resampled with their rollouts; "
     "replicates paired by index, rollouts by (round, thread)), value ± t(K−1) · SE (docs/verdict.md), seed 0. "
     "Probe rows: V0 against the loop's last probed version, mean of successful runs (code: pass rate).\n"
 )

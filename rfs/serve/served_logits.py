@@ -1,27 +1,19 @@
 """`python -m rfs.serve.served_logits GGUF IN.json OUT.json`: llama.cpp's next-token log-probabilities
 for fixed token sequences, from the GGUF file the server loads, in a child process.
 
-A child, because llama.cpp can crash its process (rfs.serve.llamacpp_main: ggml's extra CPU buffers
-segfault on AMX CPUs; they are turned off here the same way) and the caller is the loop itself.
+A child, because llama.cpp can crash its process (ggml's extra CPU buffers segfault on AMX CPUs;
+rfs.serve.no_extra_buffers turns them off here as in the server) and the caller is the loop itself.
 IN: {"prompts": [[ids...], ...]}; OUT (.npy): [prompts, vocab] log-softmax of the next token.
 """
 
 import json
 import sys
 
-import llama_cpp.llama_cpp as lib
 import numpy as np
 
-_defaults = lib.llama_model_default_params
+from rfs.serve import no_extra_buffers
 
-
-def _model_params():  # type: ignore[no-untyped-def]
-    params = _defaults()
-    params.use_extra_bufts = False
-    return params
-
-
-lib.llama_model_default_params = _model_params
+no_extra_buffers.apply()
 
 
 def main(gguf: str, inp: str, out: str) -> None:

@@ -84,9 +84,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
-def analyse(skip: tuple[str, ...] = ()) -> tuple[dict[str, set[str]], list[str], list[str]]:
-    """(graph, a cycle or [], function-level imports that are not allowed); modules under `skip`
-    prefixes are left out as importers."""
+def analyse() -> tuple[dict[str, set[str]], list[str], list[str]]:
+    """(graph, a cycle or [], function-level imports that are not allowed)."""
     trees = modules()
     known = set(trees)
     scanned = {m: scan(t, known) for m, t in trees.items()}
@@ -95,8 +94,6 @@ def analyse(skip: tuple[str, ...] = ()) -> tuple[dict[str, set[str]], list[str],
         heavy |= grown
     graph, lazy_ok = {}, []
     for m, (top, lazy, _) in scanned.items():
-        if m.startswith(skip):
-            continue
         graph[m] = with_packages(m, top | lazy) & known
         lazy_ok += [f"{m} imports {n} in a function" for n in sorted(lazy - heavy)]
     return graph, find_cycle(graph), lazy_ok

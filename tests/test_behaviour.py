@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import anyio
+import pytest
 
 from rfs import config, tables
 from rfs.agent.client import ResearcherClient
@@ -66,10 +67,10 @@ def test_a_version_that_changed_is_measured_against_v0_and_its_parent(tmp_path):
         assert [r["seed"] for r in s2.requests] == list(range(N))
         assert first[0]["messages"][1]["content"].startswith("train.py's val_bpb: 3.4750")
     zero, one, two = (_row(ex.run, r) for r in (0, 1, 2))
-    assert zero["tv_noise"] == 1 / 6 and not zero["changed"]
+    assert zero["tv_noise"] == pytest.approx(1 / 6) and not zero["changed"]
     assert json.loads(one["distribution"]) == {"LEARNING_RATE=0.00134": 6}
-    assert one["tv_v0"] == 1.0 and one["tv_prev"] == 1.0 and one["changed"]
-    assert two["tv_prev"] == 0.5 and abs(two["tv_v0"] - 0.5) < 1e-12
+    assert one["tv_v0"] == pytest.approx(1.0) and one["tv_prev"] == pytest.approx(1.0) and one["changed"]
+    assert two["tv_prev"] == pytest.approx(0.5) and two["tv_v0"] == pytest.approx(0.5)
     top = json.loads(one["top_changes"])
     assert top[0] == ["LEARNING_RATE=0.00134", 0.0, 1.0]
     md = behaviour.behaviour_md(ex.run)

@@ -76,9 +76,10 @@ def confine(workdir: str, hide: list[str], hide_files: list[str]) -> None:
     os.makedirs(workdir, exist_ok=True)
     mount(f"/proc/self/fd/{held}", workdir, None, MS_BIND)
     os.close(held)
-    writable = (workdir, *private, *hide, *hide_files)
+    writable = (*private, *hide, *hide_files, *KEEP_RW)
     for point, flags in _mounts():
-        if any(_inside(point, w) for w in (*writable, *KEEP_RW)):
+        bound_back = any(_inside(point, k) for k in needed)  # under a private /tmp, yet never writable
+        if _inside(point, workdir) or (not bound_back and any(_inside(point, w) for w in writable)):
             continue
         try:
             mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)

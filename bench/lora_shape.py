@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 from rfs.config import ConsolidateCfg  # noqa: E402
 from rfs.consolidate import anchor as anchors  # noqa: E402
 from rfs.consolidate import fit, round as rounds  # noqa: E402
+from rfs.devices import pick_device  # noqa: E402
 from rfs.consolidate.dataset import IGNORE, Example  # noqa: E402
 
 SHAPES = {
@@ -150,7 +151,7 @@ def main() -> None:
     a = ap.parse_args()
     if not 1 <= a.warmup < a.steps:
         ap.error("need 1 <= --warmup < --steps")
-    a.device = fit.pick_device(a.device)
+    a.device = pick_device(a.device)
     cfg = ConsolidateCfg(epochs=1.0, max_seq_len=a.max_len, batch_tokens=a.batch_tokens,
                          gradient_checkpointing=a.grad_ckpt, kl_lambda=ConsolidateCfg.kl_lambda if a.anchor else 0.0,
                          reason="bench: one pass over the timed steps")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 import uuid
 from dataclasses import replace
@@ -23,11 +22,11 @@ from rfs.envs.builtin import HARNESS_STATUSES, BuiltinEnv
 from rfs.hosts import Slot
 from rfs.launch.base import OUTPUT_HEAD, OUTPUT_TAIL
 from rfs.launch.local import LocalLauncher
+from tests.test_env_builtin import tiny
 
 CFG = EnvCfg(name="builtin", budget_s=1.0, timeout_s=40.0, device="cpu")
 SLOT = Slot("local-test", "local", "localhost", tuple(sorted(os.sched_getaffinity(0)))[-1:], -1, sys.executable, str(ROOT))
 VAL = cache_dir() / "data" / "builtin" / "val.bin"
-TINY = {"DEPTH": "1", "N_EMBD": "32", "N_HEAD": "2", "SEQ_LEN": "32", "BATCH_SIZE": "8"}
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +38,7 @@ def env() -> BuiltinEnv:
 
 def hostile(env: BuiltinEnv, code: str = "", replace_: tuple[str, str] = ("", "")) -> str:
     """The seed, tiny, with `code` run right after its imports or a line replaced."""
-    seed = env.seed_train_py()
-    for name, value in TINY.items():
-        seed = re.sub(rf"^{name} = \S+", f"{name} = {value}", seed, count=1, flags=re.M)
-    if code:
-        seed = seed.replace("import prepare\n", "import prepare\n" + code + "\n", 1)
-    if replace_[0]:
-        assert replace_[0] in seed
-        seed = seed.replace(*replace_)
-    return seed
+    return tiny(env.seed_train_py(), code, replace_)
 
 
 def run(env: BuiltinEnv, train_py: str, slot: Slot = SLOT):

@@ -181,6 +181,20 @@ def _child(run_dir: Path, researcher, tiny: Path, counter: Path, *extra: str) ->
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def _kill_until_done(run, researcher, tiny, launches, targets, later, *args) -> int:
+    """Start the controller again and again, killing it -9 at each target event (then at `later()`
+    ones) until a start runs to the end; the number of kills."""
+    kills = 0
+    while True:
+        proc = _child(run.root, researcher, tiny, launches, *args)
+        kind, phase, nth = targets[kills] if kills < len(targets) else later()
+        if not _kill_when(proc, run.events, kind, phase, nth):
+            assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+            return kills
+        kills += 1
+        assert kills < 40, "the run never finished"
+
+
 def _kill_when(proc: subprocess.Popen, events: Path, kind: str, phase: str | None, nth: int, timeout: float = 120) -> bool:
     """kill -9 the controller right after the nth matching event; False if it finished first."""
     deadline, seen = time.monotonic() + timeout, 0
@@ -208,17 +222,8 @@ def test_kill9_across_round_boundaries_resumes_to_the_same_state(tmp_path, tiny,
     # mid-collect, mid-fit, right after a merge, mid-swap, then at random events until it finishes
     targets = [("rollout_started", None, 3), ("phase", "consolidate", 1), ("train_step", None, 1),
                ("consolidated", None, 1), ("phase", "swap", 2), ("run_started", None, 5)]
-    kills, finished = 0, False
-    while not finished:
-        proc = _child(run.root, researcher, tiny, tmp_path / "launches")
-        kind, phase, nth = targets[kills] if kills < len(targets) else (
-            rng.choice(["rollout_finished", "train_step", "phase", "run_finished"]), None, rng.randint(1, 6))
-        if _kill_when(proc, run.events, kind, phase, nth):
-            kills += 1
-            assert kills < 40, "the run never finished"
-        else:
-            assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
-            finished = True
+    later = lambda: (rng.choice(["rollout_finished", "train_step", "phase", "run_finished"]), None, rng.randint(1, 6))  # noqa: E731
+    kills = _kill_until_done(run, researcher, tiny, tmp_path / "launches", targets, later)
     assert kills >= len(targets)
     assert final_state(run) == final_state(reference)
 
@@ -240,16 +245,8 @@ def test_replicates_resume_after_kill9_to_the_same_state(tmp_path, tiny):
         assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-3000:]
         run = RunDir(tmp_path / "killed")
         targets = [("rollout_started", None, 3), ("phase", "consolidate", 2), ("consolidated", None, 2)]
-        kills, finished = 0, False
-        while not finished:
-            proc = _child(run.root, researcher, tiny, tmp_path / "launches", *small)
-            kind, phase, nth = targets[kills] if kills < len(targets) else ("no such event", None, 1)  # then finish
-            if _kill_when(proc, run.events, kind, phase, nth):
-                kills += 1
-                assert kills < 40, "the run never finished"
-            else:
-                assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
-                finished = True
+        then_finish = lambda: ("no such event", None, 1)  # noqa: E731
+        kills = _kill_until_done(run, researcher, tiny, tmp_path / "launches", targets, then_finish, *small)
     assert kills >= len(targets)
     assert final_state(run) == final_state(reference)
     assert set(run.read_state()["loops"]) == {"A-S", "CTRL", "FLOOR", "A-S.1", "CTRL.1", "FLOOR.1"}

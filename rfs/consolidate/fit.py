@@ -29,7 +29,6 @@ from rfs.consolidate.anchor import Anchor, kl_all, kl_on
 from rfs.consolidate.dataset import IGNORE, Example
 from rfs.consolidate import prefix
 from rfs.consolidate.memory import GIB, FitTooLarge
-from rfs.devices import pick_device  # noqa: F401  (re-exported: callers use fit.pick_device)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rfs import atomic, tables
 from rfs.config import ConsolidateCfg
+from rfs.devices import pick_device
 from rfs.consolidate import anchor as anchors
 from rfs.consolidate import dataset, fit, memory
 from rfs.consolidate.publish import partial, publish
@@ -156,7 +157,7 @@ def consolidate(run: RunDir, loop: str, round_: int, parent_dir: Path, v0_dir: P
     if (final / "manifest.json").exists():
         return final
     t0 = time.perf_counter()
-    device = fit.pick_device(device)
+    device = pick_device(device)
     tok = AutoTokenizer.from_pretrained(parent_dir)
     data = dataset.build(run, loop, round_, tok, seq_cap(Path(parent_dir), cfg), cfg.replay_fraction, cfg.replay_rounds,
                          noise, seed)

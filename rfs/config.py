@@ -121,6 +121,9 @@ class ConsolidateCfg:
 @dataclass(frozen=True)
 class LoopCfg:
     eval_every: int = 2  # held-out probes at V0, every n-th version and the last; 0: none
+    # Consolidate the last round too. Its V_{n+1} collects nothing: it serves only the last probes,
+    # the behaviour shift and whoever takes the weights away; false ends each gold loop on V_n.
+    final_fit: bool = True
     stamp_margin: float = 0.01  # arm S conditions on (best so far - margin)
     # CTRL's memory in tokens: the served context window less the rest of a rollout's context
     # (docs/ctrl_memory.md); 0 sizes it from the window, a positive number caps it lower.

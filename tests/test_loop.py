@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -359,3 +360,22 @@ def test_a_resumed_run_kills_the_calibration_jobs_of_its_killed_controller(tmp_p
                 proc.wait()
         for pgid in job_groups(counter, -1):  # a failing test leaves no 600 s sleepers behind
             os.killpg(pgid, signal.SIGKILL)
+
+
+def test_without_a_final_fit_each_gold_loop_ends_on_the_version_it_collected_with(tmp_path, tiny, researcher):
+    """loop.final_fit = false: the last round is collected and recorded but not consolidated, so
+    the loop ends on V1 (which collected round 2), and the last probes are V1's."""
+    run = RunDir(tmp_path / "run")
+    cfg = experiment(tiny, researcher.base_url, ROUNDS, N, arcs=("A",), arms=("S",))
+    cfg = replace(cfg, loop=replace(cfg.loop, final_fit=False, eval_every=1))
+    assert drive(cfg, run, hosts(), plain=True, env=SleepEnv(tmp_path / "launches", 0.05)) == 0
+
+    state = run.read_state()["loops"]["A-S"]
+    assert (state["round"], state["version"], state["status"]) == (2, 1, "done")
+    assert (run.model("A-S", 1) / "manifest.json").exists() and not run.model("A-S", 2).exists()
+    assert len(rows(run, "A-S", 2)) == N  # round 2 was collected, by V1
+    assert {r["version"] for r in rows(run, "A-S", 2)} == {1}
+    evals = pq.read_table(run.metrics("version_eval")).to_pylist()
+    assert {r["version"] for r in evals if r["loop"] == "A-S"} == {1}
+    fits = [e for e in read_events(run.events)[0] if e["kind"] == "consolidated" and e.get("loop") == "A-S"]
+    assert len(fits) == 1

@@ -34,14 +34,21 @@ from rfs.loop.state import LoopState, RoundStats
 from rfs.trace import SHARED, outcome_stamp
 
 
-async def play(ex: Experiment, loop: LoopSpec, r: int) -> None:
-    """Round r of the loop, up to (not including) its probes and the state's move to round r."""
+async def play(ex: Experiment, loop: LoopSpec, r: int) -> int:
+    """Round r of the loop, up to (not including) its probes and the state's move to round r; the
+    version the loop ends the round on (V_r once consolidated)."""
     traces = trace.read(await _collect(ex, loop, r))
     record_thread_rounds(ex.run, traces.filter(pc.invert(traces["seed_control"])))  # the researcher's threads
     _record(ex, loop, r, traces.to_pylist())
-    if loop.trains:
-        await _consolidate(ex, loop, r)
-        await behaviour.measure(ex, loop.name, r)
+    if not loop.trains:
+        return 0
+    if r == ex.cfg.experiment.max_rounds and not ex.cfg.loop.final_fit:
+        ex.events.emit("scheduler", decision=f"round {r} not consolidated (loop.final_fit = false: "
+                       f"no round would collect with V{r})", loop=loop.name)
+        return r - 1
+    await _consolidate(ex, loop, r)
+    await behaviour.measure(ex, loop.name, r)
+    return r
 
 
 async def _collect(ex: Experiment, loop: LoopSpec, r: int) -> Path:

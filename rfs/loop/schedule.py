@@ -44,10 +44,10 @@ async def run_loop(ex: Experiment, loop: LoopSpec) -> None:
             ex.save()
             break
         r = st.round + 1
-        await play(ex, loop, r)
-        if probing and evals.due(ex, r):  # before the state moves on, so a kill resumes the probes
+        version = await play(ex, loop, r)
+        if probing and version == r and evals.due(ex, r):  # before the state moves on, so a kill resumes the probes
             await evals.evaluate(ex, loop, r)
-        st.round, st.version = r, (r if loop.trains else 0)
+        st.round, st.version = r, version
         ex.save()
     if probing and st.version:
         await evals.evaluate(ex, loop, st.version)  # the last version, whatever its number

@@ -64,10 +64,11 @@ def _sha(path: Path) -> str:
 class AutoresearchEnv:
     name = "autoresearch"
 
-    def __init__(self, cfg: EnvCfg, checkout: str = ""):
+    def __init__(self, cfg: EnvCfg, checkout: str = "", pins: Path | None = None):
         self.cfg = cfg
         # Where vendor.sh put the pinned clone on every GPU host (same path on each).
         self.checkout = checkout or os.environ.get("RFS_AUTORESEARCH", "env/autoresearch/checkout")
+        self.pins = pins  # None: each host's own env/autoresearch/UPSTREAM (tests pin their stand-in)
 
     def prepare(self) -> None:
         """Nothing to do here: vendor.sh prepares each GPU host; the runner reports a missing one."""
@@ -83,7 +84,7 @@ class AutoresearchEnv:
         return path.read_text()
 
     def harness_hashes(self) -> dict[str, str]:
-        up = upstream()
+        up = upstream(self.pins or ENV_DIR / "UPSTREAM")
         return {
             "autoresearch/program.md": manifest()["autoresearch/program.md"],
             "autoresearch/prepare.py": up["prepare_sha256"],
@@ -105,7 +106,8 @@ class AutoresearchEnv:
         checkout = str(Path(slot.root) / self.checkout)
         argv = (slot.python, "-m", "rfs.envs.autoresearch", "run", "--workdir", WORKDIR, "--checkout", checkout,
                 "--budget", f"{self.cfg.budget_s:g}", "--startup", f"{self.allowance_s():g}",
-                "--tolerance", f"{self.tolerance_s():g}", "--eval-timeout", f"{self.allowance_s():g}")
+                "--tolerance", f"{self.tolerance_s():g}", "--eval-timeout", f"{self.allowance_s():g}",
+                *(("--upstream", str(self.pins)) if self.pins else ()))
         env = {"PYTHONPATH": slot.root, "CUDA_VISIBLE_DEVICES": str(max(slot.gpu, 0))}
         return Job(rollout_id, argv, {"train.py": train_py.encode()}, self.cfg.timeout_s, env)
 

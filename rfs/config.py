@@ -148,6 +148,7 @@ class GuardCfg:
 class EvalCfg:
     zero_shot_rollouts: int = 16
     transfer_depth: int = 12
+    transfer_runs: int = 3  # per probed version, each paired with the seed train.py at the same depth and seed
     drift_window: int = 3
     code_problems: int = 20  # the HumanEval subset's size (rfs/evals/code_probe.py)
     # first actions sampled per version, after each gold round, for the behaviour shift (0: none)
@@ -271,6 +272,7 @@ def _check(cfg: Config, where: str) -> None:
         (0 <= cfg.consolidate.replay_fraction < 1, "consolidate.replay_fraction", "in [0, 1)"),
         (cfg.consolidate.kl_lambda >= 0, "consolidate.kl_lambda", ">= 0"),
         (cfg.consolidate.devices >= 1, "consolidate.devices", "at least 1"),
+        (cfg.eval.transfer_runs >= 3, "eval.transfer_runs", "at least 3 (the design's transfer probe)"),
         (1 <= cfg.eval.code_problems <= 164, "eval.code_problems", "1 to 164 (HumanEval's problems)"),
     ]
     for ok, key, expected in rules:

@@ -15,13 +15,27 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
+import pyarrow.parquet as pq
 import pytest
+import zstandard
 
+from rfs import config, trace
+from rfs.collect.slots import SlotPool
 from rfs.config import EnvCfg, cache_dir
 from rfs.envs.autoresearch import STATUSES, AutoresearchEnv, parse_autoresearch, upstream
 from rfs.envs.builtin import BuiltinEnv
-from rfs.hosts import Slot
+from rfs.evals import metrics, probes
+from rfs.events import EventLog
+from rfs.hosts import HostsFile, Slot
 from rfs.launch.base import JobOutcome
+from rfs.loop import evals
+from rfs.loop.experiment import Experiment
+from rfs.loop.plan import LoopSpec
+from rfs.loop.serving import Servers
+from rfs.loop.state import ExperimentState, Noise
+from rfs.rundir import RunDir
+from rfs.trace import PROBE
 
 # Recorded from autoresearch's train.py: a \r-rewritten progress line, then the summary.
 RECORDED = (
@@ -201,3 +215,81 @@ def test_job_runs_the_host_runner_on_the_slot():
     assert job.argv[:3] == ("/opt/py/bin/python", "-m", "rfs.envs.autoresearch")
     assert "/srv/rfs/env/autoresearch/checkout" in job.argv and job.env["CUDA_VISIBLE_DEVICES"] == "3"
     assert job.files == {"train.py": b"print(1)\n"} and job.timeout_s == CFG.timeout_s
+
+
+# --- the depth-12 transfer probe, run for real on the stand-in -------------------------------------
+
+TRANSFER_LOOP = LoopSpec("A-S", "gold", "A", "S")
+
+
+def _transfer_probe(standin, root: Path, best: str) -> RunDir:
+    """The loop's probe of A-S V2 with only the transfer missing: zero-shot and code on record, and a
+    zero-shot rollout whose final train.py is `best`; two local slots run the stand-in's runner."""
+    checkout, pins, _ = standin
+    cfg = config.load(None, {
+        "experiment": {"preset": "cluster", "name": "transfer-test", "seed": 0},
+        "env": {"name": "autoresearch", "budget_s": BUDGET, "timeout_s": 120.0, "device": "cpu"},
+        "researcher": {"backend": "external", "base_url": "http://127.0.0.1:9/v1", "model": "scripted"},
+    })
+    run = RunDir(root)
+    row = trace.new_row(experiment="transfer-test", loop=PROBE, arc="A", round=2, version=2, rollout_id="zs0",
+                        status="success", val_bpb=3.0, final_train_py=best)
+    path = run.probes("A-S").traces(PROBE, 2)
+    path.parent.mkdir(parents=True)
+    pq.write_table(trace.to_table([row], validated=True), path)
+    metrics.record_version_eval(run, [metrics.version_eval_row("transfer-test", "A", "A-S", 2, p, [1.0], "recorded")
+                                      for p in ("zero_shot", "code")])
+    env = AutoresearchEnv(cfg.env, checkout=str(checkout), pins=pins)
+    slots = [Slot(f"s{i}", "local", "localhost", (), -1, sys.executable, str(Path.cwd())) for i in range(2)]
+
+    async def probe() -> None:
+        events = EventLog(run.events)
+        try:
+            async with Servers(cfg, HostsFile(), run, events, None) as servers:
+                ex = Experiment(cfg, run, HostsFile(), events, env, SlotPool(slots, cfg.collect, events), servers,
+                                Noise(3.0, 0.01, 3), None, ExperimentState.from_json({}, "transfer-test"))
+                await evals.evaluate(ex, TRANSFER_LOOP, 2)
+        finally:
+            events.close()
+
+    anyio.run(probe)
+    return run
+
+
+@pytest.mark.slow  # six stand-in runs (three of the version, three of the seed) on two slots
+def test_the_transfer_probe_runs_the_version_and_the_seed_at_depth_12(standin, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(standin[2]))  # where the stand-in's prepare.py finds its data
+    best = _seed(replace=("LEARNING_RATE = 3e-3 ", "LEARNING_RATE = 1e-2 "))
+    run = _transfer_probe(standin, tmp_path / "run", best)
+    rows = metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL).to_pylist()
+    row = next(r for r in rows if r["probe"] == "transfer")
+    assert (row["n"], row["n_ok"]) == (3, 3), row["detail"]
+    assert row["detail"].startswith("3/3 runs at DEPTH=12 (success, success, success); seed train.py at DEPTH=12, "
+                                    "same seeds: 3/3 ok"), row["detail"]
+    log = zstandard.ZstdDecompressor().decompress(run.probes("A-S").transfer_log(2).read_bytes(), max_output_size=1 << 26)
+    sections = {s.split(" ", 1)[0]: s for s in log.decode().split("=== ")[1:]}
+    assert sorted(sections) == sorted(f"A-S-v2-{s}transfer{i}" for s in ("", "seed-") for i in range(3))
+    harness = {}
+    for rid, text in sections.items():
+        # what ran is the stand-in at depth 12, as its own config line shows it (echoed by the harness)
+        assert "status=success" in text and "| Model config: {'n_layer': 12," in text and "'n_layer': 8" not in text, text
+        harness[rid] = parse_autoresearch(text)  # the runner's summary, not train.py's ("| "-prefixed)
+    # the recorded values are the harness's own val_bpb lines of the version's runs, in run order
+    bpb = {rid: float(s["val_bpb"]) for rid, s in harness.items()}
+    assert row["values"] == pytest.approx([bpb[f"A-S-v2-transfer{i}"] for i in range(3)])
+    assert all(1.0 < v < 9.0 for v in bpb.values())
+    seed_mean = sum(bpb[f"A-S-v2-seed-transfer{i}"] for i in range(3)) / 3
+    assert f"mean {seed_mean:.4f}" in row["detail"]
+    # the version's train.py ran, not the seed's: what the harness hashed is each side's file at depth 12
+    for prefix, src in (("", best), ("seed-", (STANDIN / "train.py").read_text())):
+        want = hashlib.sha256(probes.transfer_train_py(src, 12).encode()).hexdigest()
+        assert {harness[f"A-S-v2-{prefix}transfer{i}"]["train_py_sha256"] for i in range(3)} == {want}
+
+
+def test_the_transfer_probe_on_a_file_without_a_depth_is_not_applicable(standin, tmp_path):
+    best = _seed(replace=("DEPTH = 8               # number of transformer layers\n", ""))
+    run = _transfer_probe(standin, tmp_path / "run", best)  # no run starts: nothing to confine or to wait for
+    row = next(r for r in metrics.read(run.metrics("version_eval"), metrics.VERSION_EVAL).to_pylist()
+               if r["probe"] == "transfer")
+    assert row["n"] == 0 and row["detail"].startswith("not applicable: train.py has no module-level `DEPTH = <int>`")
+    assert not run.probes("A-S").transfer_log(2).exists()

@@ -31,7 +31,7 @@ from tests.wave_child import SleepEnv, local_slots
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-N_ZERO_SHOT, DEPTH, TRANSFER_DEPTH, N_CODE = 3, 2, 12, 3
+N_ZERO_SHOT, DEPTH, TRANSFER_DEPTH, TRANSFER_RUNS, N_CODE = 3, 2, 12, 3, 3
 LOOP = LoopSpec("A-S", "gold", "A", "S")
 
 
@@ -66,7 +66,7 @@ class DepthEnv(SleepEnv):
         return train_py(0)
 
     def job(self, train_py: str, slot: Slot, rollout_id: str) -> Job:
-        if self.broken_transfer and rollout_id.endswith("-transfer"):
+        if self.broken_transfer and "-transfer" in rollout_id:
             raise ConnectionError(f"slot {slot.name} is unreachable")
         script = _HARNESS.format(counter=shlex.quote(self.counter), rollout_id=shlex.quote(rollout_id))
         return Job(rollout_id, ("/bin/sh", "-c", script), {"train.py": train_py.encode()}, timeout_s=60.0)
@@ -136,14 +136,18 @@ def test_probes_v0_and_a_version_once_each(tmp_path):
         zs, tr, code = (got[(loop, v, p)] for p in metrics.PROBES)
         assert zs["values"] == pytest.approx([1 + (i + 1) / 100 + DEPTH / 1000 for i in range(N_ZERO_SHOT)])
         assert zs["best"] == pytest.approx(1.012) and zs["n_ok"] == N_ZERO_SHOT
-        # the best zero-shot train.py (x = 1) at the transfer depth
-        assert tr["values"] == pytest.approx([1 + 1 / 100 + TRANSFER_DEPTH / 1000])
-        assert tr["detail"].startswith(f"success at DEPTH={TRANSFER_DEPTH}")
+        # the best zero-shot train.py (x = 1) at the transfer depth, transfer_runs times, each paired
+        # with the seed train.py (x = 0) at that depth
+        assert tr["values"] == pytest.approx([1 + 1 / 100 + TRANSFER_DEPTH / 1000] * TRANSFER_RUNS)
+        assert tr["detail"] == (f"3/3 runs at DEPTH={TRANSFER_DEPTH} (success, success, success); seed train.py at "
+                                f"DEPTH={TRANSFER_DEPTH}, same seeds: 3/3 ok, mean {1 + TRANSFER_DEPTH / 1000:.4f}; "
+                                "paired delta (version - seed) +0.0100 over 3 pairs")
         assert code["values"] == [1.0] + [0.0] * (N_CODE - 1)
         assert code["mean"] == pytest.approx(1 / N_CODE) and code["best"] == 1.0
         assert code["detail"] == f"1/{N_CODE} HumanEval problems passed: HumanEval/53"
     # every probe ran once: zero-shot rollouts and the transfer per version, none on the second call
-    want = {f"{loop}-v{v}-{k}" for loop, v in (("shared", 0), ("A-S", 2)) for k in ("zs000", "zs001", "zs002", "transfer")}
+    runs = ("zs000", "zs001", "zs002", *(f"{s}transfer{i}" for s in ("", "seed-") for i in range(TRANSFER_RUNS)))
+    want = {f"{loop}-v{v}-{k}" for loop, v in (("shared", 0), ("A-S", 2)) for k in runs}
     assert launches(counter) == Counter(want)
     assert asked == 2 * (N_ZERO_SHOT * 3 + N_CODE)  # edit, run, finish; one per problem
     # paired: each version asked the same problems with the same seeds (the experiment seed, 0, + i)
@@ -163,15 +167,17 @@ def test_an_infra_failure_is_recorded_as_such_and_retried_on_resume(tmp_path):
         anyio.run(probe, run.root, sr.base_url + "/v1", DepthEnv(counter, broken_transfer=True), 2)
         failed = version_eval(run)[("A-S", 2, "transfer")]
         assert failed["n"] == 0 and math.isnan(failed["best"])  # no sample blamed on the researcher
-        assert failed["detail"].startswith("infra_error after 2 slot(s)") and "unreachable" in failed["detail"]
+        # the transfer's runs share the pool at once: each slot fails one of them and is quarantined
+        assert failed["detail"].startswith("infra_error with no slot left: every slot is quarantined") and "unreachable" in failed["detail"]
+        assert failed["detail"].endswith(f"{2 * TRANSFER_RUNS}/{2 * TRANSFER_RUNS} transfer runs found no working slot")
         assert not any(e["kind"] == "alarm" and e["alarm"] == "drift" for e in iter_events(run.events))
         asked, before = len(sr.requests), launches(counter)
         anyio.run(probe, run.root, sr.base_url + "/v1", DepthEnv(counter), 2)
         assert len(sr.requests) == asked  # zero-shot and code were done: only the transfer runs again
-    assert launches(counter) - before == Counter({"A-S-v2-transfer": 1})
+    assert launches(counter) - before == Counter(f"A-S-v2-{s}transfer{i}" for s in ("", "seed-") for i in range(TRANSFER_RUNS))
     # the retried transfer re-runs a train.py: it needs no researcher server
     assert sum(e["kind"] == "server_started" for e in iter_events(run.events)) == 1
-    assert version_eval(run)[("A-S", 2, "transfer")]["values"] == pytest.approx([1.022])
+    assert version_eval(run)[("A-S", 2, "transfer")]["values"] == pytest.approx([1.022] * TRANSFER_RUNS)
 
 
 def test_drift_alarm_fires_once_per_loop_and_version(tmp_path):

@@ -6,8 +6,10 @@ import gzip
 import json
 import math
 import os
+import re
 import time
 from importlib.resources import files
+from pathlib import Path
 
 import anyio
 import pytest
@@ -89,10 +91,58 @@ def test_transfer_sets_depth_inside_the_block_only():
     assert 'DEPTH_NOTE = "DEPTH = 2 outside the block must stay"' in out
     assert out.replace("DEPTH = 12  # range: [1, 12]", "DEPTH = 2  # range: [1, 4]", 1) == SEED
     assert "DEPTH = 3  # range: [1, 4]" in probes.transfer_train_py(SEED, 3)
-    with pytest.raises(ValueError, match="no hyperparameter block"):
-        probes.transfer_train_py("DEPTH = 2\n", 12)
     with pytest.raises(ValueError, match="no integer DEPTH"):
         probes.transfer_train_py(SEED.replace("DEPTH = 2", "WIDTH = 2"), 12)
+
+
+STANDIN = Path(__file__).parent / "autoresearch_standin" / "train.py"  # upstream's hyperparameter layout
+
+
+def test_transfer_sets_autoresearchs_module_level_depth():
+    seed = STANDIN.read_text()
+    assert seed.count("\nDEPTH = 8               # number of transformer layers\n") == 1  # upstream's line
+    out = probes.transfer_train_py(seed, 12)
+    assert out == seed.replace("\nDEPTH = 8 ", "\nDEPTH = 12 ", 1)  # the value only: the comment stays
+    assert _executed_depth(out) == 12 and _executed_depth(seed) == 8
+    # An edited file keeps working as long as one DEPTH literal stays at module level.
+    edited = seed.replace("DEPTH = 8               # number of transformer layers", "DEPTH = 4")
+    assert _executed_depth(probes.transfer_train_py(edited, 12)) == 12
+
+
+@pytest.mark.parametrize("edit,why", [
+    (("DEPTH = 8               # number of transformer layers\n", ""), "has no module-level `DEPTH = <int>`"),
+    (("DEPTH = 8 ", "DEPTH = 2 * 4 "), "not an integer literal"),
+    (("DEPTH = 8 ", "DEPTH = 8\nif MODEL_DIM > 16:\n    DEPTH = 6\n#"), "2 assignments to DEPTH"),
+    (("DEPTH = 8 ", "DEPTH = (8 "), "does not parse"),
+])
+def test_transfer_refuses_a_file_without_a_recognisable_depth(edit, why):
+    seed = STANDIN.read_text()
+    assert edit[0] in seed
+    with pytest.raises(ValueError, match=re.escape(why)):
+        probes.transfer_train_py(seed.replace(*edit, 1), 12)
+
+
+def _executed_depth(train_py: str) -> int:
+    """DEPTH as the file's module-level code leaves it, run up to its hyperparameters."""
+    head = train_py[: train_py.index("torch.manual_seed(42)")]
+    scope: dict = {}
+    exec(head.replace("from prepare import", "# from prepare import").replace("import torch", "# import torch"), scope)
+    return scope["DEPTH"]
+
+
+def test_transfer_runs_pair_the_version_with_the_seed_at_the_same_depth_and_seeds():
+    cfg = config.load(overrides={"eval": {"transfer_depth": 12, "transfer_runs": 4}})
+    builtin = SEED.replace("import os\n", "import os\nSEED = 7\n")
+    runs = probes.transfer_runs(cfg, builtin.replace("LR = 0.003", "LR = 0.01"), builtin)
+    assert [(r.index, r.of_seed) for r in runs] == [(i, s) for i in range(4) for s in (False, True)]
+    for r in runs:
+        assert f"SEED = {7 + r.index}\n" in r.train_py and "DEPTH = 12  # range: [1, 12]" in r.train_py
+        assert ("LR = 0.003" in r.train_py) == r.of_seed
+    assert probes.paired_delta([1.0, math.nan, 1.5, 2.0], [1.5, 1.0, math.nan, 1.0]) == (0.25, 2)
+    with pytest.raises(ValueError, match="no module-level"):  # the seed has a depth; the version's file lost it
+        probes.transfer_runs(cfg, STANDIN.read_text().replace("DEPTH = 8 ", "LAYERS = 8 "), STANDIN.read_text())
+    with pytest.raises(config.ConfigError, match="eval.transfer_runs"):
+        config.load(overrides={"eval": {"transfer_runs": 2}})
 
 
 def test_best_train_py_and_version_eval_rows_ignore_failures():

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -64,10 +65,12 @@ def _sha(path: Path) -> str:
 class AutoresearchEnv:
     name = "autoresearch"
 
-    def __init__(self, cfg: EnvCfg, checkout: str = ""):
+    def __init__(self, cfg: EnvCfg, checkout: str = "", pins: Path | None = None):
         self.cfg = cfg
         # Where vendor.sh put the pinned clone on every GPU host (same path on each).
         self.checkout = checkout or os.environ.get("RFS_AUTORESEARCH", "env/autoresearch/checkout")
+        self.pins = pins  # None: each host's own env/autoresearch/UPSTREAM (tests pin their stand-in)
+        self.timing: dict[str, dict] = {}  # slot host -> its kind's measured seconds (use_calibration)
 
     def prepare(self) -> None:
         """Nothing to do here: vendor.sh prepares each GPU host; the runner reports a missing one."""
@@ -83,7 +86,7 @@ class AutoresearchEnv:
         return path.read_text()
 
     def harness_hashes(self) -> dict[str, str]:
-        up = upstream()
+        up = upstream(self.pins or ENV_DIR / "UPSTREAM")
         return {
             "autoresearch/program.md": manifest()["autoresearch/program.md"],
             "autoresearch/prepare.py": up["prepare_sha256"],
@@ -91,23 +94,46 @@ class AutoresearchEnv:
         }
 
     def tolerance_s(self) -> float:
-        """How far past the budget the runner's clock lets training go (the export, the exit)."""
+        """How far past the budget the runner's clock lets training go (the export, the exit), and the
+        slack on each measured phase once a calibration exists."""
         return max(5.0, 0.1 * self.cfg.budget_s)
 
-    def allowance_s(self) -> float:
-        """Upstream's time rules: its clock leaves out start-up (imports, kernel fetch, compile) and
-        the final evaluation, and its program.md kills a run only at 10 minutes (env.timeout_s). The
-        job's limit beyond budget and tolerance is split evenly: start-up until the first training
-        batch, and the separate evaluation (upstream's seed needs ~26 s of the two together)."""
-        return max(5.0, (self.cfg.timeout_s - self.cfg.budget_s - self.tolerance_s()) / 2)
+    def use_calibration(self, cal: dict) -> str:
+        """Derive later runs' limits from the calibration's measured start-up and evaluation seconds
+        per host kind (rfs.envs.calibrate); return the one line that says what they are."""
+        self.timing = {host: cal["timing"][kind] for host, kind in cal.get("host_kinds", {}).items()
+                       if kind in cal.get("timing", {})}
+        if not self.timing:
+            return f"kill limit: {self.cfg.timeout_s:g}s (no measured start-up or evaluation in the calibration)"
+        return "kill limit: " + "; ".join(
+            f"{host}: {self.limits(host)[2]:g}s = budget {self.cfg.budget_s:g} + start-up {t['startup_seconds']['max']:g} "
+            f"+ evaluation {t['eval_seconds']['max']:g} + 4 x {self.tolerance_s():g} tolerance, capped at {self.cfg.timeout_s:g}"
+            for host, t in sorted(self.timing.items()))
+
+    def limits(self, host: str) -> tuple[float, float, float]:
+        """(start-up allowance, evaluation allowance, kill limit) for a run on `host`.
+
+        Upstream's time rules: its clock leaves out start-up (imports, kernel fetch, compile) and the
+        final evaluation, and its program.md kills a run only at 10 minutes (env.timeout_s). Measured
+        on this host's kind (the calibration's slowest run, plus the tolerance on each phase and once
+        for the runner itself); never measured there: the job's limit beyond budget and tolerance,
+        split evenly between start-up and evaluation."""
+        tol, t = self.tolerance_s(), self.timing.get(host)
+        if t is None:
+            half = max(5.0, (self.cfg.timeout_s - self.cfg.budget_s - tol) / 2)
+            return half, half, self.cfg.timeout_s
+        startup, evaluation = t["startup_seconds"]["max"] + tol, t["eval_seconds"]["max"] + tol
+        return startup, evaluation, min(self.cfg.timeout_s, self.cfg.budget_s + tol + startup + evaluation + tol)
 
     def job(self, train_py: str, slot: Slot, rollout_id: str) -> Job:
         checkout = str(Path(slot.root) / self.checkout)
+        startup, evaluation, limit = self.limits(slot.host)
         argv = (slot.python, "-m", "rfs.envs.autoresearch", "run", "--workdir", WORKDIR, "--checkout", checkout,
-                "--budget", f"{self.cfg.budget_s:g}", "--startup", f"{self.allowance_s():g}",
-                "--tolerance", f"{self.tolerance_s():g}", "--eval-timeout", f"{self.allowance_s():g}")
+                "--budget", f"{self.cfg.budget_s:g}", "--startup", f"{startup:g}",
+                "--tolerance", f"{self.tolerance_s():g}", "--eval-timeout", f"{evaluation:g}",
+                *(("--upstream", str(self.pins)) if self.pins else ()))
         env = {"PYTHONPATH": slot.root, "CUDA_VISIBLE_DEVICES": str(max(slot.gpu, 0))}
-        return Job(rollout_id, argv, {"train.py": train_py.encode()}, self.cfg.timeout_s, env)
+        return Job(rollout_id, argv, {"train.py": train_py.encode()}, limit, env)
 
     def result(self, outcome: JobOutcome) -> RunResult:
         early = outcome_result(outcome)
@@ -270,6 +296,25 @@ def _score(python: Path, pristine: Path, taken: Path, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def host_kind() -> str:
+    """What this run's timings depend on: the GPU's name (CUDA_VISIBLE_DEVICES' first), else the CPU's."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0]
+    if gpu and shutil.which("nvidia-smi"):
+        try:
+            proc = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=30)
+            if proc.returncode == 0 and proc.stdout.strip():
+                return proc.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.machine()
+    return f"cpu: {cpu}"
+
+
 def _run(args) -> dict[str, str]:
     checkout, workdir = Path(args.checkout), Path(args.workdir)
     pinned = upstream(Path(args.upstream))
@@ -288,7 +333,7 @@ def _run(args) -> dict[str, str]:
     if not val.is_file():
         return {"status": "infra_error", "detail": f"the validation split is not on this host ({val}): run vendor.sh"}
     shutil.copyfile(pristine, workdir / "prepare.py")
-    out = {"prepare_sha256_before": before, "train_py_sha256": _sha(workdir / "train.py")}
+    out = {"prepare_sha256_before": before, "train_py_sha256": _sha(workdir / "train.py"), "host_kind": host_kind()}
     try:
         compile((workdir / "train.py").read_bytes(), "train.py", "exec")
     except SyntaxError as exc:

@@ -7,6 +7,10 @@ a `SEED = <int>` line (the builtin env); a file without one (autoresearch) is ru
 A val_bpb difference smaller than the seed's own run-to-run spread is not an improvement, and the
 spread depends on how many runs share the machine, so it is measured at that concurrency (one run
 per slot at a time) and stored per env, device, budget and concurrency.
+
+The same runs measure what upstream's time rules leave outside the budget: the harness's start-up
+and evaluation seconds, per host kind (the GPU's or CPU's name, as the runner reports it); the
+autoresearch env derives later runs' kill limits from them (`use_timing`).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from rfs.atomic import write_json
 from rfs.collect.slots import SlotPool
 from rfs.config import EnvCfg, cache_dir
 from rfs.envs import Environment, RunResult, execute
+from rfs.envs.autoresearch import AutoresearchEnv
 from rfs.events import EventLog
 from rfs.hosts import Slot
 from rfs.launch.base import Launcher
 
 
+PHASES = ("startup_seconds", "eval_seconds")  # the harness's own clock, outside the training budget
 _SEED = re.compile(r"^SEED = (\d+)", re.MULTILINE)
 
 
@@ -54,6 +60,7 @@ async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Calla
         raise ValueError(f"calibrate needs k >= 1 (got k={k})")
     seed = env.seed_train_py()
     runs: list[tuple[int, str, float, str]] = []
+    timed: list[tuple[str, dict[str, str]]] = []  # (slot host, the harness's summary) per run
 
     async def one(i: int) -> None:
         slot = await pool.acquire()
@@ -62,6 +69,7 @@ async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Calla
             result, outcome = await execute(env, launcher_of(slot), slot, with_seed(seed, i), f"calibrate-{i}")
             failure = outcome.infra_error
             runs.append((i, result.status, result.val_bpb, result.detail))
+            timed.append((slot.host, result.summary))
             if on_run:
                 on_run(i, result)
         finally:
@@ -87,9 +95,39 @@ async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Calla
         "values": values,
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if k > 1 else 0.0,
+        **timing(timed),
     }
     write_json(calibration_path(cfg, len(pool.slots)), out)
     return out
+
+
+def timing(runs: list[tuple[str, dict[str, str]]]) -> dict:
+    """The harness's measured start-up and evaluation seconds (median and max) per host kind, and
+    which slot host is of which kind; empty when the harness reports no host kind (the builtin env)."""
+    kinds: dict[str, dict[str, list[float]]] = {}
+    hosts: dict[str, str] = {}
+    for host, summary in runs:
+        kind = summary.get("host_kind")
+        if not kind or not all(key in summary for key in PHASES):
+            continue
+        hosts[host] = kind
+        for key in PHASES:
+            kinds.setdefault(kind, {}).setdefault(key, []).append(float(summary[key]))
+    if not kinds:
+        return {}
+    return {
+        "host_kinds": hosts,
+        "timing": {kind: {**{key: {"median": statistics.median(v), "max": max(v)} for key, v in phases.items()},
+                          "runs": len(phases[PHASES[0]])} for kind, phases in kinds.items()},
+    }
+
+
+def use_timing(env: Environment, cal: dict) -> str:
+    """Hand the calibration's measured seconds to an environment that derives its kill limit from
+    them (autoresearch: upstream's time rules); the line that says the limit, to print once."""
+    if isinstance(env, AutoresearchEnv):
+        return env.use_calibration(cal)
+    return f"kill limit: {env.cfg.timeout_s:g}s (env.timeout_s)"  # type: ignore[attr-defined]
 
 
 def announce(k: int, events: EventLog | None = None) -> Callable[[int, RunResult], None]:

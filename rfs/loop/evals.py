@@ -17,6 +17,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import pyarrow.compute as pc
 
 from rfs import atomic, trace
@@ -132,7 +133,8 @@ def _zero_shot_detail(rows: list[dict[str, Any]]) -> str:
 
 
 async def _transfer(ex: Experiment, t: Target) -> tuple[list[float], str]:
-    """The best zero-shot train.py of this version, re-run once at cfg.eval.transfer_depth.
+    """The best zero-shot train.py of this version at cfg.eval.transfer_depth, cfg.eval.transfer_runs
+    times, each run paired with the seed train.py at that depth with the same seed (rfs.evals.probes).
 
     The zero-shot rollouts, not the loop's traces, supply the train.py: they depend on the
     version's weights alone, so V0 and every V_n are measured the same way.
@@ -143,30 +145,58 @@ async def _transfer(ex: Experiment, t: Target) -> tuple[list[float], str]:
     if best is None:
         return [], "nothing to transfer: no zero-shot rollout of this version succeeded"
     try:
-        train_py = probes.transfer_train_py(best, depth)
+        runs = probes.transfer_runs(ex.cfg, best, ex.env.seed_train_py())
     except ValueError as exc:
         return [], f"not applicable: {exc}"
-    rollout_id = f"{t.loop}-v{t.version}-transfer"
+    done: dict[tuple[bool, int], tuple[RunResult, str]] = {}
+    logs: list[bytes] = []
+
+    async def one(r: probes.TransferRun) -> None:
+        rollout_id = f"{t.loop}-v{t.version}-{'seed-' if r.of_seed else ''}transfer{r.index}"
+        done[(r.of_seed, r.index)] = await _run_once(ex, r.train_py, rollout_id, logs)
+
+    async with anyio.create_task_group() as tg:  # one run per free slot, like a wave
+        for r in runs:
+            tg.start_soon(one, r)
+    atomic.write_zstd(ex.run.probes(t.loop).transfer_log(t.version), b"".join(logs))
+    infra = sorted((not why.startswith("after"), why) for _, why in done.values() if why)  # a slot's own failure first
+    if infra:
+        return [], f"{INFRA} {infra[0][1]}; {len(infra)}/{len(runs)} transfer runs found no working slot"
+    n = ex.cfg.eval.transfer_runs
+    value = {k: (res.val_bpb if res.status == "success" else math.nan) for k, (res, _) in done.items()}
+    mine, seed = ([value[(of_seed, i)] for i in range(n)] for of_seed in (False, True))
+    delta, pairs = probes.paired_delta(mine, seed)
+    statuses = ", ".join(done[(False, i)][0].status for i in range(n))
+    seed_ok = [v for v in seed if math.isfinite(v)]
+    seed_mean = f"{sum(seed_ok) / len(seed_ok):.4f}" if seed_ok else "nan"
+    return mine, (f"{sum(map(math.isfinite, mine))}/{n} runs at DEPTH={depth} ({statuses}); seed train.py at "
+                  f"DEPTH={depth}, same seeds: {len(seed_ok)}/{n} ok, mean {seed_mean}; "
+                  f"paired delta (version - seed) {delta:+.4f} over {pairs} pairs")
+
+
+async def _run_once(ex: Experiment, train_py: str, rollout_id: str, logs: list[bytes]) -> tuple[RunResult, str]:
+    """One run on a free slot, moved to another slot when the slot fails: (result, "") or, when no
+    slot worked, (an infra_error result, why). Every attempt's output goes to `logs`."""
     failed: set[str] = set()
     why = ""
     for _ in range(ex.cfg.collect.infra_retries + 1):
         try:
             slot = await ex.pool.acquire(avoid=failed)
         except NoSlotsLeft as exc:
-            return [], f"{INFRA}: {exc}"
+            return RunResult(INFRA, detail=str(exc)), f"with no slot left: {exc}"
         failure = ""
         try:
             result, outcome = await _execute(ex, slot, train_py, rollout_id)
             failure = outcome.infra_error or (result.detail if result.status == INFRA else "")
         finally:  # cancelled mid-run: the slot goes back, uncounted
             ex.pool.release(slot, failure=failure)
-        _keep_log(ex.run, t, slot.name, outcome)
+        head = f"=== {rollout_id} on {slot.name} status={result.status} exit={outcome.exit_code} infra={outcome.infra_error!r} ===\n"
+        logs.append(head.encode() + outcome.output)
         if not failure:
-            value = result.val_bpb if result.status == "success" else math.nan
-            return [value], f"{result.status} at DEPTH={depth} on {slot.name}: {result.detail}"
+            return result, ""
         failed.add(slot.name)
         why = f"{slot.name}: {failure}"
-    return [], f"{INFRA} after {len(failed)} slot(s): {why}"
+    return RunResult(INFRA, detail=why), f"after {len(failed)} slot(s): {why}"
 
 
 async def _execute(ex: Experiment, slot: Slot, train_py: str, rollout_id: str) -> tuple[RunResult, JobOutcome]:
@@ -177,13 +207,6 @@ async def _execute(ex: Experiment, slot: Slot, train_py: str, rollout_id: str) -
     except Exception as exc:  # the launcher or the slot broke, not the researcher's train.py
         failure = f"{type(exc).__name__}: {exc}"
         return RunResult(INFRA, detail=failure), JobOutcome(None, traceback.format_exc().encode(), False, 0.0, infra_error=failure)
-
-
-def _keep_log(run: RunDir, t: Target, slot: str, outcome: JobOutcome) -> None:
-    """The transfer run's full output beside its zero-shot traces (the last attempt's)."""
-    head = f"=== {t.loop} V{t.version} transfer on {slot} exit={outcome.exit_code} infra={outcome.infra_error!r} ===\n"
-    blob = run.probes(t.loop).transfer_log(t.version)
-    atomic.write_zstd(blob, head.encode() + outcome.output)
 
 
 async def _code(ex: Experiment, served: Served) -> tuple[list[float], str]:

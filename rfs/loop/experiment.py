@@ -15,7 +15,7 @@ from rfs.collect.slots import SlotPool
 from rfs.collect.wave import reclaimed
 from rfs.config import Config
 from rfs.envs import Environment
-from rfs.envs.calibrate import announce, calibrate, load_calibration
+from rfs.envs.calibrate import announce, calibrate, load_calibration, use_timing
 from rfs.events import EventLog
 from rfs.hosts import HostsFile, pooled, slots
 from rfs.launch import wave_launchers
@@ -70,6 +70,7 @@ async def started(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, 
     if state.noise is None:
         state.noise = await _calibrated(cfg, run, hosts, events, env, pool)
         run.write_state(state.to_json())  # a resumed run does not calibrate again
+    print(use_timing(env, load_calibration(cfg.env, len(pool.slots)) or {}), flush=True)  # limits from measured seconds
     v0 = await anyio.to_thread.run_sync(_resolve_v0, cfg)
     async with Servers(cfg, hosts, run, events, v0, placement) as servers:
         yield Experiment(cfg, run, hosts, events, env, pool, servers, state.noise, v0, state)

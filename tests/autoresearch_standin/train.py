@@ -19,13 +19,18 @@ t_start = time.time()
 # Hyperparameters (edit these directly, no CLI flags needed)
 # ---------------------------------------------------------------------------
 
-DEPTH = 1  # number of transformer layers
-MODEL_DIM = 32  # embedding width
-N_HEAD = 2  # attention heads
-DEVICE_BATCH_SIZE = 8  # rows per step
-LEARNING_RATE = 3e-3  # AdamW learning rate
-WEIGHT_DECAY = 0.0  # AdamW weight decay
-WARMUP_RATIO = 0.0  # fraction of the budget spent warming up
+# Model architecture
+MODEL_DIM = 32          # embedding width
+N_HEAD = 2              # attention heads
+
+# Optimization
+LEARNING_RATE = 3e-3    # AdamW learning rate
+WEIGHT_DECAY = 0.0      # AdamW weight decay
+WARMUP_RATIO = 0.0      # fraction of the budget spent warming up
+
+# Model size
+DEPTH = 8               # number of transformer layers
+DEVICE_BATCH_SIZE = 8   # rows per step
 
 torch.manual_seed(42)
 
@@ -66,6 +71,7 @@ class GPT(nn.Module):
 
 tokenizer = Tokenizer.from_directory()
 model = GPT(tokenizer.get_vocab_size())
+print(f"Model config: {{'n_layer': {DEPTH}, 'n_embd': {MODEL_DIM}, 'n_head': {N_HEAD}}}")  # as upstream prints its config
 optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train")
 x, y, epoch = next(train_loader)

@@ -105,12 +105,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = config.load(Path(args.experiment) if args.experiment else config.default_experiment())
-    slots = args.slots or len(hosts.slots(hosts.load(Path(args.hosts) if args.hosts else None)))
+    here = hosts.slots(hosts.load(Path(args.hosts) if args.hosts else None))
+    slots = args.slots or len(here)  # --slots prices another layout; the noise floor is this one's
     run = RunDir(Path(args.run)) if args.run else None
-    noise = (run.read_state().get("noise") if run else None) or load_calibration(cfg.env, slots)
+    noise = (run.read_state().get("noise") if run else None) or load_calibration(cfg.env, here)
     sigma = args.sigma or (noise or {}).get("std")
     if not sigma:
-        raise ConfigError(f"no calibration for env {cfg.env.name} on {cfg.env.device} at {slots} slots: "
+        raise ConfigError(f"no calibration for env {cfg.env.name} on {cfg.env.device} at these {len(here)} slots: "
                           "run `python rfs.py env calibrate`, pass a run directory, or give --sigma")
     var = power.assumed(cfg, sigma)
     if run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import anyio
 
@@ -39,8 +40,13 @@ def test_each_calibration_run_goes_through_its_own_slots_launcher(tmp_path, monk
         assert launcher.ran and {h for _, h in launcher.ran} == {host}, f"{host} ran {launcher.ran}"
     assert sum(len(l.ran) for l in launchers.values()) == k
     assert (out["k"], out["concurrency"], out["mean"], out["std"]) == (k, 2, 1.0, 0.0)
-    assert json.loads(calibration_path(env_cfg, 2).read_text()) == out
+    assert json.loads(calibration_path(env_cfg, slots).read_text()) == out
     assert pool.free == 2  # every slot went back to the pool
+    # the noise floor is these hosts': two other hosts at the same concurrency, or these with GPUs, calibrate anew
+    elsewhere = [replace(s, host=s.host.replace("host", "node")) for s in slots]
+    assert load_calibration(env_cfg, slots) == out
+    assert load_calibration(env_cfg, elsewhere) is None
+    assert load_calibration(env_cfg, [replace(s, gpu=0) for s in slots]) is None
 
 
 class TimedLauncher:
@@ -72,7 +78,7 @@ def test_start_up_and_evaluation_seconds_per_host_kind_set_the_kill_limit(tmp_pa
     assert cal["timing"]["GPU-X"] == {"startup_seconds": {"median": 4.0, "max": 5.0},
                                       "eval_seconds": {"median": 3.0, "max": 4.0}, "runs": 3}
     assert cal["timing"]["GPU-Y"]["startup_seconds"] == {"median": 9.0, "max": 9.0}
-    line = use_timing(env, load_calibration(env_cfg, 2))
+    line = use_timing(env, load_calibration(env_cfg, slots[:2]))
     # budget 300 + start-up 5 + evaluation 4 + 4 x 30 tolerance on host-a's kind; 9 + 1 on host-b's
     assert "host-a: 429s" in line and "host-b: 430s" in line
     for slot, (startup, evaluation, limit) in zip(slots, [(35, 34, 429), (39, 31, 430), (135, 135, 600)]):

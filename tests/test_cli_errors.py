@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rfs import hosts
 from rfs.cli import main
 from rfs.loop.plan import rollout_seed
 from tests.scripted_researcher import ScriptedResearcher, action
@@ -44,10 +45,10 @@ def experiment(tmp_path: Path, researcher: str = "") -> str:
     return str(path)
 
 
-def calibrated(slots: int) -> None:
-    """A stored noise floor, so the run goes straight to its first wave."""
+def calibrated(hosts_toml: Path) -> None:
+    """A stored noise floor for the slots of hosts_toml, so the run goes straight to its first wave."""
     env = EnvCfg(**PRESETS["embedded"]["env"])
-    path = calibration_path(env, slots)
+    path = calibration_path(env, hosts.slots(hosts.load(hosts_toml)))
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"mean": 2.0, "std": 0.01, "k": 2, "values": [2.0, 2.0]}))
 
@@ -90,11 +91,11 @@ def test_a_researcher_server_that_will_not_start(tmp_path, monkeypatch, capsys):
     (model / "model.safetensors").write_bytes(b"weights")
     executable(tmp_path / "bin" / "vllm", "echo 'RuntimeError: No CUDA GPUs are available'\nexit 1\n")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    hosts = tmp_path / "hosts.toml"
-    hosts.write_text("[[slot]]\n")
-    calibrated(1)
+    hosts_toml = tmp_path / "hosts.toml"
+    hosts_toml.write_text("[[slot]]\n")
+    calibrated(hosts_toml)
     line = one_line(capsys, ["run", experiment(tmp_path, f'backend = "vllm"\nmodel = "{model}"'),
-                             "--hosts", str(hosts), "--plain"])
+                             "--hosts", str(hosts_toml), "--plain"])
     assert line.startswith("rfs: vllm server exited with 1 while starting: RuntimeError: No CUDA GPUs are available; "
                            "its whole log is "), line
 
@@ -102,10 +103,10 @@ def test_a_researcher_server_that_will_not_start(tmp_path, monkeypatch, capsys):
 def test_no_slots_left(tmp_path, capsys):
     """A run whose only slot is an ssh host nobody listens on: every rollout's run fails on it, the
     slot is quarantined, and the wave stops the run rather than recording N infra errors."""
-    hosts = tmp_path / "hosts.toml"
-    hosts.write_text('[hosts.gone]\naddress = "127.0.0.1"\nport = 9\nuser = "nobody"\n\n'
-                     '[[slot]]\nname = "gpu-0"\nlauncher = "ssh"\nhost = "gone"\n')
-    calibrated(1)
+    hosts_toml = tmp_path / "hosts.toml"
+    hosts_toml.write_text('[hosts.gone]\naddress = "127.0.0.1"\nport = 9\nuser = "nobody"\n\n'
+                          '[[slot]]\nname = "gpu-0"\nlauncher = "ssh"\nhost = "gone"\n')
+    calibrated(hosts_toml)
     model = tmp_path / "model"  # never loaded: the run stops before its first fit
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -114,6 +115,6 @@ def test_no_slots_left(tmp_path, capsys):
     with ScriptedResearcher({seed: edit for seed in seeds}) as sr:
         exp = experiment(tmp_path, f'backend = "external"\nbase_url = "{sr.base_url}/v1"\nmodel = "{model}"\n'
                                    'action_space = "code"')
-        line = one_line(capsys, ["run", exp, "--hosts", str(hosts), "--plain"])
+        line = one_line(capsys, ["run", exp, "--hosts", str(hosts_toml), "--plain"])
     assert line.startswith("rfs: every slot is quarantined (gpu-0: "), line
     assert line.endswith("fix them (`python rfs.py doctor`), then `python rfs.py resume`"), line

@@ -136,11 +136,12 @@ def test_launcher_failures_decide_the_status_without_a_summary(env):
 
 def test_missing_or_corrupt_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("RFS_CACHE", str(tmp_path))
-    assert load_calibration(CFG, 2) is None
-    calibration_path(CFG, 2).parent.mkdir(parents=True)
-    calibration_path(CFG, 2).write_text("{not json")
+    slots = [Slot(f"local-{c}", "local", "localhost", (c,), -1, sys.executable, str(ROOT)) for c in (0, 1)]
+    assert load_calibration(CFG, slots) is None
+    calibration_path(CFG, slots).parent.mkdir(parents=True)
+    calibration_path(CFG, slots).write_text("{not json")
     with pytest.raises(ValueError, match="calibrate again"):
-        load_calibration(CFG, 2)
+        load_calibration(CFG, slots)
 
 
 @pytest.mark.slow
@@ -155,7 +156,7 @@ def test_calibration_runs_the_seed_at_the_slots_concurrency(env, tmp_path, monke
     out = anyio.run(calibrate, BuiltinEnv(cfg), slots, 2, LocalLauncher())
     assert out["k"] == 2 and out["concurrency"] == len(slots) and len(out["values"]) == 2
     assert all(math.isfinite(v) for v in out["values"]) and out["std"] >= 0
-    assert load_calibration(cfg, len(slots)) == out
+    assert load_calibration(cfg, slots) == out
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,14 @@ autoresearch env derives later runs' kill limits from them (`use_timing`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
 import re
 import statistics
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import anyio
 
@@ -44,8 +45,14 @@ def with_seed(train_py: str, i: int) -> str:
     return _SEED.sub(lambda m: f"SEED = {int(m.group(1)) + i}", train_py, count=1)
 
 
-def calibration_path(env_cfg: EnvCfg, concurrency: int) -> Path:
-    return cache_dir() / "calibration" / f"{env_cfg.name}-{env_cfg.device}-{env_cfg.budget_s:g}-c{concurrency}.json"
+def calibration_path(env_cfg: EnvCfg, slots: Sequence[Slot]) -> Path:
+    """Where the noise floor of this env, device and budget on these slots is kept. The key names
+    the machines as well as their number: the same concurrency on other hosts (or with other
+    devices) is another noise floor, so it is calibrated anew."""
+    layout = sorted(f"{s.launcher}:{s.host}:{'gpu' if s.gpu >= 0 else 'cpu'}" for s in slots)
+    digest = hashlib.sha256("\n".join([platform.node(), *layout]).encode()).hexdigest()[:10]
+    name = f"{env_cfg.name}-{env_cfg.device}-{env_cfg.budget_s:g}-c{len(slots)}-{digest}.json"
+    return cache_dir() / "calibration" / name
 
 
 async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Callable[[Slot], Launcher],
@@ -97,7 +104,7 @@ async def calibrate(env: Environment, pool: SlotPool, k: int, launcher_of: Calla
         "std": statistics.stdev(values) if k > 1 else 0.0,
         **timing(timed),
     }
-    write_json(calibration_path(cfg, len(pool.slots)), out)
+    write_json(calibration_path(cfg, pool.slots), out)
     return out
 
 
@@ -142,9 +149,9 @@ def announce(k: int, events: EventLog | None = None) -> Callable[[int, RunResult
     return show
 
 
-def load_calibration(env_cfg: EnvCfg, concurrency: int) -> dict | None:
-    """The stored calibration for this env, device, budget and concurrency, or None if never run."""
-    path = calibration_path(env_cfg, concurrency)
+def load_calibration(env_cfg: EnvCfg, slots: Sequence[Slot]) -> dict | None:
+    """The stored calibration for this env, device, budget and slots, or None if never run."""
+    path = calibration_path(env_cfg, slots)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -70,7 +70,7 @@ async def started(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, 
     if state.noise is None:
         state.noise = await _calibrated(cfg, run, hosts, events, env, pool)
         run.write_state(state.to_json())  # a resumed run does not calibrate again
-    print(use_timing(env, load_calibration(cfg.env, len(pool.slots)) or {}), flush=True)  # limits from measured seconds
+    print(use_timing(env, load_calibration(cfg.env, pool.slots) or {}), flush=True)  # limits from measured seconds
     v0 = await anyio.to_thread.run_sync(_resolve_v0, cfg)
     async with Servers(cfg, hosts, run, events, v0, placement) as servers:
         yield Experiment(cfg, run, hosts, events, env, pool, servers, state.noise, v0, state)
@@ -79,7 +79,7 @@ async def started(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, 
 async def _calibrated(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, env: Environment,
                       pool: SlotPool) -> Noise:
     """The seed's val_bpb mean ± std on this machine at the wave's concurrency (calibrated once)."""
-    cal = load_calibration(cfg.env, len(pool.slots))
+    cal = load_calibration(cfg.env, pool.slots)
     k = cfg.env.calibration_k
     if cal is None:
         events.emit("phase", loop="*", round=0, phase="calibrate", k=k)

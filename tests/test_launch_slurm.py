@@ -257,7 +257,7 @@ def test_allocation_ended_under_a_running_step_is_infra_error(launcher, slurm):
 
 
 def test_concurrent_waves_share_one_allocation_and_the_last_out_cancels_it(slurm, tmp_path):
-    """Two waves each asking for every CPU of the node: two allocations would deadlock (the second
+    """Two waves each asking for every CPU of the cluster: two allocations would deadlock (the second
     waits in the queue for the first); one shared allocation cannot."""
     shared = Allocation("rfs-pool-test-share")
 
@@ -266,8 +266,9 @@ def test_concurrent_waves_share_one_allocation_and_the_last_out_cancels_it(slurm
 
     async def main():
         a, b = launcher("w1"), launcher("w2")
-        first = await a.open(1, slurm.cpus, 0, 2.0)
-        second = await b.open(1, slurm.cpus, 0, 2.0)  # a second whole-node request would fail after 2 s
+        whole = len(slurm.nodes)  # tasks of a node's every CPU: the whole cluster
+        first = await a.open(whole, slurm.cpus, 0, 2.0)
+        second = await b.open(whole, slurm.cpus, 0, 2.0)  # a second whole-cluster request would fail after 2 s
         await a.close()
         still = _squeue(slurm.env)
         out = await b.run(SLOT, Job("s", ("echo", "in the shared allocation"), timeout_s=30))

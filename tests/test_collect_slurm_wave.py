@@ -46,8 +46,9 @@ def _slurm_slots(k: int, cpus: int = 1, gpu: int = -1) -> list[Slot]:
 
 
 class GpuSleepEnv(SleepEnv):
-    """SleepEnv whose job first and last writes down where SLURM ran it: node, CUDA_VISIBLE_DEVICES,
-    SLURM's own GPU list, and the time. Its env names a GPU of its own, as a real job's may."""
+    """SleepEnv whose job first and last writes down where SLURM ran it: step, node, CUDA_VISIBLE_DEVICES,
+    SLURM's own GPU list, and the time (node `none` off SLURM). Its env names a GPU of its own, as a
+    real job's may (rfs.envs.autoresearch sets one)."""
 
     def __init__(self, counter: Path, seconds: float, record: Path):
         super().__init__(counter, seconds)
@@ -55,7 +56,7 @@ class GpuSleepEnv(SleepEnv):
 
     def job(self, train_py: str, slot: Slot, rollout_id: str):
         job = super().job(train_py, slot, rollout_id)
-        note = (f'echo "$SLURM_JOB_ID.$SLURM_STEP_ID $SLURMD_NODENAME ${{CUDA_VISIBLE_DEVICES-unset}} '
+        note = (f'echo "$SLURM_JOB_ID.$SLURM_STEP_ID ${{SLURMD_NODENAME:-none}} ${{CUDA_VISIBLE_DEVICES-unset}} '
                 f'${{SLURM_STEP_GPUS-unset}} $(date +%s.%N)" >> {self.record}\n')
         return replace(job, argv=(*job.argv[:2], note + job.argv[2] + note), env={"CUDA_VISIBLE_DEVICES": "7"})
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The real daemons the launcher tests start: sshd on loopback, single-node SLURM with munge.
+# The real daemons the launcher tests start: sshd on loopback, a two-node SLURM (two slurmds, fake
+# GPUs as gres on dummy devices: no extra package) with munge.
 # Idempotent: installs only what is missing, quietly.
 set -euo pipefail
 need=()

@@ -1,4 +1,5 @@
-"""Real infrastructure for the remote launcher tests: an sshd on loopback and a single-node SLURM.
+"""Real infrastructure for the remote launcher tests: an sshd on loopback and a two-node SLURM
+cluster with fake GPUs.
 
 Import the fixtures into a test module (`from tests.infra import sshd, slurm`). Both are session
 scoped and start real daemons from Debian's packages (.ci/install-infra.sh installs them); a daemon
@@ -12,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -122,35 +124,57 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
 class Slurm:
     cfg: SlurmCfg
     env: dict[str, str]  # SLURM_CONF: every client call needs it
-    cpus: int  # CPUs the node advertises
+    cpus: int  # CPUs each node advertises
+    nodes: tuple[str, ...]  # the nodes' SLURM names (what a step sees as SLURMD_NODENAME)
+    gpus: int  # fake GPUs (gres) each node advertises
 
 
-SLURM_CPUS = 8  # more than this machine has, so several steps can run side by side in one allocation
+# Two slurmds on this machine, each its own node (`slurmd -N <name>`, its own port): Debian's
+# build honours per-node Port= and %n in paths, so no network namespace is needed.
+SLURM_NODES = ("rfs-n0", "rfs-n1")
+SLURM_CPUS = 8  # per node, more than this machine has, so several steps can run side by side in one allocation
+SLURM_GPUS = 2  # per node: dummy character devices that SLURM hands out as gres and names in CUDA_VISIBLE_DEVICES
 
 
 def _sinfo_idle(env: dict[str, str]) -> bool:
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True, timeout=5).stdout
     except subprocess.TimeoutExpired:
         return False
-    return out.strip() == "idle"
+    return out.split() == ["idle"] * len(SLURM_NODES)
+
+
+def _fake_gpus(d: Path) -> dict[str, list[Path]]:
+    """Each node's fake GPUs: character devices with /dev/null's numbers, which slurmd only stats."""
+    out = {}
+    for n, node in enumerate(SLURM_NODES):
+        out[node] = [d / "dev" / f"gpu{n * SLURM_GPUS + i}" for i in range(SLURM_GPUS)]
+        for path in out[node]:
+            path.parent.mkdir(exist_ok=True)
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    return out
+
+
+def _gres_conf(gpus: dict[str, list[Path]]) -> str:
+    return "".join(f"NodeName={node} Name=gpu File={path}\n" for node, paths in gpus.items() for path in paths)
 
 
 def _slurm_conf(d: Path, host: str) -> str:
+    nodes = "".join(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={SLURM_CPUS} "
+                    f"Gres=gpu:{SLURM_GPUS} State=UNKNOWN\n" for node in SLURM_NODES)
     return f"""ClusterName=rfs-test
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={d / 'munge' / 'sock'}
 StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool'}
+SlurmdSpoolDir={d / 'spool'}/%n
 SlurmctldPidFile={d / 'slurmctld.pid'}
-SlurmdPidFile={d / 'slurmd.pid'}
+SlurmdPidFile={d / 'slurmd-%n.pid'}
 SlurmctldLogFile={d / 'slurmctld.log'}
-SlurmdLogFile={d / 'slurmd.log'}
+SlurmdLogFile={d / 'slurmd-%n.log'}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -163,8 +187,8 @@ ReturnToService=2
 MailProg=/bin/true
 KillWait=2
 InactiveLimit=10
-NodeName={host} NodeAddr=127.0.0.1 CPUs={SLURM_CPUS} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+GresTypes=gpu
+{nodes}PartitionName=debug Nodes={','.join(SLURM_NODES)} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -183,6 +207,7 @@ def slurm():
     host = socket.gethostname().split(".")[0]
     conf = d / "slurm.conf"
     conf.write_text(_slurm_conf(d, host))
+    (d / "gres.conf").write_text(_gres_conf(_fake_gpus(d)))  # slurmd reads it beside slurm.conf
     env = {**os.environ, "SLURM_CONF": str(conf)}
     procs = []
     try:
@@ -190,12 +215,14 @@ def slurm():
         procs.append(_start([munged, "-F", f"--key-file={key}", f"--socket={sock}", f"--pid-file={d / 'munged.pid'}",
                              f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munge.seed'}"], d / "munged.out"))
         _wait_until(sock.exists, procs[-1], "munged", d / "munged.out")
-        procs.append(_start([slurmctld, "-D", "-i", "-f", str(conf)], d / "slurmctld.out", env))
-        procs.append(_start([slurmd, "-D", "-f", str(conf)], d / "slurmd.out", env))
-        for p, name in ((procs[1], "slurmctld"), (procs[2], "slurmd")):
-            _wait_until(lambda: _sinfo_idle(env), p, f"{name} (sinfo never idle)", d / f"{name}.log")
+        daemons = [(_start([slurmctld, "-D", "-i", "-f", str(conf)], d / "slurmctld.out", env), d / "slurmctld.log")]
+        daemons += [(_start([slurmd, "-D", "-N", node, "-f", str(conf)], d / f"slurmd-{node}.out", env), d / f"slurmd-{node}.log")
+                    for node in SLURM_NODES]
+        procs += [p for p, _ in daemons]
+        for p, log in daemons:
+            _wait_until(lambda: _sinfo_idle(env), p, f"{log.stem} (sinfo never idle on every node)", log)
         yield Slurm(SlurmCfg(partition="debug", time_limit="00:30:00", python=sys.executable, root=str(ROOT)),
-                    {"SLURM_CONF": str(conf)}, SLURM_CPUS)
+                    {"SLURM_CONF": str(conf)}, SLURM_CPUS, SLURM_NODES, SLURM_GPUS)
     finally:
         for p in reversed(procs):
             _stop(p)

@@ -1,6 +1,6 @@
 """run_wave over remote slots: one SLURM allocation for the whole wave (each run a step in it) and one
 pooled ssh launcher per host, all released when the wave ends, also when it is cancelled or fails.
-Real single-node SLURM, real sshd on loopback, the scripted researcher over real HTTP."""
+Real two-node SLURM with fake GPUs, real sshd on loopback, the scripted researcher over real HTTP."""
 
 from __future__ import annotations
 
@@ -41,8 +41,24 @@ def _eventually(check, within: float = 15.0) -> bool:
     return check()
 
 
-def _slurm_slots(k: int, cpus: int = 1) -> list[Slot]:
-    return [Slot(f"slurm-{i}", "slurm", "cluster", tuple(range(cpus)), -1, sys.executable, "") for i in range(k)]
+def _slurm_slots(k: int, cpus: int = 1, gpu: int = -1) -> list[Slot]:
+    return [Slot(f"slurm-{i}", "slurm", "cluster", tuple(range(cpus)), gpu, sys.executable, "") for i in range(k)]
+
+
+class GpuSleepEnv(SleepEnv):
+    """SleepEnv whose job first and last writes down where SLURM ran it: step, node, CUDA_VISIBLE_DEVICES,
+    SLURM's own GPU list, and the time (node `none` off SLURM). Its env names a GPU of its own, as a
+    real job's may (rfs.envs.autoresearch sets one)."""
+
+    def __init__(self, counter: Path, seconds: float, record: Path):
+        super().__init__(counter, seconds)
+        self.record = record
+
+    def job(self, train_py: str, slot: Slot, rollout_id: str):
+        job = super().job(train_py, slot, rollout_id)
+        note = (f'echo "$SLURM_JOB_ID.$SLURM_STEP_ID ${{SLURMD_NODENAME:-none}} ${{CUDA_VISIBLE_DEVICES-unset}} '
+                f'${{SLURM_STEP_GPUS-unset}} $(date +%s.%N)" >> {self.record}\n')
+        return replace(job, argv=(*job.argv[:2], note + job.argv[2] + note), env={"CUDA_VISIBLE_DEVICES": "7"})
 
 
 async def _wave(run: RunDir, base_url: str, env: SleepEnv, n: int, slots: list[Slot], hosts: HostsFile):
@@ -157,17 +173,17 @@ def test_a_connection_dropped_mid_run_is_infra_error_and_the_run_is_retried_on_a
 
 
 def test_concurrent_waves_run_in_one_allocation_and_never_queue_for_a_second(slurm, slurm_hosts, tmp_path):
-    """Two loops' waves at once, each over a slot pool that fills the node: with an allocation per
+    """Two loops' waves at once, each over a slot pool that fills the cluster: with an allocation per
     wave the second would queue behind the first (here: fail after 5 s); with one, both run."""
     n = 3
-    whole_node = _slurm_slots(2, cpus=slurm.cpus // 2)
+    whole_cluster = _slurm_slots(2 * len(slurm.nodes), cpus=slurm.cpus // 2)
     hosts = replace(slurm_hosts, slurm=replace(slurm_hosts.slurm, queue_wait_s=5.0))
     outs = []
 
     async def both(base_url: str) -> None:
         async def one(name: str) -> None:
             env = SleepEnv(tmp_path / f"launches-{name}", 1.0)
-            outs.append(await _wave(RunDir(tmp_path / name), base_url, env, n, whole_node, hosts))
+            outs.append(await _wave(RunDir(tmp_path / name), base_url, env, n, whole_cluster, hosts))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(one, "a")
@@ -180,3 +196,31 @@ def test_concurrent_waves_run_in_one_allocation_and_never_queue_for_a_second(slu
     jobs = {r["job_id"].split(".")[0] for r in rows}
     assert len(jobs) == 1, [r["job_id"] for r in rows]  # both waves' steps in the one allocation
     assert _eventually(lambda: jobs.isdisjoint(_squeue(slurm))), _squeue(slurm)
+
+
+def test_a_wave_over_two_nodes_gives_each_concurrent_step_its_own_gpu_from_slurm(slurm, slurm_hosts, tmp_path):
+    """One GPU per slot, as many slots as the cluster has GPUs: the steps run on both nodes, no two
+    at once on one (node, GPU), each with the CUDA_VISIBLE_DEVICES SLURM gave it; the trace rows and
+    events name the node each run was on."""
+    n, k = 8, len(slurm.nodes) * slurm.gpus
+    run, record = RunDir(tmp_path / "run"), tmp_path / "gpus"
+    with ScriptedResearcher(plans(n)) as sr:
+        out = anyio.run(_wave, run, sr.base_url, GpuSleepEnv(tmp_path / "launches", 1.5, record), n,
+                        _slurm_slots(k, gpu=0), slurm_hosts)
+    rows = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in rows] == ["success"] * len(rows), [r["detail"] for r in rows]
+    steps: dict[str, list] = {}
+    for line in record.read_text().splitlines():
+        step, node, cvd, gpus, at = line.split()
+        steps.setdefault(step, []).append((node, cvd, gpus, float(at)))
+    assert len(steps) == len(rows) and all(len(v) == 2 for v in steps.values()), steps  # each step's start and end
+    assert all(cvd == gpus and cvd in {str(g) for g in range(slurm.gpus)} for v in steps.values() for _, cvd, gpus, _ in v), steps
+    spans = [(v[0][0], v[0][1], v[0][3], v[1][3]) for v in steps.values()]
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[2] < b[3] and b[2] < a[3]]
+    assert overlapping, spans  # steps did run at the same time, so the next line has something to check
+    assert all(a[:2] != b[:2] for a, b in overlapping), overlapping  # never one (node, GPU) for two at once
+    assert {r["host"] for r in rows} == {node for node, *_ in spans} == set(slurm.nodes), [r["host"] for r in rows]
+    by_step = {step: v[0][0] for step, v in steps.items()}
+    assert all(r["host"] == by_step[r["job_id"]] for r in rows), rows  # each row names its own step's node
+    finished = [e["host"] for e in iter_events(run.events) if e["kind"] == "run_finished"]
+    assert sorted(finished) == sorted(r["host"] for r in rows)

@@ -257,7 +257,7 @@ def test_allocation_ended_under_a_running_step_is_infra_error(launcher, slurm):
 
 
 def test_concurrent_waves_share_one_allocation_and_the_last_out_cancels_it(slurm, tmp_path):
-    """Two waves each asking for every CPU of the node: two allocations would deadlock (the second
+    """Two waves each asking for every CPU of the cluster: two allocations would deadlock (the second
     waits in the queue for the first); one shared allocation cannot."""
     shared = Allocation("rfs-pool-test-share")
 
@@ -266,8 +266,9 @@ def test_concurrent_waves_share_one_allocation_and_the_last_out_cancels_it(slurm
 
     async def main():
         a, b = launcher("w1"), launcher("w2")
-        first = await a.open(1, slurm.cpus, 0, 2.0)
-        second = await b.open(1, slurm.cpus, 0, 2.0)  # a second whole-node request would fail after 2 s
+        whole = len(slurm.nodes)  # tasks of a node's every CPU: the whole cluster
+        first = await a.open(whole, slurm.cpus, 0, 2.0)
+        second = await b.open(whole, slurm.cpus, 0, 2.0)  # a second whole-cluster request would fail after 2 s
         await a.close()
         still = _squeue(slurm.env)
         out = await b.run(SLOT, Job("s", ("echo", "in the shared allocation"), timeout_s=30))
@@ -343,3 +344,65 @@ def test_steps_are_sized_from_hosts_toml(slurm):
     cfg = replace(slurm.cfg, cpus_per_slot=4, mem_per_cpu="8G")
     argv = SlurmLauncher(cfg, env=slurm.env)._srun(SLOT, Job("z", ("true",), timeout_s=30), "/w")
     assert "--cpus-per-task=4" in argv and "--mem-per-cpu=8G" in argv
+
+
+# ------------------------------------------------ GPUs across the nodes (issue 19)
+
+# Each step records the node and GPUs SLURM gave it, then waits until every step of the batch has
+# started: it passes only if they all run at the same time, so the pairs it records are concurrent.
+GPU_STEP = b"""import os, sys, time
+d, n = sys.argv[1], int(sys.argv[2])
+me = os.environ["SLURMD_NODENAME"], os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), os.environ.get("SLURM_STEP_GPUS", "")
+open(os.path.join(d, "up-" + os.environ["SLURM_STEP_ID"]), "w").write(" ".join(me))
+t = time.monotonic()
+while len([f for f in os.listdir(d) if f.startswith("up-")]) < n:
+    if time.monotonic() - t > 30:
+        sys.exit("the steps did not run at the same time")
+    time.sleep(0.05)
+"""
+
+
+def test_concurrent_gpu_steps_get_distinct_node_gpu_pairs_from_slurm_on_both_nodes(slurm, tmp_path):
+    """The pool allocation holds one GPU per slot across both nodes; its steps, all at once, each get
+    their own (node, GPU), named by SLURM in CUDA_VISIBLE_DEVICES (not the one the job asked for),
+    and each outcome names the node it ran on."""
+    n = len(slurm.nodes) * slurm.gpus  # every GPU of the cluster busy at once
+    gpu_slot = replace(SLOT, gpu=0)
+    launcher = SlurmLauncher(slurm.cfg, env=slurm.env, workroot=str(tmp_path / "work"))
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    async def main():
+        await launcher.open(n, 1, 1, 30.0)
+        results = {}
+
+        async def one(i: int) -> None:
+            job = Job(f"g{i}", (sys.executable, "{workdir}/job.py", str(seen), str(n)), {"job.py": GPU_STEP}, 60,
+                      {"CUDA_VISIBLE_DEVICES": "7"})  # what a job's env may carry: SLURM's choice must win
+            results[i] = await launcher.run(gpu_slot, job)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(one, i)
+        finally:
+            await launcher.close()
+        return results
+
+    results = anyio.run(main)
+    assert all(o.exit_code == 0 and not o.infra_error for o in results.values()), results
+    got = [tuple(p.read_text().split(" ")) for p in seen.iterdir()]
+    pairs = [(node, cvd) for node, cvd, _ in got]
+    assert len(got) == n and len(set(pairs)) == n, got  # no two concurrent steps on one (node, GPU)
+    assert {node for node, _ in pairs} == set(slurm.nodes), got  # both nodes ran steps
+    assert all(cvd == gpus and cvd in {str(g) for g in range(slurm.gpus)} for _, cvd, gpus in got), got
+    assert sorted(o.host for o in results.values()) == sorted(node for node, _ in pairs)  # the node SLURM chose
+
+
+def test_a_gpu_job_without_an_allocation_gets_its_gpu_from_slurm(launcher, slurm):
+    """Its own one-step job inherits no allocation's GPUs: the step itself must ask for one."""
+    script = "echo $SLURMD_NODENAME cvd=${CUDA_VISIBLE_DEVICES-unset} gpus=$SLURM_STEP_GPUS"
+    out = anyio.run(launcher.run, replace(SLOT, gpu=0), Job("solo-gpu", ("sh", "-c", script), timeout_s=30, env={"CUDA_VISIBLE_DEVICES": "7"}))
+    node, cvd, gpus = out.output.decode().split()
+    assert out.exit_code == 0 and node == out.host and node in slurm.nodes, out
+    assert cvd in {f"cvd={g}" for g in range(slurm.gpus)} and gpus == "gpus=" + cvd.removeprefix("cvd="), out

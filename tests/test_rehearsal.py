@@ -28,8 +28,8 @@ from rfs.hosts import HostsFile, ServerCfg, SlotCfg, TrainCfg
 from rfs.loop.driver import drive
 from rfs.rundir import RunDir
 from tests.infra import slurm, sshd  # noqa: F401  (fixtures)
+from tests.test_collect_slurm_wave import GpuSleepEnv
 from tests.test_loop import own_cache, tiny  # noqa: F401  (fixtures)
-from tests.wave_child import SleepEnv
 
 STANDIN = Path(__file__).resolve().parent / "vllm_standin.py"
 ROUNDS = 2
@@ -45,7 +45,7 @@ def standin_vllm(where: Path) -> Path:
 
 def rehearsal_config(tiny: Path, vllm: Path) -> config.Config:
     return config.load(None, {
-        "experiment": {"preset": "cluster", "name": "rehearsal", "arcs": ["A"], "arms": ["S"], "baselines": ["CTRL"],
+        "experiment": {"preset": "cluster", "name": "rehearsal", "arcs": ["A"], "arms": ["S"], "baselines": ["CTRL"], "controls": [],
                        "max_rounds": ROUNDS},
         "env": {"name": "builtin", "budget_s": 0.05, "timeout_s": 60.0, "calibration_k": 2},
         "researcher": {"backend": "vllm", "model": str(tiny), "action_space": "code", "max_turns": 4,
@@ -93,14 +93,15 @@ def test_rehearsal_gold_beside_ctrl_over_slurm_and_ssh_with_a_preemption(slurm, 
         slurm=replace(slurm.cfg, root=str(tmp_path / "cluster")),
         # one real sshd on two addresses: two "nodes" reached over ssh
         hosts={"node1": sshd.host, "node2": replace(sshd.host, address="127.0.0.2")},
-        slot=(SlotCfg(name="slurm", launcher="slurm", cpus=(0,), count=2),
+        # the SLURM pool: one (fake) GPU per slot, as many slots as the two nodes have GPUs
+        slot=(SlotCfg(name="slurm", launcher="slurm", cpus=(0,), gpu=0, count=len(slurm.nodes) * slurm.gpus),
               SlotCfg(name="n1", launcher="ssh", host="node1"), SlotCfg(name="n2", launcher="ssh", host="node2")),
     )
     seen, stop = {"most": 0, "preempted": []}, threading.Event()
     watcher = threading.Thread(target=_watch, args=(run, slurm.env, seen, stop), daemon=True)
     watcher.start()
     started = time.monotonic()
-    assert drive(cfg, run, hosts, plain=True, env=SleepEnv(tmp_path / "launches", 1.0)) == 0
+    assert drive(cfg, run, hosts, plain=True, env=GpuSleepEnv(tmp_path / "launches", 1.0, tmp_path / "gpus")) == 0
     wall = time.monotonic() - started
     stop.set()
     watcher.join(timeout=10)
@@ -134,6 +135,12 @@ def test_rehearsal_gold_beside_ctrl_over_slurm_and_ssh_with_a_preemption(slurm, 
     assert _pool_jobs(slurm.env) == []
     ran_on = {e["host"] for e in events if e["kind"] == "run_started"}
     assert {"node1", "node2"} <= ran_on, ran_on  # both ssh "nodes" ran jobs
+    # Both SLURM nodes ran jobs, each SLURM step on the GPU SLURM gave it (not the job's own "7").
+    slurm_rows = [r for r in rows if r["slot"].startswith("slurm")]
+    assert {r["host"] for r in slurm_rows} == set(slurm.nodes), [r["host"] for r in slurm_rows]
+    gave = {f[0]: f[1:4] for f in map(str.split, (tmp_path / "gpus").read_text().splitlines()) if f[1] != "none"}
+    assert all(gave[r["job_id"]][0] == r["host"] and gave[r["job_id"]][1] == gave[r["job_id"]][2] in {str(g) for g in range(slurm.gpus)}
+               for r in slurm_rows), (gave, [(r["job_id"], r["host"]) for r in slurm_rows])
     # A-S's own server was stopped when A-S finished, before the experiment ended.
     kinds = [(e["kind"], e.get("version", "")) for e in events]
     stop = next(i for i, (k, v) in enumerate(kinds) if k == "server_stopped" and str(v).startswith("A-S/"))

@@ -243,7 +243,7 @@ class _Training:
                 result = self._result(outcome, attempt)
                 s = self.spec
                 self.events.emit("run_finished", loop=s.loop, round=s.round, rollout_id=s.rollout_id, slot=slot.name,
-                                 status=result.status, val_bpb=result.val_bpb, steps=result.steps)
+                                 host=outcome.host or slot.host, status=result.status, val_bpb=result.val_bpb, steps=result.steps)
             finally:  # cancelled mid-run (the wave is stopping): the slot goes back, uncounted
                 self.pool.release(slot, failure=failure)
             self._keep(slot, attempt, outcome)
@@ -252,7 +252,7 @@ class _Training:
             failed.add(slot.name)
             self.attempts += 1
         gpu_type = "cpu" if slot.gpu < 0 else "cuda"
-        return Executed(result, slot.host, slot.name, gpu_type, outcome.job_id, self.attempts, self.blob_path)
+        return Executed(result, outcome.host or slot.host, slot.name, gpu_type, outcome.job_id, self.attempts, self.blob_path)
 
     async def _run_on(self, slot: Slot, train_py: str) -> JobOutcome:
         s = self.spec

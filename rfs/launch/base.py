@@ -37,6 +37,7 @@ class JobOutcome:
     job_id: str = ""  # e.g. SLURM "1234.7"
     files: dict[str, bytes] = field(default_factory=dict)  # small result files brought back
     output_dropped: int = 0  # bytes of output between the head and the tail that were not kept
+    host: str = ""  # the node the job ran on, where the launcher learns it only then (SLURM picks it); "": the slot's host
 
 
 def capped(head: bytes, tail: bytes, dropped: int) -> bytes:

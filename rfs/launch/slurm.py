@@ -15,6 +15,11 @@ Without `open()`, each job is its own one-step SLURM job. Timeouts are enforced 
 from outside, preempted, node failure, allocation gone, out of memory) or that was still queued when
 its timeout fired is an infra error, never the code's fault. The controller may itself run inside
 a SLURM job: its `SLURM_*` variables would make srun a step of *that* job, so they are dropped.
+
+A slot with a GPU is one GPU per task, in the allocation and in each step (`--gpus-per-task=1`;
+a step inside the allocation would inherit it, a job of its own would not): SLURM picks the
+(node, GPU), never one a running step holds, and sets CUDA_VISIBLE_DEVICES over whatever the job's
+environment says. The outcome names the node the step ran on (SLURMD_NODENAME), for the trace.
 """
 
 from __future__ import annotations
@@ -42,10 +47,10 @@ from rfs.launch.base import RESULT_MAX, WORKDIR, Job, JobOutcome, Kept, workdir_
 CLIENT_TIMEOUT = 30.0  # salloc aside, a SLURM client that takes longer is stuck (munged down, controller gone)
 STOP_WAIT = 15.0  # after scancel: KillWait plus slack for srun to report and exit
 
-# The step's own first line names it; the job's stdout and stderr merge after it, so srun's
-# stderr carries only SLURM's messages, which are what decide an infra error.
+# The step's own first line names it and the node SLURM put it on; the job's stdout and stderr merge
+# after it, so srun's stderr carries only SLURM's messages, which are what decide an infra error.
 # A missing program is the slot's fault (the harness's interpreter is not there), as locally.
-_WRAP = """echo "rfs-step $SLURM_JOB_ID.$SLURM_STEP_ID"
+_WRAP = """echo "rfs-step $SLURM_JOB_ID.$SLURM_STEP_ID $SLURMD_NODENAME"
 command -v "$1" >/dev/null || { echo "rfs-infra cannot start $1: no such program"; exit 127; }
 exec 2>&1; exec "$@"
 """
@@ -240,12 +245,13 @@ class SlurmLauncher:
             shutil.rmtree(wd, ignore_errors=True)
 
     async def _step(self, slot: Slot, job: Job, wd: str, on_line, start: float) -> JobOutcome:
-        out, err, step, missing = Kept(), Kept(), [], []  # output bounded however much the job prints
+        out, err, step, node, missing = Kept(), Kept(), [], [], []  # output bounded however much the job prints
 
         def line(raw: bytes) -> None:
             text = raw.decode(errors="replace")
             if not step and text.startswith("rfs-step "):
                 step.append(text.split()[1])
+                node.extend(text.split()[2:3])
                 return
             if not out and text.startswith("rfs-infra "):
                 missing.append(text.removeprefix("rfs-infra "))  # believed below only with exit 127
@@ -275,6 +281,7 @@ class SlurmLauncher:
                     await self._stop(proc, step[0] if step else "")
                 await proc.aclose()
         wall = time.monotonic() - start
+        host = node[0] if node else ""  # SLURMD_NODENAME: the node SLURM ran the step on
         slurm_said = bytes(err).decode(errors="replace").strip()
         named = _STEP_ID.search(slurm_said)
         job_id = step[0] if step else named.group(1) if named else self.allocation
@@ -282,18 +289,19 @@ class SlurmLauncher:
             return JobOutcome(None, bytes(out), False, wall, f"the step was still queued when its {job.timeout_s:.0f} s "
                               f"timeout fired: {slurm_said[-300:]}", job_id)
         if stopped == "timeout":
-            return JobOutcome(None, bytes(out), True, wall, job_id=job_id)
+            return JobOutcome(None, bytes(out), True, wall, job_id=job_id, host=host)
         if not step and not _TASK_ENDED.search(slurm_said):
             return JobOutcome(None, bytes(out), False, wall, f"srun: the step never started: {slurm_said[-500:]}", job_id)
         if missing and code == 127:
-            return JobOutcome(None, b"", False, wall, missing[0], job_id)
+            return JobOutcome(None, b"", False, wall, missing[0], job_id, host=host)
         if _SLURM_ENDED.search(slurm_said):
             await self.renew(self.allocation)  # the allocation itself may be what ended
-            return JobOutcome(None, bytes(out), False, wall, f"SLURM ended step {job_id}: {slurm_said[-500:]}", job_id)
+            return JobOutcome(None, bytes(out), False, wall, f"SLURM ended step {job_id}: {slurm_said[-500:]}", job_id, host=host)
         if _OOM.search(slurm_said):
             return JobOutcome(None, bytes(out), False, wall, f"out of memory (SLURM's OOM killer) in step {job_id}: "
-                              f"{slurm_said[-300:]}; raise hosts.slurm.mem_per_cpu", job_id)
-        return JobOutcome(code, bytes(out) + bytes(err), False, wall, job_id=job_id, output_dropped=out.dropped + err.dropped)
+                              f"{slurm_said[-300:]}; raise hosts.slurm.mem_per_cpu", job_id, host=host)
+        return JobOutcome(code, bytes(out) + bytes(err), False, wall, job_id=job_id, output_dropped=out.dropped + err.dropped,
+                          host=host)
 
     async def _stop(self, proc: anyio.abc.Process, step: str) -> None:
         """scancel the step (SIGKILL to srun would leave it running), or TERM srun, which cancels it too."""

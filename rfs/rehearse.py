@@ -42,6 +42,7 @@ from rfs.rundir import RunDir
 ROUNDS = 2
 SLEEP_S = 1.0  # each stand-in job's "training"
 PHASE_TIMEOUT_S = 600.0
+REHEARSAL = ROOT / "tests" / "test_rehearsal.py"  # the local SLURM and sshd of `rfs rehearse` without a hosts file
 
 
 @dataclass(frozen=True)
@@ -343,8 +344,23 @@ def _kill_after(proc: subprocess.Popen, events: Path, kind: str) -> bool:
     return False
 
 
+def rehearse_here(keep: Path | None = None, verbose: bool = False) -> int:
+    """No hosts file: tests/test_rehearsal.py's slow test starts a local SLURM and sshd (tests/infra.py,
+    pytest fixtures) and runs rehearse() on them; its exit code."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-s", "-m", "slow", "-p", "no:cacheprovider", str(REHEARSAL)]
+    print(f"no hosts file: rehearsing on a local SLURM and sshd ({' '.join(argv[2:])})", flush=True)
+    env = {**os.environ, **({"RFS_REHEARSE_KEEP": str(keep)} if keep else {})}
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=not verbose, text=True)
+    if not verbose:
+        print("\n".join(line for line in out.stdout.splitlines()
+                        if line.startswith(("ok ", "FAIL", "rehearsal", "rehearsing", "E ")) or " passed" in line or " failed" in line))
+    return out.returncode
+
+
 def rehearse(hosts_path: Path, keep: Path | None = None, verbose: bool = False) -> int:
     """Rehearse on the hosts of `hosts_path`; prints one line per rule and the wall time. 0 if all passed."""
+    if not Path(hosts_path).is_file():
+        raise ConfigError(f"{hosts_path}: no such hosts file; give the hosts.toml of the long run, or none for local infra")
     hf = hosts.load(hosts_path)
     if not hf.slot:
         raise ConfigError(f"{hosts_path}: no [[slot]] table; the rehearsal runs its stand-in jobs on the hosts file's slots")

@@ -9,7 +9,7 @@ that sleep and print a harness summary (rfs/rehearsal/jobs.py). The LoRA fits ar
   (a) gold A-S beside CTRL for 2 rounds; with SLURM slots, the slot pool's allocation is
       scancelled mid-wave (a preemption);
   (b) the controller is killed with -9 after A-S's round-1 fit, and the run rebuilt from its
-      object-storage mirror (a local file:// one unless mirror.url... is the user's) into a fresh
+      object-storage mirror (a local file:// one in the rehearsal's directory) into a fresh
       directory and resumed there (`resume --from`);
   (c) B-F for 2 rounds.
 Then every rule is checked from the run directories and printed, one line each (`ok` / `FAIL`).

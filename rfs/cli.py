@@ -20,7 +20,7 @@ from rfs.errors import RfsError
 from rfs.collect.slots import SlotPool
 from rfs.launch import launcher_for, wave_launchers
 from rfs.loop.driver import drive
-from rfs.rehearse import rehearse
+from rfs.rehearse import rehearse, rehearse_here
 from rfs.rundir import RunDir
 from rfs.setup import setup_embedded
 from rfs.tui import watch
@@ -139,7 +139,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_rehearse(args: argparse.Namespace) -> int:
-    return rehearse(verbose=args.verbose)
+    if args.hosts:
+        return rehearse(Path(args.hosts), Path(args.keep) if args.keep else None, verbose=args.verbose)
+    return rehearse_here(Path(args.keep) if args.keep else None, verbose=args.verbose)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -269,9 +271,16 @@ def parser() -> argparse.ArgumentParser:
                     "GPUs), the placement, the vLLM executable and the SLURM job shape")
     sp.add_argument("--experiment", help="experiment TOML for --hosts (default: experiments/embedded.toml)")
 
-    sp = add("rehearse", cmd_rehearse, "rehearse the cluster layout on this machine (local SLURM, sshd, a "
-             "stand-in vllm, 2 rounds of A-S beside CTRL, a preemption) before a long run")
-    sp.add_argument("--verbose", action="store_true", help="everything the rehearsal prints")
+    sp = add("rehearse", cmd_rehearse, "the smoke test before a long run: the real controller on HOSTS.toml's "
+             "server GPUs, slots and SLURM partition with a stand-in vllm, stand-in jobs and real LoRA fits on a "
+             "tiny model: A-S beside CTRL for 2 rounds (a SLURM preemption mid-wave, a kill -9, resume --from "
+             "the mirror into a fresh directory), then B-F; one ok/FAIL line per rule (exit 1 on any FAIL). "
+             "Without HOSTS.toml it starts a local SLURM and sshd first (tests/infra.py: needs the dev extra, "
+             "slurm-wlm, munge, openssh-server)")
+    sp.add_argument("hosts", nargs="?", metavar="HOSTS.toml", help="the hosts file of the long run (default: local infra)")
+    sp.add_argument("--keep", metavar="DIR", help="a new directory for the rehearsal's runs, kept (default: a temp dir, "
+                    "removed if every rule passed)")
+    sp.add_argument("--verbose", action="store_true", help="the controllers' own output too")
 
     sp = add("env", cmd_env, "the environment alone: `env run FILE.py` runs any train.py through the trusted harness "
              "and prints its summary (exit 1 unless it succeeds); `env seed` runs the seed train.py once; "

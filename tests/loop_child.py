@@ -11,18 +11,15 @@ seeding, arm F's filtering and CTRL's memory all show in the traces.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
-from typing import Any
 
 from rfs import config
 from rfs.hosts import HostsFile, SlotCfg
 from rfs.loop.driver import drive
 from rfs.trace import SHARED
-from rfs.loop.plan import rollout_seed
+from rfs.rehearsal.plans import plans  # noqa: F401  (the replies the loop tests script)
 from rfs.rundir import RunDir
-from tests.scripted_researcher import action
-from tests.wave_child import SleepEnv
+from rfs.rehearsal.jobs import SleepEnv
 
 LOOPS = (SHARED, "A-S", "A-F", "B-S", "B-F", "CTRL", "FLOOR", "CTRL-B", "FLOOR-B")  # the lines without arm S's controls
 CONTROL_LINES = ("A-S-placebo", "A-S-noprefill")
@@ -49,23 +46,6 @@ def experiment(model_dir: Path, base_url: str, rounds: int = 2, rollouts: int = 
 
 def hosts(slots: int = 2) -> HostsFile:
     return HostsFile(slot=tuple(SlotCfg(name=f"s{i}") for i in range(slots)))
-
-
-def _edit(thread: int):
-    def reply(messages: list[dict[str, Any]]) -> str:
-        given = int(re.search(r"x = (-?\d+)", next(m["content"] for m in messages if m["role"] == "user")).group(1))
-        x = given - (thread + 1) if thread % 2 == 0 else given + 5
-        return action("edit", path="train.py", content=f"x = {x}\n")
-    return reply
-
-
-def plans(cfg: config.Config, rounds: int) -> dict[int, list]:
-    """A plan for every rollout seed the driver will use, keyed as the scripted researcher expects
-    (every line of a replicate draws the same seeds: the design is paired)."""
-    return {
-        rollout_seed(cfg.experiment.seed, k, r, t): [_edit(t), action("run"), action("finish")]
-        for k in range(cfg.experiment.replicates) for r in range(1, rounds + 1) for t in range(cfg.collect.rollouts)
-    }
 
 
 def main() -> None:

@@ -1,150 +1,194 @@
-"""A rehearsal of the cluster layout on one machine: the real controller (driver) over real SLURM
-and real sshd (one, listening on 127.0.0.1 and 127.0.0.2: two ssh "nodes"), vLLM replaced by tests/vllm_standin.py (a stand-in speaking vLLM's command line and
-serving the scripted researcher), stand-in jobs (SleepEnv). Gold A-S beside CTRL for 2 rounds; the
-slot pool's allocation is scancelled mid-wave (preemption).
-
-Asserts: the placement plan (recorded, and each server started on its own GPUs and port); every
-SLURM step of both loops' waves in the pool's allocation, re-acquired after the preemption, whose
-steps are infra_error and re-run; A-S's server stopped when A-S finished.
-"""
+"""`rfs rehearse`: the slow test runs rfs.rehearse.rehearse on a real local SLURM and real sshd on
+two loopback addresses (two ssh "nodes"), as `python rfs.py rehearse` without a hosts file does;
+the fast tests break each rule in a small fabricated run directory and see its check fail."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import subprocess
-import sys
-import threading
-import time
-from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rfs import config
-from rfs.events import read_events
-from rfs.hosts import HostsFile, ServerCfg, SlotCfg, TrainCfg
-from rfs.loop.driver import drive
+from rfs import trace
+from rfs.events import EventLog
+from rfs.rehearse import (check_finished, check_one_allocation, check_placement, check_preemption, check_released,
+                          check_slurm_gpus,
+                          check_rows, check_servers_started, rehearse)
 from rfs.rundir import RunDir
 from tests.infra import slurm, sshd  # noqa: F401  (fixtures)
-from tests.test_collect_slurm_wave import GpuSleepEnv
-from tests.test_loop import own_cache, tiny  # noqa: F401  (fixtures)
-
-STANDIN = Path(__file__).resolve().parent / "vllm_standin.py"
-ROUNDS = 2
+from tests.tiny_model import trace_row
 
 
-def standin_vllm(where: Path) -> Path:
-    """The stand-in as an executable run by this interpreter (vLLM's own lives in its own environment)."""
-    exe = where / "vllm"
-    exe.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
-    exe.chmod(0o755)
-    return exe
+def _toml_value(v) -> str:
+    return json.dumps(list(v) if isinstance(v, tuple) else v)  # JSON strings, numbers and lists are TOML
 
 
-def rehearsal_config(tiny: Path, vllm: Path) -> config.Config:
-    return config.load(None, {
-        "experiment": {"preset": "cluster", "name": "rehearsal", "arcs": ["A"], "arms": ["S"], "baselines": ["CTRL"], "controls": [],
-                       "max_rounds": ROUNDS},
-        "env": {"name": "builtin", "budget_s": 0.05, "timeout_s": 60.0, "calibration_k": 2},
-        "researcher": {"backend": "vllm", "model": str(tiny), "action_space": "code", "max_turns": 4,
-                       "turn_timeout_s": 30.0, "vllm": {"executable": str(vllm)}},
-        "collect": {"rollouts": 4},
-        "consolidate": {"lora_r": 4, "lora_alpha": 4, "epochs": 1.0, "max_seq_len": 512, "batch_tokens": 1024,
-                        "kl_prompts": 2, "reason": "rehearsal: a tiny model fits in seconds"},
-        "loop": {"max_concurrent": 2, "eval_every": 0},
-    })
+def _table(name: str, obj) -> str:
+    return f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(obj).items())
 
 
-def _pool_jobs(slurm_env: dict) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %j"], env={**os.environ, **slurm_env},
-                         capture_output=True, text=True, timeout=10).stdout
-    return [line.split()[0] for line in out.splitlines() if "rfs-pool" in line]
-
-
-def _watch(run: RunDir, slurm_env: dict, seen: dict, stop: threading.Event) -> None:
-    """Polls SLURM for the most pool allocations running at once, and scancels the pool's allocation
-    (a preemption) as soon as a round-2 run is under way on a SLURM slot."""
-    offset = 0
-    while not stop.is_set():
-        jobs = _pool_jobs(slurm_env)
-        seen["most"] = max(seen["most"], len(jobs))
-        if not seen["preempted"] and run.events.exists():
-            new, offset = read_events(run.events, offset)
-            if jobs and any(e["kind"] == "run_started" and e.get("round") == 2 and e["slot"].startswith("slurm")
-                            for e in new):
-                subprocess.run(["scancel", *jobs], env={**os.environ, **slurm_env}, timeout=10)
-                seen["preempted"] = jobs
-        time.sleep(0.1)
+def local_hosts(slurm, sshd, where: Path) -> Path:
+    """The rehearsal's hosts.toml on this machine: 2 servers' GPUs, 2 SLURM slots, 2 ssh "nodes"."""
+    path = where / "hosts.toml"
+    path.write_text(
+        "[server]\ngpus = [0, 1]\n[train]\ndevice = \"cpu\"\n"
+        + _table("slurm", dataclasses.replace(slurm.cfg, root=str(where / "cluster")))
+        + _table("hosts.node1", sshd.host) + _table("hosts.node2", dataclasses.replace(sshd.host, address="127.0.0.2"))
+        # SLURM's slots: one GPU each, as many as the local cluster's nodes have (SLURM picks node and device)
+        + f'[[slot]]\nname = "slurm"\nlauncher = "slurm"\ncpus = [0]\ngpu = 0\ncount = {len(slurm.nodes) * slurm.gpus}\n'
+        + '[[slot]]\nname = "n1"\nlauncher = "ssh"\nhost = "node1"\n'
+        + '[[slot]]\nname = "n2"\nlauncher = "ssh"\nhost = "node2"\n')
+    return path
 
 
 @pytest.mark.slow
-def test_rehearsal_gold_beside_ctrl_over_slurm_and_ssh_with_a_preemption(slurm, sshd, tiny, tmp_path, monkeypatch):
+def test_rehearsal_on_local_slurm_and_ssh_passes_every_rule(slurm, sshd, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
-    monkeypatch.setenv("RFS_VLLM_STANDIN_DIR", str(tmp_path / "standin"))
+    keep = Path(os.environ.get("RFS_REHEARSE_KEEP") or tmp_path / "rehearsal")
+    code = rehearse(local_hosts(slurm, sshd, tmp_path), keep)
+    out = capsys.readouterr().out
+    with capsys.disabled():
+        print(out)
+    lines = [line for line in out.splitlines() if line.startswith(("ok ", "FAIL"))]
+    assert code == 0 and lines and all(line.startswith("ok ") for line in lines), out
+    for rule in ("kill -9", "resume --from", "placement", "SLURM: one pool allocation", "SLURM: a preempted", "ssh:",
+                 "SLURM: each step on the node and GPU"):
+        assert any(rule in line for line in lines), (rule, out)
+    gpus = next(line for line in lines if "SLURM: each step on the node and GPU" in line)
+    assert gpus.endswith(", ".join(sorted(slurm.nodes))), gpus  # the pool's steps ran on both nodes
+    assert "rehearsal wall time" in out
+
+
+# ---------------------------------------------------------------- each rule's check, broken on purpose
+
+
+def _placement(run: RunDir, a_s_gpus: list[int]) -> None:
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.placement.write_text(json.dumps({
+        "servers": [{"key": "v0", "gpus": [0], "port": 8001}, {"key": "A-S", "gpus": a_s_gpus, "port": 8002}],
+        "fit_gpus": [2], "fit_device": "cuda", "slots": [{"name": "s0", "host": "localhost", "gpu": 3}]}))
+
+
+def test_placement_check_fails_when_two_servers_share_a_gpu(tmp_path):
     run = RunDir(tmp_path / "run")
-    cfg = rehearsal_config(tiny, standin_vllm(tmp_path))
+    _placement(run, [1])
+    assert check_placement(run).ok
+    _placement(run, [0])
+    assert not check_placement(run).ok and "server v0" in check_placement(run).detail
+    _placement(run, [2])  # the fit's GPU
+    assert not check_placement(run).ok
+
+
+def _started(standin: Path, pid: int, name: str, gpus: str, port: int) -> None:
+    standin.mkdir(parents=True, exist_ok=True)
+    (standin / f"{pid}.json").write_text(json.dumps({"flags": {"--served-model-name": f"{name}/x", "--port": str(port)},
+                                                      "cuda_visible_devices": gpus, "pid": pid}))
+
+
+def test_server_start_check_fails_when_a_server_gets_another_servers_gpu(tmp_path):
+    run = RunDir(tmp_path / "run")
+    _placement(run, [1])
+    _started(tmp_path / "s", 1, "v0", "0", 8001)
+    _started(tmp_path / "s", 2, "A-S", "1", 8002)
+    assert check_servers_started(run, tmp_path / "s").ok
+    _started(tmp_path / "s", 3, "A-S", "0", 8002)  # a restart onto V0's GPU
+    assert not check_servers_started(run, tmp_path / "s").ok
+    assert not check_servers_started(run, tmp_path / "none").ok  # no server started at all
+
+
+def test_allocation_check_fails_with_two_pool_allocations_at_once():
+    assert check_one_allocation(1).ok
+    assert not check_one_allocation(2).ok
+    assert not check_one_allocation(0).ok  # no allocation seen: the SLURM slots never ran
+
+
+def _events(run: RunDir, *events: tuple[str, dict]) -> None:
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.events.unlink(missing_ok=True)
+    log = EventLog(run.events)
+    for kind, fields in events:
+        log.emit(kind, **fields)
+    log.close()
+
+
+def test_release_check_fails_when_a_gold_server_outlives_v0s(tmp_path):
+    run = RunDir(tmp_path / "run")
+    start = [("experiment_started", {}), ("server_started", {"version": "v0/0"}), ("server_started", {"version": "A-S/1"}),
+             ("phase", {"loop": "A-S", "phase": "done"})]
+    _events(run, *start, ("server_stopped", {"version": "A-S/1"}), ("server_stopped", {"version": "v0/0"}))
+    assert check_released(run).ok
+    _events(run, *start, ("server_stopped", {"version": "v0/0"}), ("server_stopped", {"version": "A-S/1"}))
+    assert not check_released(run).ok
+    _events(run, *start, ("server_stopped", {"version": "v0/0"}))  # never stopped
+    assert not check_released(run).ok
+
+
+def _round(run: RunDir, loop: str, r: int, rows: list[dict]) -> None:
+    run.traces(loop, r).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=trace.SCHEMA), run.traces(loop, r))
+
+
+def _finished_run(root: Path, rounds: int = 2) -> RunDir:
+    run = RunDir(root)
     run.root.mkdir(parents=True)
-    (tmp_path / "exp.toml").write_text(config.to_toml(cfg))
-    monkeypatch.setenv("RFS_VLLM_STANDIN_PLANS", f"{tmp_path / 'exp.toml'}:{ROUNDS}")
-    hosts = HostsFile(
-        server=ServerCfg(gpus=(0, 1)), train=TrainCfg(device="cpu"),
-        slurm=replace(slurm.cfg, root=str(tmp_path / "cluster")),
-        # one real sshd on two addresses: two "nodes" reached over ssh
-        hosts={"node1": sshd.host, "node2": replace(sshd.host, address="127.0.0.2")},
-        # the SLURM pool: one (fake) GPU per slot, as many slots as the two nodes have GPUs
-        slot=(SlotCfg(name="slurm", launcher="slurm", cpus=(0,), gpu=0, count=len(slurm.nodes) * slurm.gpus),
-              SlotCfg(name="n1", launcher="ssh", host="node1"), SlotCfg(name="n2", launcher="ssh", host="node2")),
-    )
-    seen, stop = {"most": 0, "preempted": []}, threading.Event()
-    watcher = threading.Thread(target=_watch, args=(run, slurm.env, seen, stop), daemon=True)
-    watcher.start()
-    started = time.monotonic()
-    assert drive(cfg, run, hosts, plain=True, env=GpuSleepEnv(tmp_path / "launches", 1.0, tmp_path / "gpus")) == 0
-    wall = time.monotonic() - started
-    stop.set()
-    watcher.join(timeout=10)
-    print(f"rehearsal wall time {wall:.1f} s")
-    print("placement:", *json.loads(run.placement.read_text())["servers"], sep="\n  ")
+    run.write_state({"loops": {"A-S": {"round": rounds, "status": "done"}}})
+    for r in (1, 2):
+        _round(run, "A-S", r, [trace_row(f"A-S-r{r}-t{t:03d}", round_=r) for t in range(2)])
+    return run
 
-    # Placement: recorded, and each server started on its own GPU and port.
-    plan = json.loads(run.placement.read_text())
-    assert [(s["key"], s["gpus"]) for s in plan["servers"]] == [("v0", [0]), ("A-S", [1])]
-    starts = [json.loads(p.read_text()) for p in (tmp_path / "standin").glob("*.json")]
-    by_name = {}
-    for s in starts:
-        by_name.setdefault(s["flags"]["--served-model-name"].split("/")[0], set()).add(
-            (s["cuda_visible_devices"], s["flags"]["--port"]))
-    assert by_name["v0"] == {("0", str(plan["servers"][0]["port"]))}
-    assert by_name["A-S"] == {("1", str(plan["servers"][1]["port"]))}
 
-    # Every trace row is a success: the preempted steps were infra errors, run again.
-    rows = [r for p in run.trace_files() for r in pq.read_table(p).to_pylist()]
-    assert rows and all(r["status"] == "success" for r in rows), [(r["rollout_id"], r["detail"]) for r in rows]
-    events = read_events(run.events)[0]
-    lost = [e for e in events if e["kind"] == "run_finished" and e["status"] == "infra_error"]
-    assert seen["preempted"] and lost, "the allocation was never preempted mid-wave"
-    assert all(e["slot"].startswith("slurm") for e in lost), lost
-    # One pool allocation at a time for every loop's waves; after the preemption, the re-runs went to
-    # a new one, and none is left when the run ends.
-    assert seen["most"] == 1
-    assert any(r["infra_attempts"] for r in rows)  # the lost runs went again (on any slot)
-    allocations = {int(r["job_id"].split(".")[0]) for r in rows if r["slot"].startswith("slurm")}
-    assert max(allocations) > max(map(int, seen["preempted"])), (allocations, seen)  # a new one, re-acquired
-    assert _pool_jobs(slurm.env) == []
-    ran_on = {e["host"] for e in events if e["kind"] == "run_started"}
-    assert {"node1", "node2"} <= ran_on, ran_on  # both ssh "nodes" ran jobs
-    # Both SLURM nodes ran jobs, each SLURM step on the GPU SLURM gave it (not the job's own "7").
-    slurm_rows = [r for r in rows if r["slot"].startswith("slurm")]
-    assert {r["host"] for r in slurm_rows} == set(slurm.nodes), [r["host"] for r in slurm_rows]
-    gave = {f[0]: f[1:4] for f in map(str.split, (tmp_path / "gpus").read_text().splitlines()) if f[1] != "none"}
-    assert all(gave[r["job_id"]][0] == r["host"] and gave[r["job_id"]][1] == gave[r["job_id"]][2] in {str(g) for g in range(slurm.gpus)}
-               for r in slurm_rows), (gave, [(r["job_id"], r["host"]) for r in slurm_rows])
-    # A-S's own server was stopped when A-S finished, before the experiment ended.
-    kinds = [(e["kind"], e.get("version", "")) for e in events]
-    stop = next(i for i, (k, v) in enumerate(kinds) if k == "server_stopped" and str(v).startswith("A-S/"))
-    finish = next(i for i, e in enumerate(events) if e["kind"] == "phase" and e.get("phase") == "done"
-                  and e.get("loop") == "A-S")  # run_loop's last word on A-S
-    v0_stop = next(i for i, (k, v) in enumerate(kinds) if k == "server_stopped" and str(v).startswith("v0/"))
-    assert finish < stop < v0_stop  # released with its loop, not with everything at the end
+def test_rows_check_fails_on_a_lost_a_duplicated_or_a_failed_row_and_a_lost_round(tmp_path):
+    run = _finished_run(tmp_path / "run")
+    assert check_rows(run, 2).ok and check_finished(run, 2).ok
+    _round(run, "A-S", 2, [trace_row("A-S-r2-t000", round_=2)])  # a row lost after the resume
+    assert not check_rows(run, 2).ok
+    _round(run, "A-S", 2, [trace_row("A-S-r2-t000", round_=2)] * 2)  # the same rollout twice
+    assert "duplicated" in check_rows(run, 2).detail
+    _round(run, "A-S", 2, [trace_row("A-S-r2-t000", round_=2), trace_row("A-S-r2-t001", status="crash", round_=2)])
+    assert not check_rows(run, 2).ok
+    run.traces("A-S", 2).unlink()  # a whole round lost
+    assert "no file" in check_rows(run, 2).detail
+
+
+def test_finished_check_fails_when_a_loop_stopped_short(tmp_path):
+    run = _finished_run(tmp_path / "run", rounds=1)
+    assert not check_finished(run, 2).ok
+
+
+def test_preemption_check_fails_unless_the_lost_runs_were_slurm_infra_errors_re_run_in_a_new_allocation(tmp_path):
+    run = _finished_run(tmp_path / "run")
+    rows = [{**trace_row("A-S-r2-t000", round_=2), "slot": "slurm-0", "job_id": "12.3", "infra_attempts": 1},
+            {**trace_row("A-S-r2-t001", round_=2), "slot": "slurm-1", "job_id": "12.4"}]
+    _round(run, "A-S", 2, rows)
+    lost = ("run_finished", {"status": "infra_error", "slot": "slurm-0"})
+    _events(run, ("experiment_started", {}), lost)
+    assert check_preemption(run, ["11"], []).ok
+    assert not check_preemption(run, [], []).ok  # never preempted
+    assert not check_preemption(run, ["12"], []).ok  # no new allocation after it
+    assert not check_preemption(run, ["11"], ["12"]).ok  # an allocation left behind
+    _events(run, ("experiment_started", {}), lost, ("run_finished", {"status": "infra_error", "slot": "n1"}))
+    assert not check_preemption(run, ["11"], []).ok  # an ssh run blamed on the allocation
+    _round(run, "A-S", 2, [{**r, "infra_attempts": 0} for r in rows])
+    _events(run, ("experiment_started", {}), lost)
+    assert not check_preemption(run, ["11"], []).ok  # the lost run never went again
+
+
+def test_slurm_gpu_check_fails_unless_each_step_ran_with_the_gpu_slurm_gave_it(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir(parents=True)
+
+    def step(t: int, host: str, said: str) -> dict:
+        return {**trace_row(f"A-S-r2-t{t:03d}", round_=2), "slot": f"slurm-{t}", "host": host,
+                "stdout_tail": f"| training done\n| gpus: {said}\nval_bpb: 1.0\n"}
+
+    _round(run, "A-S", 2, [step(0, "rfs-n0", "0 0"), step(1, "rfs-n1", "1 1")])
+    assert check_slurm_gpus(run).ok and check_slurm_gpus(run).detail == "2 steps on rfs-n0, rfs-n1"
+    for broken in (step(1, "rfs-n1", "7 1"),       # the job's own CUDA_VISIBLE_DEVICES, not SLURM's
+                   step(1, "rfs-n1", "unset unset"),  # no GPU given at all
+                   step(1, "", "1 1")):             # no node recorded
+        _round(run, "A-S", 2, [step(0, "rfs-n0", "0 0"), broken])
+        assert not check_slurm_gpus(run).ok, broken

@@ -1,9 +1,5 @@
-"""A real wave controller for tests and benchmarks: run_wave over the scripted researcher and SleepEnv.
-
-SleepEnv is a tiny real Environment: its job is a shell script (through the real launcher)
-that appends the rollout_id to a counter file the moment it starts, sleeps, and prints a harness
-summary whose val_bpb comes from the train.py the researcher wrote. The counter file is how a
-test counts launches per rollout across kills.
+"""A real wave controller for tests and benchmarks: run_wave over the scripted researcher and SleepEnv
+(rfs/rehearsal/jobs.py: the stand-in jobs, re-exported here for the tests).
 
     python -m tests.wave_child RUN_DIR BASE_URL COUNTER --n N --slots K --sleep S
 """
@@ -12,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,70 +16,10 @@ import anyio
 from rfs import config
 from rfs.collect.slots import SlotPool
 from rfs.collect.wave import run_wave
-from rfs.envs.base import RunResult
 from rfs.events import EventLog
 from rfs.hosts import HostsFile, Slot
-from rfs.launch.base import Job, JobOutcome
+from rfs.rehearsal.jobs import SEED_TRAIN_PY, SleepEnv  # noqa: F401  (re-exported for the tests)
 from rfs.rundir import RunDir
-
-SEED_TRAIN_PY = "x = 0\n"
-# The job: count the launch first, then "train" (sleep), then print the summary. val_bpb is
-# 1 + x/100, so each rollout's number is its own and a mixed-up row would show. A shell script
-# of builtins but `sleep`, not Python: a simulated run stands for work on another machine, so it
-# should cost this machine next to nothing, and what tests and benches see is rfs.
-_HARNESS = """
-echo {rollout_id} >> {counter}
-sleep {seconds}
-read -r line < train.py
-v=$(( 100 + ${{line#*=}} ))  # val_bpb in hundredths, printed with integer arithmetic only
-sign=; if [ $v -lt 0 ]; then sign=-; v=$(( -v )); fi
-echo "| training done"
-printf 'val_bpb: %s%d.%02d0000\\n' "$sign" $(( v / 100 )) $(( v % 100 ))
-echo "steps: 10"
-echo "training_seconds: {seconds}"
-"""
-
-
-class SleepEnv:
-    name = "sleep"
-
-    def __init__(self, counter: Path, seconds: float, broken_slots: frozenset[str] = frozenset()):
-        self.counter, self.seconds, self.broken_slots = str(counter), seconds, broken_slots
-
-    def prepare(self) -> None:
-        pass
-
-    def program_md(self) -> str:
-        return "Lower val_bpb by editing train.py.\n"
-
-    def seed_train_py(self) -> str:
-        return SEED_TRAIN_PY
-
-    def harness_hashes(self) -> dict[str, str]:
-        return {}
-
-    def job(self, train_py: str, slot: Slot, rollout_id: str) -> Job:
-        if slot.name in self.broken_slots:  # a slot whose host is gone: the infrastructure's failure
-            raise ConnectionError(f"slot {slot.name} is unreachable")
-        script = _HARNESS.format(counter=shlex.quote(self.counter), rollout_id=shlex.quote(rollout_id), seconds=self.seconds)
-        return Job(rollout_id, ("/bin/sh", "-c", script), {"train.py": train_py.encode()}, timeout_s=60.0 + self.seconds)
-
-    def result(self, outcome: JobOutcome) -> RunResult:
-        text = outcome.output.decode(errors="replace")
-        summary = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line and not line.startswith("|"))
-        bpb = float(summary.get("val_bpb", "nan"))
-        ok = outcome.exit_code == 0 and math.isfinite(bpb)
-        return RunResult(
-            status="success" if ok else ("timeout" if outcome.timed_out else "crash"),
-            val_bpb=bpb if ok else math.nan,
-            steps=int(summary.get("steps", 0)),
-            training_seconds=float(summary.get("training_seconds", 0.0)),
-            wall_seconds=outcome.wall_seconds,
-            exit_code=outcome.exit_code,
-            detail="ok" if ok else f"exit {outcome.exit_code}",
-            stdout_tail=text[-2000:],
-            summary=summary,
-        )
 
 
 def specs(n: int, *, loop: str = "A-S", round_: int = 1) -> list:
@@ -108,7 +43,7 @@ def seed(i: int) -> int:
 
 def plans(n: int) -> dict[int, list]:
     """Rollout i writes x = i + 1 (the seed has x = 0), runs it once, and finishes."""
-    from tests.scripted_researcher import action
+    from rfs.rehearsal.scripted_researcher import action
 
     return {
         seed(i): [action("edit", path="train.py", content=f"x = {i + 1}\n"), action("run"), action("finish")]

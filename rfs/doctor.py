@@ -2,7 +2,9 @@
 
 With `--hosts`, every host of hosts.toml is checked as the run will use it: reachable over ssh;
 the same Python, rfs code and environment manifest as the controller; its slots' GPUs visible;
-the vLLM executable starting here; the SLURM partition accepting the slot pool's job shape.
+the vLLM executable starting here; the SLURM partition accepting the slot pool's job shape; and,
+when the environment is autoresearch, each host that runs slots (and the controller, which reads
+the pristine train.py) provisioned by env/autoresearch/vendor.sh.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable
 import anyio
 
 from rfs import ROOT, config, hosts
+from rfs.envs.autoresearch import AutoresearchEnv, upstream
 from rfs.envs.builtin import manifest
 from rfs.hosts import HostCfg, HostsFile
 from rfs.placement import place
@@ -91,10 +94,40 @@ def check_embedded_model() -> str:
     return "" if (model / "config.json").exists() else f"the embedded researcher is not set up at {model}: run `python rfs.py setup`"
 
 
-# Run by each host's own Python (rfs need not import there): what must match the controller.
+# Run by each host's own Python (rfs need not import there): what must match the controller, and
+# (given an autoresearch checkout and its pinned commit) what of vendor.sh's work is missing there.
 PROBE = r"""
 import hashlib, json, pathlib, shutil, subprocess, sys
 root = pathlib.Path(sys.argv[1])
+
+def autoresearch_missing(c, commit):
+    c = pathlib.Path(c)
+    if not (c / ".git").is_dir():
+        return ["no checkout at %s" % c]
+    missing = []
+    head = (c / ".git" / "HEAD").read_text().strip() if (c / ".git" / "HEAD").exists() else ""
+    if head != commit:
+        missing.append("checkout at %s, not the pinned commit" % (head[:12] or "nothing"))
+    missing += [".rfs-pristine/" + f for f in ("prepare.py", "train.py") if not (c / ".rfs-pristine" / f).is_file()]
+    if not (c / ".venv" / "bin" / "python").exists():
+        missing.append("its environment .venv (uv sync)")
+    cache = pathlib.Path.home() / ".cache" / "autoresearch"  # prepare.py's own CACHE_DIR
+    if len(list((cache / "data").glob("*.parquet"))) < 2:
+        missing.append("data shards in %s" % (cache / "data"))
+    missing += ["tokenizer %s" % (cache / "tokenizer" / f) for f in ("tokenizer.pkl", "token_bytes.pt")
+                if not (cache / "tokenizer" / f).is_file()]
+    env_file = c / ".rfs-env"
+    env = dict(l.split("=", 1) for l in env_file.read_text().splitlines() if "=" in l) if env_file.exists() else {}
+    if env.get("HF_HUB_OFFLINE") != "1":
+        missing.append(".rfs-env with the offline variables")
+    kernel = pathlib.Path(env["HF_HOME"]).parent / (".kernel-" + commit) if env.get("HF_HOME") else None
+    if kernel is None or not kernel.exists():
+        missing.append("the attention kernel cache (%s)" % (kernel or "no HF_HOME in .rfs-env"))
+    stamp = c / ".rfs-provisioned"
+    if not stamp.exists() or stamp.read_text().strip() != commit:
+        missing.append("the .rfs-provisioned stamp of a finished vendor.sh")
+    return missing
+
 code = hashlib.sha256()
 for p in sorted((root / "rfs").rglob("*.py")):
     code.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
@@ -110,25 +143,45 @@ gpus = None
 if shutil.which("nvidia-smi"):
     out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
     gpus = len([l for l in out.stdout.splitlines() if l.startswith("GPU ")]) if out.returncode == 0 else None
+ar = autoresearch_missing(sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else None
 print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3], "rfs": code.hexdigest()[:12],
-                  "root": root.is_dir() and (root / "rfs").is_dir(), "env": env, "gpus": gpus}))
+                  "root": root.is_dir() and (root / "rfs").is_dir(), "env": env, "gpus": gpus, "autoresearch": ar}))
 """
 SSH_TIMEOUT = 20.0
 
 
-def probe_here() -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, timeout=60)
+def probe_here(autoresearch: tuple[str, ...] = ()) -> dict:
+    """The probe on the controller; `autoresearch`: (checkout, pinned commit) to check there too."""
+    out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), *autoresearch], capture_output=True, text=True,
+                         timeout=60)
     return json.loads(out.stdout)
 
 
-async def _probe_host(h: HostCfg) -> dict:
+def autoresearch_target(cfg: config.Config, root: str) -> tuple[str, ...]:
+    """(the checkout vendor.sh makes under a host's rfs root, the pinned commit); () for builtin."""
+    if cfg.env.name != "autoresearch":
+        return ()
+    return str(Path(root) / AutoresearchEnv(cfg.env).checkout), upstream()["commit"]
+
+
+def provisioned_line(host: str, target: tuple[str, ...], missing: list[str]) -> tuple[str, list[str]]:
+    """`ok host X: autoresearch provisioned at <commit>`, or the FAIL naming what vendor.sh left undone."""
+    checkout, commit = target
+    if not missing:
+        return f"host {host}: autoresearch provisioned at {commit}", []
+    return f"host {host}", [f"autoresearch not provisioned ({', '.join(missing)}); "
+                            f"run env/autoresearch/vendor.sh {checkout} there"]
+
+
+async def _probe_host(h: HostCfg, autoresearch: tuple[str, ...] = ()) -> dict:
     import asyncssh  # lazy: only hosts checks need it
 
     keys = {"client_keys": [h.key]} if h.key else {}
     with anyio.fail_after(SSH_TIMEOUT):
         async with asyncssh.connect(h.address, port=h.port, username=h.user or None,
                                     known_hosts=h.known_hosts or None, connect_timeout=SSH_TIMEOUT, **keys) as conn:
-            got = await conn.run(f"{h.python} -c {_quote(PROBE)} {_quote(h.root or str(ROOT))}")
+            args = " ".join(_quote(a) for a in (h.root or str(ROOT), *autoresearch))
+            got = await conn.run(f"{h.python} -c {_quote(PROBE)} {args}")
     if got.exit_status != 0:
         raise RuntimeError(f"{h.python} failed there ({got.exit_status}): {str(got.stderr).strip()[-200:]}")
     return json.loads(str(got.stdout))
@@ -138,11 +191,15 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-def check_host(name: str, h: HostCfg, hf: HostsFile, here: dict) -> list[tuple[str, list[str]]]:
-    """One line per thing the run needs of host `name`; an unreachable host is one failing line."""
+def check_host(name: str, h: HostCfg, hf: HostsFile, here: dict,
+               cfg: config.Config | None = None) -> list[tuple[str, list[str]]]:
+    """One line per thing the run needs of host `name`; an unreachable host is one failing line.
+    With `cfg` naming autoresearch, a host that runs slots is also checked for vendor.sh's work."""
     where = f"host {name} ({h.address}:{h.port})"
+    runs_slots = any(s.launcher == "ssh" and s.host == name for s in hosts.slots(hf))
+    target = autoresearch_target(cfg, h.root or str(ROOT)) if cfg is not None and runs_slots else ()
     try:
-        there = anyio.run(_probe_host, h)
+        there = anyio.run(_probe_host, h, target)
     except Exception as exc:  # every way of not answering is one line: unreachable
         return [(where, [f"unreachable over ssh: {type(exc).__name__}: {exc}"])]
     lines = [(where, [])]
@@ -162,6 +219,8 @@ def check_host(name: str, h: HostCfg, hf: HostsFile, here: dict) -> list[tuple[s
         bad = ["nvidia-smi is not there"] if seen is None else (
             [f"slots want GPU {max(wanted)}, {seen} visible"] if max(wanted) >= seen else [])
         lines.append((f"{name}: GPUs {sorted(set(wanted))}", bad))
+    if target:
+        lines.append(provisioned_line(name, target, there["autoresearch"]))
     return lines
 
 
@@ -191,10 +250,13 @@ def check_slurm_shape(hf: HostsFile) -> list[str]:
 
 
 def cluster_checks(hf: HostsFile, cfg: config.Config) -> list[tuple[str, list[str]]]:
-    here = probe_here()
+    target = autoresearch_target(cfg, str(ROOT))
+    here = probe_here(target)
     out: list[tuple[str, list[str]]] = []
+    if target:  # the controller reads the pristine train.py; its local slots run there
+        out.append(provisioned_line("localhost", target, here["autoresearch"]))
     for name, h in hf.hosts.items():
-        out += check_host(name, h, hf, here)
+        out += check_host(name, h, hf, here, cfg)
     try:
         plan = place(cfg, hf)
         out.append((f"placement: {'; '.join(plan.lines()[:3])}{' …' if len(plan.lines()) > 3 else ''}", []))

@@ -134,22 +134,36 @@ def check_servers_started(run: RunDir, standin: Path) -> Rule:
 
 
 def check_released(run: RunDir) -> Rule:
-    """Each gold loop's own server stopped when that loop finished, before V0's (which serves to the end)."""
+    """Each gold loop's own server stopped when that loop finished; V0's once no loop needed it any
+    more: after the baselines finished and each gold loop's round 1, and before the last gold loop
+    finished when that one outlived those needs (rfs.loop.serving.v0_needed)."""
     events = _since_last_start(_events(run))
     kinds = [(e["kind"], str(e.get("version", ""))) for e in events]
+    states = run.read_state().get("loops", {})
 
     def first(pred) -> int | None:
         return next((i for i, e in enumerate(events) if pred(e, kinds[i])), None)
 
-    v0 = first(lambda e, k: k == ("server_stopped", k[1]) and k[1].startswith(f"{V0}/"))
+    def done(loop: str) -> int | None:
+        return first(lambda e, k: e["kind"] == "phase" and e.get("phase") == "done" and e.get("loop") == loop)
+
+    v0 = first(lambda e, k: k[0] == "server_stopped" and k[1].startswith(f"{V0}/"))
     gold = sorted({k[1].split("/")[0] for k in kinds if k[0] == "server_started" and not k[1].startswith(f"{V0}/")})
     bad = []
     for loop in gold:
-        done = first(lambda e, k: e["kind"] == "phase" and e.get("phase") == "done" and e.get("loop") == loop)
-        stop = first(lambda e, k: k[0] == "server_stopped" and k[1].startswith(f"{loop}/"))
-        if None in (done, stop, v0) or not done < stop < v0:
-            bad.append(f"{loop}: done #{done}, its server stopped #{stop}, V0's #{v0}")
-    return Rule(bool(gold) and not bad, "servers: a gold loop's server stopped with its loop, before V0's",
+        end, stop = done(loop), first(lambda e, k: k[0] == "server_stopped" and k[1].startswith(f"{loop}/"))
+        if None in (end, stop) or not end < stop:
+            bad.append(f"{loop}: done #{end}, its server stopped #{stop}")
+    needs = [done(name) for name, st in states.items() if st.get("kind") != "gold"]
+    needs += [first(lambda e, k, n=name: e["kind"] == "consolidated" and e.get("loop") == n and e.get("round") == 1)
+              for name, st in states.items() if st.get("kind") == "gold"]
+    last_gold = max((done(loop) or 0 for loop in gold), default=0)
+    if v0 is None or None in needs or v0 < max(needs, default=0):
+        bad.append(f"V0's server stopped #{v0}, while a loop still needed it (#{needs})")
+    elif max(needs, default=0) < last_gold < v0:
+        bad.append(f"V0's server stopped #{v0}, after the last gold loop finished (#{last_gold}): "
+                   f"kept up though nothing needed it after #{max(needs, default=0)}")
+    return Rule(bool(gold) and not bad, "servers: a gold loop's server stopped with its loop, V0's once nothing needed it",
                 "; ".join(bad) if bad else ", ".join(gold) if gold else "no gold loop server started")
 
 

@@ -12,10 +12,16 @@ import anyio
 import pytest
 
 from rfs import config
+from rfs.collect.slots import SlotPool
 from rfs.config import ConfigError
 from rfs.events import EventLog, iter_events
-from rfs.hosts import HostCfg, HostsFile, ServerCfg, SlotCfg, TrainCfg
+from rfs.hosts import HostCfg, HostsFile, ServerCfg, SlotCfg, TrainCfg, slots
+from rfs.loop.experiment import Experiment
+from rfs.loop.fit_process import FitFailed
+from rfs.loop.plan import LoopSpec
+from rfs.loop.round import _consolidate
 from rfs.loop.serving import V0, Servers
+from rfs.loop.state import ExperimentState, Noise
 from rfs.placement import announce_placement, place
 from rfs.rundir import RunDir
 from rfs.serve.vllm import gpus_free
@@ -165,3 +171,28 @@ count = 2
     toml.write_text(toml.read_text().replace("count = 2", "count = 0"))
     with pytest.raises(ConfigError, match="count"):
         load(toml)
+
+
+def test_the_placed_fit_device_reaches_the_fits_child(tmp_path: Path) -> None:
+    """train.gpus = (3,) → the loop's fit job → the spawned child gets "cuda:3": it records the device
+    it was given, and (on a host without a 4th GPU, like CI's) fails naming it before loading anything."""
+    import torch
+
+
+    c = config.load(None)  # the embedded default: its servers are on the CPU, only the fit is placed
+    hosts = HostsFile(train=TrainCfg(gpus=(3,), device="cuda"), slot=(SlotCfg(name="s0"),))
+    run = RunDir(tmp_path / "run")
+    events = EventLog(run.events)
+    placement = place(c, hosts)
+    v0 = tmp_path / "v0"
+    ex = Experiment(c, run, hosts, events, env=None, pool=SlotPool(slots(hosts), c.collect, events),
+                    servers=Servers(c, hosts, run, events, v0, placement), noise=Noise(1.0, 0.01, 2), v0=v0,
+                    state=ExperimentState(c.experiment.name))
+
+    with pytest.raises((FitFailed, RuntimeError)) as failed:  # nothing to fit here: the child stops either way
+        anyio.run(_consolidate, ex, LoopSpec("A-S", "gold", "A", "S"), 1)
+    [started] = [e for e in iter_events(run.events) if e["kind"] == "fit_started"]
+    assert (started["device"], started["loop"], started["round"]) == ("cuda:3", "A-S", 1)
+    assert started["pid"] != os.getpid()  # said by the child, not the controller
+    if torch.cuda.device_count() <= 3:
+        assert failed.type is FitFailed and "placed on cuda:3" in str(failed.value), failed.value

@@ -115,15 +115,31 @@ def _events(run: RunDir, *events: tuple[str, dict]) -> None:
     log.close()
 
 
-def test_release_check_fails_when_a_gold_server_outlives_v0s(tmp_path):
+def test_release_check_fails_unless_each_server_stops_once_nothing_needs_it(tmp_path):
     run = RunDir(tmp_path / "run")
+    run.root.mkdir(parents=True)
+    run.write_state({"loops": {"A-S": {"kind": "gold"}, "CTRL": {"kind": "ctrl"}}})
     start = [("experiment_started", {}), ("server_started", {"version": "v0/0"}), ("server_started", {"version": "A-S/1"}),
-             ("phase", {"loop": "A-S", "phase": "done"})]
-    _events(run, *start, ("server_stopped", {"version": "A-S/1"}), ("server_stopped", {"version": "v0/0"}))
+             ("consolidated", {"loop": "A-S", "round": 1}), ("phase", {"loop": "A-S", "phase": "done"})]
+    a_s, v0, ctrl = (("server_stopped", {"version": "A-S/1"}), ("server_stopped", {"version": "v0/0"}),
+                     ("phase", {"loop": "CTRL", "phase": "done"}))
+    _events(run, *start, a_s, ctrl, v0)
     assert check_released(run).ok
-    _events(run, *start, ("server_stopped", {"version": "v0/0"}), ("server_stopped", {"version": "A-S/1"}))
+    _events(run, *start, a_s, v0, ctrl)  # V0 stopped while CTRL still collected with it
     assert not check_released(run).ok
-    _events(run, *start, ("server_stopped", {"version": "v0/0"}))  # never stopped
+    _events(run, *start, ctrl, v0)  # A-S's server never stopped
+    assert not check_released(run).ok
+    _events(run, *start, a_s, ctrl)  # V0's never stopped
+    assert not check_released(run).ok
+
+    # B-F alone: V0 serves its round 1 only, and stops before B-F's later rounds end
+    run.write_state({"loops": {"B-F": {"kind": "gold"}}})
+    start = [("experiment_started", {}), ("server_started", {"version": "v0/0"}), ("consolidated", {"loop": "B-F", "round": 1}),
+             ("server_started", {"version": "B-F/1"})]
+    end = [("phase", {"loop": "B-F", "phase": "done"}), ("server_stopped", {"version": "B-F/2"})]
+    _events(run, *start, ("server_stopped", {"version": "v0/0"}), *end)
+    assert check_released(run).ok
+    _events(run, *start, *end, ("server_stopped", {"version": "v0/0"}))  # kept up to the end for nobody
     assert not check_released(run).ok
 
 

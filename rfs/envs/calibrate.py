@@ -131,10 +131,9 @@ def timing(runs: list[tuple[str, dict[str, str]]]) -> dict:
 
 def use_timing(env: Environment, cal: dict) -> str:
     """Hand the calibration's measured seconds to an environment that derives its kill limit from
-    them (autoresearch: upstream's time rules); the line that says the limit, to print once."""
-    if isinstance(env, AutoresearchEnv):
-        return env.use_calibration(cal)
-    return f"kill limit: {env.cfg.timeout_s:g}s (env.timeout_s)"  # type: ignore[attr-defined]
+    them (autoresearch: upstream's time rules); the line that says the limit, to print once ("" for
+    an environment whose limit is fixed by its config)."""
+    return env.use_calibration(cal) if isinstance(env, AutoresearchEnv) else ""
 
 
 def announce(k: int, events: EventLog | None = None) -> Callable[[int, RunResult], None]:

@@ -70,7 +70,8 @@ async def started(cfg: Config, run: RunDir, hosts: HostsFile, events: EventLog, 
     if state.noise is None:
         state.noise = await _calibrated(cfg, run, hosts, events, env, pool)
         run.write_state(state.to_json())  # a resumed run does not calibrate again
-    print(use_timing(env, load_calibration(cfg.env, pool.slots) or {}), flush=True)  # limits from measured seconds
+    if limits := use_timing(env, load_calibration(cfg.env, pool.slots) or {}):  # limits from measured seconds
+        print(limits, flush=True)
     v0 = await anyio.to_thread.run_sync(_resolve_v0, cfg)
     async with Servers(cfg, hosts, run, events, v0, placement) as servers:
         yield Experiment(cfg, run, hosts, events, env, pool, servers, state.noise, v0, state)

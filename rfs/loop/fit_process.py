@@ -5,6 +5,10 @@ kept what they used, and the embedded default's controller grew to 20.7 GB resid
 fits and was killed by the kernel's OOM killer. A child process gives everything back when it ends.
 The child dies with the controller (PR_SET_PDEATHSIG), so a killed controller never leaves a fit
 writing a version its resumed successor is also writing.
+
+The device is the placement's (rfs.placement: "cuda:N" from hosts.toml train.gpus). The child
+records what it was given and checks that device exists before loading anything: a GPU index this
+host does not have would otherwise surface as a CUDA error deep in the fit.
 """
 
 from __future__ import annotations
@@ -59,17 +63,35 @@ def _child(job: FitJob, conn: Connection) -> None:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     events = EventLog(job.run.events, echo=job.echo)
+    device = job.device
+    events.emit("fit_started", loop=job.loop, round=job.round, device=device, pid=os.getpid())
     try:
+        _device_present(device)
         from rfs.consolidate import consolidate  # the train extra (torch, transformers): the child's alone
 
         out = consolidate(job.run, job.loop, job.round, job.parent, job.v0, job.cfg, job.noise, events,
-                          device=job.device, seed=job.seed)
+                          device=device, seed=job.seed)
         conn.send(("ok", str(out)))
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}".splitlines()[0], isinstance(exc, RfsError),
                    traceback.format_exc()))
     finally:
         events.close()
+
+
+def _device_present(device: str) -> None:
+    """Raise FitFailed unless a "cuda[:N]" device is one this process sees ("cpu", "auto" pass)."""
+    if not device.startswith("cuda"):
+        return
+    import torch  # the train extra, imported in the fit's child only
+
+    index = int(device.partition(":")[2] or 0)
+    seen = torch.cuda.device_count()
+    if index >= seen:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise FitFailed(f"the fit is placed on {device} (hosts.toml train.gpus), but this host shows {seen} CUDA "
+                        f"device(s){f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; "
+                        "name a GPU it has in train.gpus")
 
 
 def _receive(conn: Connection) -> tuple[Any, ...]:

@@ -25,6 +25,7 @@ async def schedule(ex: Experiment, loops: list[LoopSpec]) -> None:
             await run_loop(ex, loop)
             if loop.trains:  # its V_n server has no other user: stopped, its GPUs go back
                 await ex.servers.release(loop.name)
+            await ex.servers.release_v0_unless_needed(ex.state.loops.values())
             ex.events.emit("scheduler", decision="finish", loop=loop.name, status=ex.state.loops[loop.name].status)
 
     async with anyio.create_task_group() as tg:
@@ -49,6 +50,7 @@ async def run_loop(ex: Experiment, loop: LoopSpec) -> None:
             await evals.evaluate(ex, loop, r)
         st.round, st.version = r, version
         ex.save()
+        await ex.servers.release_v0_unless_needed(ex.state.loops.values())  # a gold loop past round 1
     if probing and st.version:
         await evals.evaluate(ex, loop, st.version)  # the last version, whatever its number
     ex.events.emit("phase", loop=loop.name, round=st.round, phase=st.status, reason=st.reason)

@@ -1,14 +1,15 @@
 """One researcher server per line of weights: V0 (shared by round 1, CTRL, FLOOR and probes) and
 one per gold loop, swapped to V_{n+1} after each merge and health-checked before a wave uses it.
 
-Each server runs on its own GPUs and port from the placement plan (rfs.placement), and a gold
-loop's server is stopped when the loop finishes, so its GPUs are free for nobody's surprise."""
+Each server runs on its own GPUs and port from the placement plan (rfs.placement). A gold loop's
+server is stopped when the loop finishes, and V0's once no loop can ask for it any more (v0_needed),
+so a server holds its GPUs only while someone uses it; exit stops whatever is left."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import anyio
 
@@ -16,12 +17,20 @@ from rfs.agent.client import ResearcherClient
 from rfs.config import Config
 from rfs.events import EventLog
 from rfs.hosts import HostsFile
+from rfs.loop.state import LoopState
 from rfs.placement import V0, Placement, place
 from rfs.rundir import RunDir
 from rfs.serve import make_server
 from rfs.setup import weights_sha256
 
-__all__ = ["V0", "Served", "Servers"]
+__all__ = ["V0", "Served", "Servers", "v0_needed"]
+
+
+def v0_needed(loops: Iterable[LoopState]) -> bool:
+    """Whether any loop may still ask for V0's server: a baseline (CTRL, FLOOR) every round it has
+    left, a gold loop until its round 1 is done (the shared round 1, V0's probes before it, and V0's
+    behaviour samples after its first fit). A loop not yet started counts, as it is still "running"."""
+    return any(st.status == "running" and (st.kind != "gold" or st.round < 1) for st in loops)
 
 
 @dataclass
@@ -90,6 +99,14 @@ class Servers:
             if await served.server.health():
                 return
             await served.server.restart(self.model_dir(key, served.version), served.model_id)
+
+    async def release_v0_unless_needed(self, loops: Iterable[LoopState]) -> None:
+        """Stop V0's server once no loop needs it (a no-op while one may, or when it is not up).
+
+        Only a saving: a later serve(V0) (a resumed probe that failed before) starts it again."""
+        if V0 in self._served and not v0_needed(loops):
+            self.events.emit("scheduler", decision="release server", loop=V0, reason="no loop needs V0 any more")
+            await self.release(V0)
 
     async def release(self, key: str) -> None:
         """Stop the server for `key`: no loop needs it any more, and its GPUs go back."""

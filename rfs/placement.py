@@ -78,7 +78,7 @@ def place(cfg: Config, hosts: HostsFile) -> Placement:
     """The experiment's placement; a ConfigError names any GPU given to two users."""
     keys = server_keys(cfg) if cfg.researcher.backend != "external" else []
     servers = _servers(cfg, hosts, keys)
-    fit_gpus, fit_device = _fit(hosts)
+    fit_gpus, fit_device = _fit(hosts, cfg.consolidate.devices)
     placed = tuple(_slot(s) for s in slots(hosts))
     _no_clash(servers, fit_gpus, placed)
     return Placement(servers, fit_gpus, fit_device, placed)
@@ -110,12 +110,15 @@ def _ports(base: int, n: int) -> list[int]:
     return out
 
 
-def _fit(hosts: HostsFile) -> tuple[tuple[int, ...], str]:
+def _fit(hosts: HostsFile, devices: int) -> tuple[tuple[int, ...], str]:
+    """The fit's GPUs (one per consolidate.devices: the 32B fit spreads over several) and the device
+    it is named by, its first GPU's."""
     gpus, device = hosts.train.gpus, hosts.train.device
     if not gpus:
         return (), device
-    if len(gpus) > 1:
-        raise ConfigError(f"hosts.toml: train.gpus: the LoRA fit runs on one GPU, got {list(gpus)}; name one")
+    if len(gpus) != devices:
+        raise ConfigError(f"hosts.toml: train.gpus = {list(gpus)} for consolidate.devices = {devices}; "
+                          "name one GPU per device the fit spreads over")
     if device not in ("auto", "cuda"):
         raise ConfigError(f"hosts.toml: train.gpus = {list(gpus)} with train.device = {device!r}; "
                           "set device to cuda (or auto), or drop gpus")

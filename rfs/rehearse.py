@@ -239,6 +239,18 @@ def check_preemption(run: RunDir, preempted: list[str], left: list[str]) -> Rule
                 "; ".join(problems) if problems else f"scancelled {preempted}; {len(lost)} runs lost, re-run")
 
 
+def checked(*calls: tuple) -> list[Rule]:
+    """Each (check, *args) called; a check whose files are missing or unreadable (a controller that
+    died early) is that rule's FAIL, not the end of the rehearsal."""
+    rules = []
+    for check, *args in calls:
+        try:
+            rules.append(check(*args))
+        except (OSError, ValueError, KeyError) as exc:
+            rules.append(Rule(False, check.__name__.removeprefix("check_"), f"could not check: {type(exc).__name__}: {exc}"))
+    return rules
+
+
 # ---------------------------------------------------------------- the rehearsal
 
 
@@ -340,20 +352,21 @@ class Rehearsal:
             thread.join(timeout=30)
         rules += [Rule(second.read_state().get("loops") is not None, "resume --from the mirror into a fresh directory",
                        f"{url} -> {second.root}"),
-                  check_placement(second), check_servers_started(second, self.work / "standin" / "gold-resumed"),
-                  check_finished(second, ROUNDS), check_rows(second, cfg.collect.rollouts), check_released(second),
-                  check_ssh_hosts(second, self.hf)]
+                  *checked((check_placement, second), (check_servers_started, second, self.work / "standin" / "gold-resumed"),
+                           (check_finished, second, ROUNDS), (check_rows, second, cfg.collect.rollouts),
+                           (check_released, second), (check_ssh_hosts, second, self.hf))]
         if self.slurm:
-            rules += [check_slurm_gpus(second), check_one_allocation(watcher.most),
-                      check_preemption(second, watcher.preempted, _squeue(self._pool(second)))]
+            rules += checked((check_slurm_gpus, second), (check_one_allocation, watcher.most),
+                             (check_preemption, second, watcher.preempted, _squeue(self._pool(second))))
         return rules
 
     def bf(self) -> list[Rule]:
         """(c) B-F: arc B's shared round 1, then its filtered rounds on its own server."""
         cfg, run = self._experiment("b-f", arcs=("B",), arms=("F",), baselines=(), mirror="")
         proc = self._controller(run, self.work / "standin" / "b-f")
-        return [self._wait(proc, run), check_placement(run), check_servers_started(run, self.work / "standin" / "b-f"),
-                check_finished(run, ROUNDS), check_rows(run, cfg.collect.rollouts), check_released(run)]
+        return [self._wait(proc, run), *checked(
+            (check_placement, run), (check_servers_started, run, self.work / "standin" / "b-f"), (check_finished, run, ROUNDS),
+            (check_rows, run, cfg.collect.rollouts), (check_released, run))]
 
 
 def _kill_after(proc: subprocess.Popen, events: Path, kind: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -70,11 +71,17 @@ def test_a_gpu_given_twice_is_a_config_error_naming_both(hosts: HostsFile, clash
         place(cfg(), hosts)
 
 
-def test_too_few_server_gpus_and_a_fit_on_two_gpus_are_config_errors() -> None:
+def test_too_few_server_gpus_and_fit_gpus_unlike_its_devices_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="cannot hold 3 servers"):
         place(cfg(), cluster_hosts(server=(0, 1)))
-    with pytest.raises(ConfigError, match="one GPU"):
-        place(cfg(), cluster_hosts(train=(3, 6)))
+    with pytest.raises(ConfigError, match="one GPU per device"):
+        place(cfg(), cluster_hosts(train=(3, 6)))  # consolidate.devices = 1
+    c = cfg()
+    spread = replace(c, consolidate=replace(c.consolidate, devices=2))  # the 32B fit over two GPUs
+    p = place(spread, cluster_hosts(train=(3, 6), local=(4, 5)))
+    assert (p.fit_gpus, p.fit_device) == ((3, 6), "cuda:3")
+    with pytest.raises(ConfigError, match="GPU 6 on localhost"):
+        place(spread, cluster_hosts(train=(3, 6), local=(4, 6)))
 
 
 def test_the_plan_is_printed_and_recorded_in_the_run_directory(tmp_path: Path, capsys) -> None:
@@ -193,6 +200,7 @@ def test_the_placed_fit_device_reaches_the_fits_child(tmp_path: Path) -> None:
         anyio.run(_consolidate, ex, LoopSpec("A-S", "gold", "A", "S"), 1)
     [started] = [e for e in iter_events(run.events) if e["kind"] == "fit_started"]
     assert (started["device"], started["loop"], started["round"]) == ("cuda:3", "A-S", 1)
+    assert started["cuda_visible_devices"] == "3"  # the child sees the placed GPU alone, as its cuda:0
     assert started["pid"] != os.getpid()  # said by the child, not the controller
     if torch.cuda.device_count() <= 3:
         assert failed.type is FitFailed and "placed on cuda:3" in str(failed.value), failed.value

@@ -16,7 +16,7 @@ import pytest
 from rfs import trace
 from rfs.events import EventLog
 from rfs.rehearse import (check_finished, check_one_allocation, check_placement, check_preemption, check_released,
-                          check_slurm_gpus,
+                          check_slurm_gpus, checked,
                           check_rows, check_servers_started, rehearse)
 from rfs.rundir import RunDir
 from tests.infra import slurm, sshd  # noqa: F401  (fixtures)
@@ -208,3 +208,10 @@ def test_slurm_gpu_check_fails_unless_each_step_ran_with_the_gpu_slurm_gave_it(t
                    step(1, "", "1 1")):             # no node recorded
         _round(run, "A-S", 2, [step(0, "rfs-n0", "0 0"), broken])
         assert not check_slurm_gpus(run).ok, broken
+
+
+def test_a_run_that_left_no_files_fails_its_rules_without_ending_the_rehearsal(tmp_path):
+    run = RunDir(tmp_path / "run")  # a controller that died before writing anything
+    rules = checked((check_placement, run), (check_finished, run, 2), (check_one_allocation, 1))
+    assert [r.ok for r in rules] == [False, False, True]
+    assert rules[0].name == "placement" and "could not check: FileNotFoundError" in rules[0].detail

@@ -7,7 +7,9 @@ The child dies with the controller (PR_SET_PDEATHSIG), so a killed controller ne
 writing a version its resumed successor is also writing.
 
 The device is the placement's (rfs.placement: "cuda:N" from hosts.toml train.gpus). The child
-records what it was given and checks that device exists before loading anything: a GPU index this
+sees only the placed GPUs (CUDA_VISIBLE_DEVICES, set before torch loads), so the fit, its memory
+check and a multi-GPU device map all count from the placed GPUs and cannot reach a server's. It
+records what it was given and checks those GPUs exist before loading anything: a GPU index this
 host does not have would otherwise surface as a CUDA error deep in the fit.
 """
 
@@ -49,6 +51,7 @@ class FitJob:
     device: str
     seed: int
     echo: bool  # plain progress lines on the controller's stdout (no TUI): the child prints its own
+    gpus: tuple[int, ...] = ()  # the placement's fit GPUs; () for the CPU or an unplaced "cuda"
 
     @property
     def log(self) -> Path:
@@ -64,9 +67,13 @@ def _child(job: FitJob, conn: Connection) -> None:
         os.dup2(fd, 2)
     events = EventLog(job.run.events, echo=job.echo)
     device = job.device
-    events.emit("fit_started", loop=job.loop, round=job.round, device=device, pid=os.getpid())
+    if job.gpus:  # before torch: the child's cuda:0 … are the placed GPUs, and only they
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.gpus))
+        device = "cuda:0"
+    events.emit("fit_started", loop=job.loop, round=job.round, device=job.device, pid=os.getpid(),
+                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     try:
-        _device_present(device)
+        _device_present(job.device, device, len(job.gpus) or 1)
         from rfs.consolidate import consolidate  # the train extra (torch, transformers): the child's alone
 
         out = consolidate(job.run, job.loop, job.round, job.parent, job.v0, job.cfg, job.noise, events,
@@ -79,17 +86,18 @@ def _child(job: FitJob, conn: Connection) -> None:
         events.close()
 
 
-def _device_present(device: str) -> None:
-    """Raise FitFailed unless a "cuda[:N]" device is one this process sees ("cpu", "auto" pass)."""
+def _device_present(placed: str, device: str, gpus: int) -> None:
+    """Raise FitFailed unless this process sees the `gpus` CUDA devices from `device` on ("cpu" and
+    "auto" pass); `placed` is what hosts.toml named, for the message."""
     if not device.startswith("cuda"):
         return
     import torch  # the train extra, imported in the fit's child only
 
     index = int(device.partition(":")[2] or 0)
     seen = torch.cuda.device_count()
-    if index >= seen:
+    if index + gpus > seen:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise FitFailed(f"the fit is placed on {device} (hosts.toml train.gpus), but this host shows {seen} CUDA "
+        raise FitFailed(f"the fit is placed on {placed} (hosts.toml train.gpus), but this host shows {seen} CUDA "
                         f"device(s){f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; "
                         "name a GPU it has in train.gpus")
 

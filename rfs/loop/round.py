@@ -184,7 +184,8 @@ async def _consolidate(ex: Experiment, loop: LoopSpec, r: int) -> Path:
         await mirror.push(ex.cfg.mirror, ex.run)  # the round's traces and the state, before the fit
         merged = await fit_process.fit(FitJob(
             ex.run, loop.name, r, parent, ex.v0, ex.cfg.consolidate, ex.noise.to_json(),
-            device=ex.servers.placement.fit_device, seed=ex.cfg.experiment.seed, echo=ex.events.echo))
+            device=ex.servers.placement.fit_device, seed=ex.cfg.experiment.seed, echo=ex.events.echo,
+            gpus=ex.servers.placement.fit_gpus))
         await mirror.push(ex.cfg.mirror, ex.run)  # the published V_r, before a server loads it
         return merged
 

@@ -17,8 +17,8 @@ import anyio
 import pytest
 
 from rfs.hosts import Slot
-from rfs.launch.base import Job
-from rfs.launch.ssh import JOBS_PER_CONNECTION, SshLauncher
+from rfs.launch.base import Job, JobOutcome
+from rfs.launch.ssh import JOBS_PER_CONNECTION, SshLauncher, host_prefix
 from tests.infra import free_port, sshd  # noqa: F401  (fixture)
 
 SLOT = Slot("ssh-0", "ssh", "loop", (0,), -1, sys.executable, "")
@@ -169,7 +169,8 @@ def test_dropped_connection_is_infra_error_and_the_job_dies(sshd):
 def test_a_waves_launcher_removes_the_working_folders_its_killed_controller_left(sshd, tmp_path):
     """Over ssh to this machine, the remote /tmp is ours: plant what a killed controller of wave
     k1 left (a working folder) and what wave k2 has (one in use), then run a job of wave k1."""
-    left, other = Path(tempfile.mkdtemp(prefix="rfs-k1-", dir="/tmp")), Path(tempfile.mkdtemp(prefix="rfs-k2-", dir="/tmp"))
+    left = Path(tempfile.mkdtemp(prefix=host_prefix("k1", sshd.host), dir="/tmp"))
+    other = Path(tempfile.mkdtemp(prefix=host_prefix("k2", sshd.host), dir="/tmp"))
     try:
         out = anyio.run(_run, SshLauncher(sshd.host, wave="k1"), Job("r8", ("pwd",), timeout_s=30))
         assert out.exit_code == 0 and Path(out.output.decode().strip()).name.startswith("rfs-k1-")
@@ -177,6 +178,32 @@ def test_a_waves_launcher_removes_the_working_folders_its_killed_controller_left
     finally:
         shutil.rmtree(left, ignore_errors=True)
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_a_hosts_cleanup_spares_the_running_jobs_of_another_host_name_on_the_same_machine(sshd, tmp_path):
+    """Two host names for one machine (one /tmp): the second host's first connection removes what
+    a killed controller left for it, not the first host's job that is running now."""
+    other_name = replace(sshd.host, address="127.0.0.2")
+
+    async def both() -> tuple[JobOutcome, JobOutcome]:
+        first, second = SshLauncher(sshd.host, wave="k3"), SshLauncher(other_name, wave="k3")
+        slow = Job("r9", ("/bin/sh", "-c", "sleep 2; cat mine"), files={"mine": b"still here"}, timeout_s=30)
+        async with anyio.create_task_group() as tg:
+            got = {}
+
+            async def run(name, launcher, job):
+                got[name] = await launcher.run(SLOT, job)
+
+            tg.start_soon(run, "slow", first, slow)
+            await anyio.sleep(1.0)  # the first host's job is running when the second host connects
+            tg.start_soon(run, "quick", second, Job("r10", ("true",), timeout_s=30))
+        await first.aclose()
+        await second.aclose()
+        return got["slow"], got["quick"]
+
+    slow, quick = anyio.run(both)
+    assert quick.exit_code == 0
+    assert slow.exit_code == 0 and slow.output.decode().strip() == "still here", slow.output
 
 
 def test_refused_connection_is_infra_error(sshd):

@@ -11,6 +11,7 @@ connection never leaves a job running on the host.
 from __future__ import annotations
 
 import io
+import re
 import shlex
 import tarfile
 import time
@@ -97,14 +98,21 @@ def command(slot: Slot, job: Job, wd: str) -> str:
     return f"exec /bin/sh -c {shlex.quote(script)}"  # whatever the login shell, $$ is the leader
 
 
+def host_prefix(wave: str, host: HostCfg) -> str:
+    """How this wave's working folders on this host are named (see SshLauncher)."""
+    return workdir_prefix(wave) + re.sub(r"[^A-Za-z0-9.]", "_", f"{host.address}-{host.port}") + "-"
+
+
 class SshLauncher:
     """Runs jobs on one ssh host. Call `aclose()` when done with the host."""
 
     def __init__(self, host: HostCfg, wave: str = ""):
         self.host = host
         # Working folders are named for the wave, so the first connection of the wave's next
-        # controller removes those a killed one left (its jobs' watchdogs have killed the jobs).
-        self._prefix = workdir_prefix(wave)
+        # controller removes those a killed one left (its jobs' watchdogs have killed the jobs);
+        # and for this host, so that removal never reaches another host's running jobs where two
+        # host names share one /tmp (one machine under two names, as in `rfs rehearse`).
+        self._prefix = host_prefix(wave, host)
         self._reclaim = bool(wave)
         self.where = f"ssh {host.user + '@' if host.user else ''}{host.address}:{host.port}"
         self._load: dict[asyncssh.SSHClientConnection, int] = {}  # open connections and their running jobs

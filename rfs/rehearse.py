@@ -387,9 +387,10 @@ def _kill_after(proc: subprocess.Popen, events: Path, kind: str) -> bool:
 
 
 def rehearse_here(keep: Path | None = None, verbose: bool = False) -> int:
-    """No hosts file: tests/test_rehearsal.py's slow test starts a local SLURM and sshd (tests/infra.py,
+    """No hosts file: tests/test_rehearsal.py's rehearsal test starts a local SLURM and sshd (tests/infra.py,
     pytest fixtures) and runs rehearse() on them; its exit code."""
-    argv = [sys.executable, "-m", "pytest", "-q", "-s", "-m", "slow", "-p", "no:cacheprovider", str(REHEARSAL)]
+    argv = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+            f"{REHEARSAL}::test_rehearsal_on_local_slurm_and_ssh_passes_every_rule"]
     print(f"no hosts file: rehearsing on a local SLURM and sshd ({' '.join(argv[2:])})", flush=True)
     env = {**os.environ, **({"RFS_REHEARSE_KEEP": str(keep)} if keep else {})}
     out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=not verbose, text=True)

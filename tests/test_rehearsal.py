@@ -1,5 +1,6 @@
-"""`rfs rehearse`: the slow test runs rfs.rehearse.rehearse on a real local SLURM and real sshd on
-two loopback addresses (two ssh "nodes"), as `python rfs.py rehearse` without a hosts file does;
+"""`rfs rehearse`: the first test runs rfs.rehearse.rehearse on a real local SLURM (2 nodes, fake
+GPUs) and real sshd on two loopback addresses (two ssh "nodes"), as `python rfs.py rehearse`
+without a hosts file does; about a minute, in the default run, so CI rehearses every change;
 the fast tests break each rule in a small fabricated run directory and see its check fail."""
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ def local_hosts(slurm, sshd, where: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_rehearsal_on_local_slurm_and_ssh_passes_every_rule(slurm, sshd, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     keep = Path(os.environ.get("RFS_REHEARSE_KEEP") or tmp_path / "rehearsal")

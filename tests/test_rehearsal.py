@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from rfs import trace
 from rfs.events import EventLog
-from rfs.rehearse import (check_finished, check_one_allocation, check_placement, check_preemption, check_released,
-                          check_slurm_gpus, checked,
-                          check_rows, check_servers_started, rehearse)
+from rfs.rehearsal.rules import (check_finished, check_one_allocation, check_placement, check_preemption,
+                                 check_released, check_rows, check_slurm_gpus, checked)
+from rfs.rehearse import rehearse
 from rfs.rundir import RunDir
 from tests.infra import slurm, sshd  # noqa: F401  (fixtures)
 from tests.tiny_model import trace_row

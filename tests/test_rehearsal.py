@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from rfs import trace
 from rfs.events import EventLog
 from rfs.rehearsal.rules import (check_finished, check_one_allocation, check_placement, check_preemption,
-                                 check_released, check_rows, check_slurm_gpus, checked)
+                                 check_released, check_rows, check_servers_started, check_slurm_gpus, checked)
 from rfs.rehearse import rehearse
 from rfs.rundir import RunDir
 from tests.infra import slurm, sshd  # noqa: F401  (fixtures)

@@ -8,6 +8,7 @@ fits of the tiny model. Each server's events name the version it serves ("v0/v0"
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rfs import config
@@ -17,12 +18,12 @@ from rfs.loop.driver import drive
 from rfs.loop.plan import LoopSpec
 from rfs.loop.serving import v0_needed
 from rfs.loop.state import LoopState
+from rfs.rehearse import ROUNDS, rehearsal_config
 from rfs.rundir import RunDir
 from tests.test_loop import own_cache, tiny  # noqa: F401  (fixtures)
 from tests.wave_child import SleepEnv
 
 STANDIN = Path(__file__).resolve().parent / "vllm_standin.py"
-ROUNDS = 2
 
 
 def standin_vllm(where: Path) -> Path:
@@ -34,18 +35,9 @@ def standin_vllm(where: Path) -> Path:
 
 def experiment(tiny: Path, vllm: Path) -> config.Config:
     """Gold A-S beside FLOOR (one wave), no CTRL: V0's last users are done after A-S's round 1."""
-    return config.load(None, {
-        "experiment": {"preset": "cluster", "name": "v0-release", "arcs": ["A"], "arms": ["S"], "baselines": ["FLOOR"],
-                       "controls": [], "max_rounds": ROUNDS},
-        "env": {"name": "builtin", "budget_s": 0.05, "timeout_s": 30.0, "calibration_k": 2},
-        "researcher": {"backend": "vllm", "model": str(tiny), "action_space": "code", "max_turns": 4,
-                       "turn_timeout_s": 30.0, "vllm": {"executable": str(vllm)}},
-        "collect": {"rollouts": 2},
-        "consolidate": {"lora_r": 4, "lora_alpha": 4, "epochs": 1.0, "max_seq_len": 512, "batch_tokens": 1024,
-                        "kl_prompts": 2, "reason": "test: a tiny model fits in seconds"},
-        "loop": {"floor_waves": 1, "max_concurrent": 2, "eval_every": 0},
-        "eval": {"behaviour_samples": 2},
-    })
+    cfg = rehearsal_config(tiny, vllm, arcs=("A",), arms=("S",), baselines=("FLOOR",), mirror="")
+    return replace(cfg, experiment=replace(cfg.experiment, name="v0-release"), collect=replace(cfg.collect, rollouts=2),
+                   loop=replace(cfg.loop, floor_waves=1), eval=replace(cfg.eval, behaviour_samples=2))
 
 
 def test_v0_is_needed_by_running_baselines_and_by_gold_loops_until_round_one() -> None:

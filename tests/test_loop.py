@@ -213,6 +213,7 @@ def _kill_when(proc: subprocess.Popen, events: Path, kind: str, phase: str | Non
     raise TimeoutError(f"no {kind}/{phase} #{nth} within {timeout}s")
 
 
+@pytest.mark.slow  # 127 s; the default run keeps kill -9 and resume in the rehearsal, test_wave_kill and test_consolidate_fit
 def test_kill9_across_round_boundaries_resumes_to_the_same_state(tmp_path, tiny, researcher):
     reference = RunDir(tmp_path / "reference")
     ref = _child(reference.root, researcher, tiny, tmp_path / "ref-launches")
